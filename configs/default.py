@@ -1,0 +1,66 @@
+"""Default recipe: a tiny CLIP trained on the built-in `shapes` dataset, offline, on 2 CPU cores.
+
+Run: python train.py                     (this file is the default --config)
+     python train.py --config.loss=sigmoid --config.total_steps=100
+Variants import this file and override fields (see configs/siglip.py).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 600
+    c.batch_size = 128  # global, across all devices and processes
+    c.log_every = 10
+    c.eval_every = 200  # 0 = evaluate only at the end
+    c.checkpoint_every = 200
+    c.keep_checkpoints = 2
+    c.dtype = "float32"  # compute dtype: float32 | bfloat16 (params/optimizer stay float32)
+    c.loss = "softmax"  # softmax (CLIP InfoNCE) | sigmoid (SigLIP)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "shapes"
+    c.data.data_dir = ""  # "" = $MMJAX_DATA_DIR or ~/.cache/mmjax/tensorflow_datasets
+    c.data.image_size = 64
+    c.data.num_train = 20000
+    c.data.num_val = 1000
+    c.data.dataset_seed = 0
+    c.data.text_length = 48  # byte tokens incl. BOS/EOT; Chinese characters take 3 bytes
+
+    c.model = ml_collections.ConfigDict()
+    c.model.embed_dim = 128
+    c.model.image = ml_collections.ConfigDict(
+        dict(patch_size=8, width=128, depth=4, num_heads=4, mlp_dim=512, pool="gap")
+    )
+    c.model.text = ml_collections.ConfigDict(
+        dict(width=128, depth=4, num_heads=4, mlp_dim=512, causal=True)
+    )
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 1e-3
+    c.optim.warmup_steps = 50
+    c.optim.end_lr_fraction = 0.01  # cosine decays to this fraction of the peak
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.98
+    c.optim.eps = 1e-6
+    c.optim.weight_decay = 0.1
+    c.optim.grad_clip_norm = 1.0
+
+    # Device mesh. -1 = all remaining devices. Logical axis names used by the model are mapped to
+    # mesh axes by `rules`: data parallel, FSDP and tensor parallel are the same code with other
+    # mesh sizes.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.rules = (
+        ("batch", ("data", "fsdp")),
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("act_mlp", "tensor"),
+        ("act_heads", "tensor"),
+    )
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 256
+    return c

@@ -1,0 +1,193 @@
+"""Transformer building blocks shared by every tower.
+
+Conventions (see DESIGN.md): B batch, T query length, S key length, D width, H heads, K head dim,
+M MLP width. Every parameter is created with logical axis names (`embed`, `mlp`, `heads`, `kv`,
+`vocab`, ...); the config maps those names to mesh axes. Activations use `act_*` names so that the
+rule that shards a weight's `embed` dimension over `fsdp` never shards activations the same way.
+
+`dtype` is the compute dtype, `param_dtype` the storage dtype. Matmuls take their inputs in `dtype`
+and accumulate in float32 (`preferred_element_type`), which keeps bfloat16 compute accurate and is
+also the fast path for bf16 on CPU.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+# Activation layout at block boundaries: batch sharded over the data axes, features replicated.
+ACT_BTD = ("batch", "length", "act_embed")
+
+
+def param(
+    module: nn.Module,
+    name: str,
+    init: Initializer,
+    shape: Sequence[int],
+    axes: Sequence[str | None],
+    dtype: Dtype,
+) -> jax.Array:
+    """Creates a parameter annotated with logical axis names (one per dimension)."""
+    if len(axes) != len(shape):
+        raise ValueError(f"parameter {name}: {len(shape)} dims but axes {axes}")
+    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
+
+
+def matmul(spec: str, x: jax.Array, w: jax.Array, dtype: Dtype) -> jax.Array:
+    """einsum in the compute dtype with float32 accumulation, result cast back to `dtype`."""
+    y = jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+    return y.astype(dtype)
+
+
+def _lead(v: jax.Array, like: jax.Array) -> jax.Array:
+    """`v` (a bias or scale over trailing dims) in `like`'s dtype, with explicit leading axes so
+    the add broadcasts under `jax_numpy_rank_promotion="raise"`."""
+    return jnp.expand_dims(v, tuple(range(like.ndim - v.ndim))).astype(like.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm whose statistics are always computed in float32."""
+
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        scale = param(self, "scale", nn.initializers.ones, (d,), ("norm",), self.param_dtype)
+        bias = param(self, "bias", nn.initializers.zeros, (d,), ("norm",), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        return (y * _lead(scale, y) + _lead(bias, y)).astype(self.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused q/k/v projection.
+
+    `mask_BTS` is True where a query may attend to a key; `causal` adds the causal constraint.
+    """
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x_BTD: jax.Array, mask_BTS: jax.Array | None = None, causal: bool = False
+    ) -> jax.Array:
+        d = x_BTD.shape[-1]
+        if d % self.num_heads:
+            raise ValueError(f"width {d} is not divisible by num_heads {self.num_heads}")
+        k_dim = d // self.num_heads
+        init = nn.initializers.variance_scaling(
+            1.0, "fan_in", "normal", in_axis=0, out_axis=(1, 2, 3)
+        )
+        w_qkv = param(
+            self,
+            "qkv_kernel",
+            init,
+            (d, 3, self.num_heads, k_dim),
+            ("embed", None, "heads", "kv"),
+            self.param_dtype,
+        )
+        b_qkv = param(
+            self,
+            "qkv_bias",
+            nn.initializers.zeros,
+            (3, self.num_heads, k_dim),
+            (None, "heads", "kv"),
+            self.param_dtype,
+        )
+        qkv = matmul("BTD,DCHK->CBTHK", x_BTD, w_qkv, self.dtype)
+        qkv = qkv + b_qkv.astype(self.dtype)[:, None, None]
+        q_BTHK, k_BSHK, v_BSHK = qkv[0], qkv[1], qkv[2]
+        q_BTHK = nn.with_logical_constraint(q_BTHK, ("batch", "length", "act_heads", None))
+        mask = None if mask_BTS is None else mask_BTS[:, None]  # broadcast over heads
+        out_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, mask=mask, is_causal=causal)
+        out_init = nn.initializers.variance_scaling(
+            1.0, "fan_in", "normal", in_axis=(0, 1), out_axis=2
+        )
+        w_out = param(
+            self,
+            "out_kernel",
+            out_init,
+            (self.num_heads, k_dim, d),
+            ("heads", "kv", "embed"),
+            self.param_dtype,
+        )
+        b_out = param(self, "out_bias", nn.initializers.zeros, (d,), ("norm",), self.param_dtype)
+        return matmul("BTHK,HKD->BTD", out_BTHK, w_out, self.dtype) + _lead(b_out, x_BTD)
+
+
+class Mlp(nn.Module):
+    """Two-layer GELU MLP, D -> M -> D."""
+
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        d = x_BTD.shape[-1]
+        init = nn.initializers.lecun_normal()
+        w_in = param(self, "in_kernel", init, (d, self.mlp_dim), ("embed", "mlp"), self.param_dtype)
+        b_in = param(
+            self, "in_bias", nn.initializers.zeros, (self.mlp_dim,), ("mlp",), self.param_dtype
+        )
+        w_out = param(
+            self, "out_kernel", init, (self.mlp_dim, d), ("mlp", "embed"), self.param_dtype
+        )
+        b_out = param(self, "out_bias", nn.initializers.zeros, (d,), ("norm",), self.param_dtype)
+        h_BTM = matmul("BTD,DM->BTM", x_BTD, w_in, self.dtype)
+        h_BTM = nn.gelu(h_BTM + _lead(b_in, h_BTM))
+        h_BTM = nn.with_logical_constraint(h_BTM, ("batch", "length", "act_mlp"))
+        return matmul("BTM,MD->BTD", h_BTM, w_out, self.dtype) + _lead(b_out, x_BTD)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm Transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    num_heads: int
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x_BTD: jax.Array, mask_BTS: jax.Array | None = None, causal: bool = False
+    ) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = LayerNorm(name="ln_attn", **kw)(x_BTD)
+        x_BTD = x_BTD + Attention(self.num_heads, name="attn", **kw)(h, mask_BTS, causal)
+        h = LayerNorm(name="ln_mlp", **kw)(x_BTD)
+        x_BTD = x_BTD + Mlp(self.mlp_dim, name="mlp", **kw)(h)
+        return nn.with_logical_constraint(x_BTD, ACT_BTD)
+
+
+class Encoder(nn.Module):
+    """A stack of `depth` Transformer blocks followed by a final LayerNorm."""
+
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x_BTD: jax.Array, mask_BTS: jax.Array | None = None, causal: bool = False
+    ) -> jax.Array:
+        x_BTD = nn.with_logical_constraint(x_BTD.astype(self.dtype), ACT_BTD)
+        for i in range(self.depth):
+            x_BTD = Block(
+                self.num_heads, self.mlp_dim, self.dtype, self.param_dtype, name=f"block{i}"
+            )(x_BTD, mask_BTS, causal)
+        return LayerNorm(self.dtype, self.param_dtype, name="ln_final")(x_BTD)

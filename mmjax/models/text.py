@@ -1,0 +1,74 @@
+"""Transformer text tower."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.models.layers import Dtype, Encoder, param
+
+
+class TextTransformer(nn.Module):
+    """Token + position embedding -> Encoder -> pooled feature.
+
+    `tokens_BL` are int ids with `pad_id` after the end of each sequence. With `causal=True` the
+    feature is taken at the first `eot_id` token (CLIP-style; the last non-pad position if a
+    sequence has none); with
+    `causal=False` it is the mean over non-pad tokens. Padding never influences the output: padded
+    keys are masked out of attention and padded positions out of pooling.
+    Returns (pooled_BD, tokens_BLD).
+    """
+
+    vocab_size: int
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    max_len: int
+    causal: bool = True
+    pad_id: int = 0
+    eot_id: int = 2
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
+        b, length = tokens_BL.shape
+        if length > self.max_len:
+            raise ValueError(f"text length {length} exceeds the tower's max_len {self.max_len}")
+        embedding = param(
+            self,
+            "token_embedding",
+            nn.initializers.normal(0.02),
+            (self.vocab_size, self.width),
+            ("vocab", "embed"),
+            self.param_dtype,
+        )
+        pos = param(
+            self,
+            "pos_embedding",
+            nn.initializers.normal(0.01),
+            (self.max_len, self.width),
+            ("length", "embed"),
+            self.param_dtype,
+        )
+        x_BLD = jnp.take(embedding, tokens_BL, axis=0).astype(self.dtype)
+        x_BLD = x_BLD + pos[:length].astype(self.dtype)[None]
+        valid_BL = tokens_BL != self.pad_id
+        mask_BLL = jnp.broadcast_to(valid_BL[:, None, :], (b, length, length))
+        x_BLD = Encoder(
+            self.depth, self.num_heads, self.mlp_dim, self.dtype, self.param_dtype, name="encoder"
+        )(x_BLD, mask_BLL, self.causal)
+        if self.causal:
+            is_eot_BL = tokens_BL == self.eot_id
+            last_valid_B = jnp.sum(valid_BL, axis=1) - 1
+            eot_B = jnp.where(
+                jnp.any(is_eot_BL, axis=1), jnp.argmax(is_eot_BL, axis=1), last_valid_B
+            )
+            pooled_BD = jnp.take_along_axis(x_BLD, eot_B[:, None, None], axis=1)[:, 0]
+        else:
+            weights_BL = valid_BL.astype(jnp.float32)
+            total_BD = jnp.einsum("BLD,BL->BD", x_BLD.astype(jnp.float32), weights_BL)
+            pooled_BD = (total_BD / jnp.maximum(weights_BL.sum(1, keepdims=True), 1.0)).astype(
+                self.dtype
+            )
+        return pooled_BD, x_BLD

@@ -1,0 +1,115 @@
+"""CLIP/SigLIP-style two-tower model: an image tower and a text tower in one embedding space."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mmjax.models.layers import Dtype, matmul, param
+from mmjax.models.text import TextTransformer
+from mmjax.models.vision import ViT
+
+
+class TwoTower(nn.Module):
+    """Image and text towers with linear projections to a shared `embed_dim`.
+
+    `__call__` returns `(img_emb_BE, txt_emb_BE, aux)`: L2-normalised float32 embeddings and an aux
+    dict with `logit_scale` (exp of the learned log-scale, float32), `logit_bias` (float32, used by
+    the sigmoid loss) and the pre-normalisation embedding norms.
+    """
+
+    image: ViT
+    text: TextTransformer
+    embed_dim: int
+    logit_scale_init: float = math.log(1 / 0.07)
+    logit_bias_init: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        def projection(name: str, width: int) -> jax.Array:
+            return param(
+                self,
+                name,
+                nn.initializers.lecun_normal(),
+                (width, self.embed_dim),
+                ("embed", "proj"),
+                self.param_dtype,
+            )
+
+        self.image_projection = projection("image_projection", self.image.width)
+        self.text_projection = projection("text_projection", self.text.width)
+        # Temperature and bias are scalars kept in float32 whatever param_dtype is: they set the
+        # sharpness of the loss, and bf16 rounding of exp(scale) would be ~0.5% per step.
+        self.logit_scale = param(
+            self,
+            "logit_scale",
+            nn.initializers.constant(self.logit_scale_init),
+            (),
+            (),
+            jnp.float32,
+        )
+        self.logit_bias = param(
+            self, "logit_bias", nn.initializers.constant(self.logit_bias_init), (), (), jnp.float32
+        )
+
+    def encode_image(self, images_BHWC: jax.Array) -> jax.Array:
+        """Unnormalised float32 image embeddings."""
+        pooled_BD, _ = self.image(images_BHWC)
+        return matmul("BD,DE->BE", pooled_BD, self.image_projection, self.dtype).astype(jnp.float32)
+
+    def encode_text(self, tokens_BL: jax.Array) -> jax.Array:
+        """Unnormalised float32 text embeddings."""
+        pooled_BD, _ = self.text(tokens_BL)
+        return matmul("BD,DE->BE", pooled_BD, self.text_projection, self.dtype).astype(jnp.float32)
+
+    def __call__(
+        self, images_BHWC: jax.Array, tokens_BL: jax.Array
+    ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+        img_BE = self.encode_image(images_BHWC)
+        txt_BE = self.encode_text(tokens_BL)
+        img_norm_B = jnp.linalg.norm(img_BE, axis=-1, keepdims=True)
+        txt_norm_B = jnp.linalg.norm(txt_BE, axis=-1, keepdims=True)
+        aux = {"logit_scale": jnp.exp(self.logit_scale), "logit_bias": self.logit_bias}
+        aux["image_norm"] = jnp.mean(img_norm_B)
+        aux["text_norm"] = jnp.mean(txt_norm_B)
+        return img_BE / (img_norm_B + 1e-6), txt_BE / (txt_norm_B + 1e-6), aux
+
+
+def build_two_tower(config: ml_collections.ConfigDict, vocab_size: int) -> TwoTower:
+    """Builds the model of `config.model` with compute dtype `config.dtype`."""
+    dtype = jnp.dtype(config.dtype)
+    m = config.model
+    image = ViT(
+        patch_size=m.image.patch_size,
+        width=m.image.width,
+        depth=m.image.depth,
+        num_heads=m.image.num_heads,
+        mlp_dim=m.image.mlp_dim,
+        pool=m.image.pool,
+        dtype=dtype,
+    )
+    text = TextTransformer(
+        vocab_size=vocab_size,
+        width=m.text.width,
+        depth=m.text.depth,
+        num_heads=m.text.num_heads,
+        mlp_dim=m.text.mlp_dim,
+        max_len=config.data.text_length,
+        causal=m.text.causal,
+        dtype=dtype,
+    )
+    if config.loss == "sigmoid":  # SigLIP's initialisation: t = 10, b = -10.
+        scale_init, bias_init = math.log(10.0), -10.0
+    else:
+        scale_init, bias_init = math.log(1 / 0.07), 0.0
+    return TwoTower(
+        image=image,
+        text=text,
+        embed_dim=m.embed_dim,
+        logit_scale_init=scale_init,
+        logit_bias_init=bias_init,
+        dtype=dtype,
+    )

@@ -1,0 +1,120 @@
+"""The host training loop: one loop for every objective, mesh and process count."""
+
+import json
+import os
+import time
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from mmjax import checkpoint, metrics, parallel
+from mmjax.data import pipeline
+from mmjax.eval.shapes_eval import ShapesEvaluator
+from mmjax.models.two_tower import build_two_tower
+from mmjax.train import optimizer
+from mmjax.train import state as train_state
+from mmjax.train import step as train_step
+from mmjax.train.validate import validate_config, validate_workdir
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns the summary."""
+    t_start = time.time()
+    validate_config(config)
+    workdir = os.path.abspath(workdir)
+    is_main = jax.process_index() == 0
+    if is_main:
+        validate_workdir(workdir)
+    mesh = parallel.make_mesh(config.mesh)
+    parallel.check_batch_size(config.batch_size, mesh)
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=2, sort_keys=True))
+
+    tokenizer = pipeline.tokenizer_for(config.data)
+    model = build_two_tower(config, tokenizer.vocab_size)
+    tx, schedule = optimizer.build_optimizer(config)
+    rules = tuple(config.rules)
+    batch_sharding = parallel.batch_sharding(mesh, rules)
+    size = config.data.image_size
+    example_image = jax.numpy.zeros((1, size, size, 3), jax.numpy.float32)
+    example_tokens = jax.numpy.zeros((1, config.data.text_length), jax.numpy.int32)
+
+    # Initialisation needs no mesh context: its shardings come from the logical axes and rules.
+    init, abstract = train_state.sharded_initializer(
+        lambda key: model.init(key, example_image, example_tokens),
+        tx,
+        jax.random.key(config.seed),
+        mesh,
+        rules,
+    )
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        train_iter = pipeline.train_iterator(
+            config.data,
+            seed=config.seed,
+            global_batch_size=config.batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        ckpt = checkpoint.Checkpointer(
+            os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints
+        )
+        restored = ckpt.restore(abstract, train_iter)
+        if restored is None:
+            start, state = 0, init(jax.random.key(config.seed))
+        else:
+            start, state = restored
+            print(f"Resumed from step {start} in {workdir}")
+        writer = metrics.MetricWriter(
+            workdir,
+            total_steps=config.total_steps,
+            start_step=start,
+            batch_size=config.batch_size,
+            is_main=is_main,
+        )
+        step_fn = train_step.jit_train_step(
+            train_step.contrastive_objective(model, config.loss),
+            tx,
+            schedule,
+            train_state.shardings_of(abstract),
+            batch_sharding,
+        )
+        evaluator = ShapesEvaluator(config, model, batch_sharding)
+
+        last_log = (start, time.time())
+        last_metrics: dict = {}
+        for step in range(start, config.total_steps):
+            batch = parallel.global_batch(next(train_iter), batch_sharding)
+            state, step_metrics = step_fn(state, batch)
+            done = step + 1
+            if done % config.log_every == 0 or done == config.total_steps:
+                last_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                now = time.time()
+                rate = (done - last_log[0]) * config.batch_size / max(now - last_log[1], 1e-9)
+                last_log = (done, now)
+                writer.write(done, {**last_metrics, "perf/samples_per_second": rate})
+                writer.progress(done, last_metrics["train/loss"])
+            if config.eval_every and done % config.eval_every == 0 and done < config.total_steps:
+                writer.write(done, evaluator(state.params))
+            if (config.checkpoint_every and done % config.checkpoint_every == 0) or (
+                done == config.total_steps
+            ):
+                ckpt.save(done, state, train_iter)
+
+        final = evaluator(state.params)
+        ckpt.close()
+    writer.write(config.total_steps, final)
+    summary = {
+        **final,
+        "steps": config.total_steps,
+        "wall_seconds": time.time() - t_start,
+        "train/loss": last_metrics.get("train/loss", float("nan")),
+        "workdir": workdir,
+    }
+    writer.write_summary(summary)
+    writer.plot()
+    writer.close()
+    if is_main:
+        print(json.dumps({k: v for k, v in summary.items() if k != "workdir"}, sort_keys=True))
+    return summary

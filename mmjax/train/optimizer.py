@@ -1,0 +1,45 @@
+"""AdamW with warmup + cosine schedule, global-norm clipping and a weight-decay mask."""
+
+import jax
+import ml_collections
+import optax
+
+# Parameters whose names contain one of these are never weight-decayed: decaying norms, biases,
+# embeddings or the temperature pulls them towards zero for no regularisation benefit.
+_NO_DECAY = ("bias", "scale", "embedding", "cls_token", "logit_")
+
+
+def decay_mask(params) -> dict:
+    """True for parameters that get weight decay (matmul kernels and projections)."""
+
+    def wants_decay(path, _) -> bool:
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        return not any(tag in name for tag in _NO_DECAY)
+
+    return jax.tree_util.tree_map_with_path(wants_decay, params)
+
+
+def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    peak = optim.learning_rate
+    warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=peak,
+        warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1),
+        end_value=peak * optim.end_lr_fraction,
+    )
+
+
+def build_optimizer(
+    config: ml_collections.ConfigDict,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    o = config.optim
+    schedule = learning_rate_schedule(o, config.total_steps)
+    tx = optax.chain(
+        optax.clip_by_global_norm(o.grad_clip_norm),
+        optax.adamw(
+            schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask
+        ),
+    )
+    return tx, schedule

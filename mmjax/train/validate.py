@@ -1,0 +1,53 @@
+"""Checks that run before anything expensive: each failure says what to change."""
+
+import os
+
+import jax.numpy as jnp
+import ml_collections
+
+from mmjax import losses
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says how to fix it."""
+
+
+def validate_config(c: ml_collections.ConfigDict) -> None:
+    if c.loss not in losses.LOSSES:
+        raise ConfigError(f"loss={c.loss!r} is unknown; use one of {', '.join(losses.LOSSES)}")
+    if c.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"dtype={c.dtype!r} is unsupported; use float32 or bfloat16")
+    jnp.dtype(c.dtype)
+    for key in ("total_steps", "batch_size", "log_every"):
+        if int(c[key]) <= 0:
+            raise ConfigError(f"{key}={c[key]} must be a positive integer")
+    for key in ("eval_every", "checkpoint_every"):
+        if int(c[key]) < 0:
+            raise ConfigError(f"{key}={c[key]} must be >= 0 (0 disables it)")
+    if c.keep_checkpoints < 1:
+        raise ConfigError(f"keep_checkpoints={c.keep_checkpoints} must be >= 1")
+    size, patch = c.data.image_size, c.model.image.patch_size
+    if size % patch:
+        raise ConfigError(
+            f"data.image_size={size} is not divisible by model.image.patch_size={patch}"
+        )
+    for tower in ("image", "text"):
+        t = c.model[tower]
+        if t.width % t.num_heads:
+            raise ConfigError(
+                f"model.{tower}.width={t.width} is not divisible by "
+                f"model.{tower}.num_heads={t.num_heads}"
+            )
+    if c.data.text_length < 4:
+        raise ConfigError(f"data.text_length={c.data.text_length} is too short (min 4)")
+
+
+def validate_workdir(workdir: str) -> None:
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write_probe")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"workdir {workdir!r} is not writable ({e}); pass --workdir DIR") from e
