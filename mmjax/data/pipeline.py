@@ -1,0 +1,204 @@
+"""grain input pipelines over tfds ArrayRecord data sources.
+
+The training stream is defined once, globally, and then cut per process:
+
+  global stream: epoch e is a fresh permutation of the train split, truncated to whole
+                 global batches (drop remainder), and epochs follow each other forever;
+  global batch k: positions [k*G, (k+1)*G) of that stream;
+  process p:     rows [p*b, (p+1)*b) of every global batch, with b = G / process_count.
+
+So the processes' batches are disjoint and together are exactly the single-process batch,
+whatever the number of processes, and the stream depends only on (data, seed). Everything
+is index-based (grain `MapDataset`), so the iterator state is a single integer and resuming
+from it reproduces the uninterrupted stream bit for bit.
+
+Checkpointing the iterator with orbax (grain ships the handler):
+
+    import grain, orbax.checkpoint as ocp
+    mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(it)))
+    mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=grain.checkpoint.CheckpointRestore(it)))  # restores `it` in place
+
+It writes one JSON file per process, named by `jax.process_index()`.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from mmjax.data import shapes_builder
+from mmjax.data.tokenizers import ByteTokenizer
+
+# CLIP's image normalisation constants (RGB), so pretrained CLIP towers see familiar inputs.
+IMAGE_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+IMAGE_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+
+SUPPORTED_DATASETS = ("shapes",)
+
+
+def tokenizer_for(data_cfg: ml_collections.ConfigDict) -> ByteTokenizer:
+    return ByteTokenizer(data_cfg.text_length)
+
+
+def _builder(data_cfg: ml_collections.ConfigDict) -> shapes_builder.MmjaxShapes:
+    if data_cfg.name not in SUPPORTED_DATASETS:
+        raise ValueError(
+            f"unknown dataset {data_cfg.name!r}: data.name must be one of {SUPPORTED_DATASETS}"
+        )
+    return shapes_builder.ensure_built(
+        data_cfg.data_dir or None,
+        image_size=data_cfg.image_size,
+        num_train=data_cfg.num_train,
+        num_val=data_cfg.num_val,
+        seed=data_cfg.dataset_seed,
+    )
+
+
+def _data_source(data_cfg: ml_collections.ConfigDict, split: str):
+    # Images stay PNG bytes here and are decoded in `decode_png`: the same PIL decode tfds
+    # would do without OpenCV, minus its per-process "OpenCV is not installed" warning.
+    return _builder(data_cfg).as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """uint8 [S, S, 3]."""
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def normalize_images(images: np.ndarray) -> np.ndarray:
+    """uint8 [..., 3] -> float32 (x / 255 - mean) / std, as one fused multiply-add."""
+    scale = 1.0 / (255.0 * IMAGE_STD)
+    return images.astype(np.float32) * scale - IMAGE_MEAN / IMAGE_STD
+
+
+class _DecodeAndPickCaption(grain.transforms.RandomMap):
+    """Decodes the image and tokenizes one of the example's captions, chosen at random.
+
+    grain seeds the generator from (pipeline seed, stream position), and the position
+    encodes the epoch, so the choice is deterministic and differs between epochs.
+    """
+
+    def __init__(self, tokenizer: ByteTokenizer):
+        self._tokenizer = tokenizer
+
+    def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict:
+        captions = element["captions"]
+        text = captions[rng.integers(len(captions))]
+        text = text.decode("utf-8") if isinstance(text, bytes) else text
+        return {
+            "image": decode_png(element["image"]),
+            "tokens": self._tokenizer.encode([text])[0],
+        }
+
+
+def _normalize_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    # Once per batch rather than per example: one vectorised op over [b, S, S, 3].
+    return {"image": normalize_images(batch["image"]), "tokens": batch["tokens"]}
+
+
+def _derived_seeds(seed: int) -> tuple[int, int]:
+    """Two unrelated 32-bit seeds (shuffle, caption choice) from the run seed.
+
+    grain shuffles epoch e with seed + e, so passing run seeds straight through would make
+    run seed 1 replay run seed 0's epochs shifted by one; hashing avoids that.
+    """
+    shuffle_seed, caption_seed = np.random.SeedSequence([seed, 0x5EED]).generate_state(2)
+    return int(shuffle_seed), int(caption_seed)
+
+
+def train_dataset(
+    data_cfg: ml_collections.ConfigDict,
+    *,
+    seed: int,
+    global_batch_size: int,
+    process_index: int,
+    process_count: int,
+) -> grain.MapDataset:
+    """The infinite, random-access dataset of this process's batches (see module doc)."""
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"bad process_index={process_index} for process_count={process_count}")
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} must be a positive multiple of "
+            f"process_count={process_count}; each process loads an equal slice of every batch"
+        )
+    local_batch_size = global_batch_size // process_count
+    source = _data_source(data_cfg, "train")
+    steps_per_epoch = len(source) // global_batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} exceeds the {len(source)} training examples"
+        )
+    shuffle_seed, caption_seed = _derived_seeds(seed)
+    ds = grain.MapDataset.source(source)
+    # Shuffle, then keep whole global batches of each epoch: a batch never spans two epochs,
+    # which would put the same image twice in it (a false negative for contrastive losses).
+    # Slicing past the end wraps to the next epoch's permutation, so repeat() only needs to
+    # make the length infinite.
+    ds = ds.shuffle(seed=shuffle_seed)[: steps_per_epoch * global_batch_size].repeat()
+    # Before the per-process cut, so a caption choice depends on the global stream position
+    # only, and a run picks the same captions on any number of processes.
+    ds = ds.random_map(_DecodeAndPickCaption(tokenizer_for(data_cfg)), seed=caption_seed)
+    # Sub-batch j covers global positions [j*b, (j+1)*b): global batch k is sub-batches
+    # k*P ... k*P + P-1, and process p takes sub-batch k*P + p.
+    ds = ds.batch(local_batch_size, drop_remainder=True)
+    ds = ds[process_index::process_count]
+    return ds.map(_normalize_batch)
+
+
+def train_iterator(
+    data_cfg: ml_collections.ConfigDict,
+    *,
+    seed: int,
+    global_batch_size: int,
+    process_index: int,
+    process_count: int,
+    num_threads: int = 1,
+    prefetch_batches: int = 2,
+) -> grain.DatasetIterator:
+    """Infinite iterator of host-local batches {"image": f32 [b,S,S,3], "tokens": i32 [b,L]}.
+
+    `get_state()` / `set_state()` checkpoint it (a JSON-able dict); see the module doc for
+    orbax. `num_threads` background threads prepare up to `prefetch_batches` batches ahead;
+    0 threads loads each batch in the caller's thread when it is requested.
+    """
+    ds = train_dataset(
+        data_cfg,
+        seed=seed,
+        global_batch_size=global_batch_size,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    # grain's defaults (16 threads, 500 elements) are sized for small records on remote
+    # disks; our elements are whole batches from a local file, so a couple suffice.
+    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_batches)
+    return iter(ds.to_iter_dataset(options))
+
+
+def eval_arrays(data_cfg: ml_collections.ConfigDict, split: str = "validation") -> dict:
+    """A whole split as numpy arrays, in dataset order.
+
+    image f32 [n,S,S,3] (normalized), tokens i32 [n,L] (the canonical full English caption),
+    and the labels shape, color, size, position i32 [n] and heldout bool [n].
+    """
+    source = _data_source(data_cfg, split)
+    examples = source.__getitems__(list(range(len(source))))
+    tokenizer = tokenizer_for(data_cfg)
+    first = [ex["captions"][0] for ex in examples]
+    texts = [t.decode("utf-8") if isinstance(t, bytes) else t for t in first]
+    images = np.stack([decode_png(ex["image"]) for ex in examples])
+    out = {"image": normalize_images(images), "tokens": tokenizer.encode(texts)}
+    for key in ("shape", "color", "size", "position"):
+        out[key] = np.array([ex[key] for ex in examples], dtype=np.int32)
+    out["heldout"] = np.array([ex["heldout"] for ex in examples], dtype=bool)
+    return out
