@@ -7,7 +7,7 @@ Rerunning with the same workdir resumes from its newest checkpoint. Everything e
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -35,6 +35,7 @@ _DISTRIBUTED = flags.DEFINE_bool(
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     from mmjax import parallel
     from mmjax.train.loop import run
     from mmjax.train.validate import ConfigError
@@ -42,7 +43,9 @@ def main(argv):
     parallel.initialize_distributed(
         _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value
     )
-    config_name = os.path.splitext(os.path.basename(_CONFIG.config_filename))[0]
+    config_name = os.path.splitext(
+        os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"]))
+    )[0]
     workdir = _WORKDIR.value or os.path.join("workdirs", config_name)
     print(f"workdir: {os.path.abspath(workdir)}")
     try:

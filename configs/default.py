@@ -12,7 +12,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_steps = 600
-    c.batch_size = 128  # global, across all devices and processes
+    c.batch_size = 64  # global, across all devices and processes
     c.log_every = 10
     c.eval_every = 200  # 0 = evaluate only at the end
     c.checkpoint_every = 200
@@ -28,11 +28,24 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.num_val = 1000
     c.data.dataset_seed = 0
     c.data.text_length = 48  # byte tokens incl. BOS/EOT; Chinese characters take 3 bytes
+    # Each step draws one caption per image: the full English description with this
+    # probability, else one of the 8 others (partial descriptions, Chinese) uniformly. Full
+    # descriptions teach position and size fast; the others make prompts of other phrasings work.
+    c.data.first_caption_prob = 0.5
 
     c.model = ml_collections.ConfigDict()
     c.model.embed_dim = 128
     c.model.image = ml_collections.ConfigDict(
-        dict(patch_size=8, width=128, depth=4, num_heads=4, mlp_dim=512, pool="gap")
+        dict(
+            patch_size=8,
+            width=128,
+            depth=4,
+            num_heads=4,
+            mlp_dim=512,
+            pool="gap",
+            posemb="sincos2d",  # fixed: position is usable from step 0 (learned: "learn")
+            stem_channels=(),  # e.g. (32, 64): 3x3 stride-2 convs before patchifying
+        )
     )
     c.model.text = ml_collections.ConfigDict(
         dict(width=128, depth=4, num_heads=4, mlp_dim=512, causal=True)
@@ -47,6 +60,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.eps = 1e-6
     c.optim.weight_decay = 0.1
     c.optim.grad_clip_norm = 1.0
+    # Keep the text tower (and its projection) at its random initialisation for this many
+    # steps, 0 = off. A byte-level text tower learns in a few dozen steps and then chases an
+    # image tower that knows only colour; fixed random text targets first make the image tower
+    # learn position and size (default run: text→image R@5 0.65 → 0.82, see README).
+    c.optim.text_frozen_steps = 300
 
     # Device mesh. -1 = all remaining devices. Logical axis names used by the model are mapped to
     # mesh axes by `rules`: data parallel, FSDP and tensor parallel are the same code with other

@@ -6,7 +6,7 @@ os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 
-import jax  # noqa: E402
+import jax
 
 # Safety switches: implicit rank promotion hides shape bugs; partitionable threefry makes
 # sharded random numbers equal the unsharded ones.

@@ -30,6 +30,7 @@ def data_cfg(tmp_path_factory):
             num_val=NUM_VAL,
             dataset_seed=0,
             text_length=48,
+            first_caption_prob=0.5,
         )
     )
     return cfg

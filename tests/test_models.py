@@ -22,6 +22,7 @@ def tiny_config(dtype="float32"):
     c.model.embed_dim = 16
     c.model.image.update(patch_size=4, width=32, depth=2, num_heads=4, mlp_dim=64)
     c.model.text.update(width=32, depth=2, num_heads=4, mlp_dim=64)
+    c.optim.text_frozen_steps = 0
     return c
 
 
@@ -146,3 +147,19 @@ def test_every_parameter_has_logical_axes():
     assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
     for leaf in leaves:
         assert len(leaf.names) == leaf.value.ndim
+
+
+def test_sincos2d_position_embeddings():
+    from mmjax.models.vision import sincos2d
+
+    pos = np.asarray(sincos2d(4, 4, 32))
+    assert pos.shape == (16, 32)
+    # Unit-scale features, and every patch position distinct.
+    np.testing.assert_allclose(np.mean(pos**2), 0.5, rtol=1e-5)
+    assert len({tuple(np.round(r, 5)) for r in pos}) == 16
+    vit = ViT(patch_size=4, width=32, depth=1, num_heads=4, mlp_dim=64, posemb="sincos2d")
+    images, _ = example_inputs()
+    params = nn.unbox(vit.init(jax.random.key(0), images))["params"]
+    assert "pos_embedding" not in params  # fixed, not learned
+    learned = ViT(patch_size=4, width=32, depth=1, num_heads=4, mlp_dim=64, posemb="learn")
+    assert "pos_embedding" in nn.unbox(learned.init(jax.random.key(0), images))["params"]

@@ -82,18 +82,24 @@ def normalize_images(images: np.ndarray) -> np.ndarray:
 
 
 class _DecodeAndPickCaption(grain.transforms.RandomMap):
-    """Decodes the image and tokenizes one of the example's captions, chosen at random.
+    """Decodes the image and tokenizes one of the example's captions, chosen at random: the
+    first (canonical, full) caption with probability `first_caption_prob`, else one of the
+    others uniformly.
 
     grain seeds the generator from (pipeline seed, stream position), and the position
     encodes the epoch, so the choice is deterministic and differs between epochs.
     """
 
-    def __init__(self, tokenizer: ByteTokenizer):
+    def __init__(self, tokenizer: ByteTokenizer, first_caption_prob: float):
         self._tokenizer = tokenizer
+        self._first_prob = first_caption_prob
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict:
         captions = element["captions"]
-        text = captions[rng.integers(len(captions))]
+        # Always draw both numbers, so the stream of choices does not depend on the outcome.
+        use_first = rng.random() < self._first_prob
+        other = 1 + rng.integers(len(captions) - 1) if len(captions) > 1 else 0
+        text = captions[0 if use_first else other]
         text = text.decode("utf-8") if isinstance(text, bytes) else text
         return {
             "image": decode_png(element["image"]),
@@ -148,7 +154,10 @@ def train_dataset(
     ds = ds.shuffle(seed=shuffle_seed)[: steps_per_epoch * global_batch_size].repeat()
     # Before the per-process cut, so a caption choice depends on the global stream position
     # only, and a run picks the same captions on any number of processes.
-    ds = ds.random_map(_DecodeAndPickCaption(tokenizer_for(data_cfg)), seed=caption_seed)
+    ds = ds.random_map(
+        _DecodeAndPickCaption(tokenizer_for(data_cfg), data_cfg.first_caption_prob),
+        seed=caption_seed,
+    )
     # Sub-batch j covers global positions [j*b, (j+1)*b): global batch k is sub-batches
     # k*P ... k*P + P-1, and process p takes sub-batch k*P + p.
     ds = ds.batch(local_batch_size, drop_remainder=True)

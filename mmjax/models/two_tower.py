@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mmjax.models.layers import Dtype, matmul, param
+from mmjax.models.layers import Dtype, dense, param
 from mmjax.models.text import TextTransformer
 from mmjax.models.vision import ViT
 
@@ -58,12 +58,12 @@ class TwoTower(nn.Module):
     def encode_image(self, images_BHWC: jax.Array) -> jax.Array:
         """Unnormalised float32 image embeddings."""
         pooled_BD, _ = self.image(images_BHWC)
-        return matmul("BD,DE->BE", pooled_BD, self.image_projection, self.dtype).astype(jnp.float32)
+        return dense(pooled_BD, self.image_projection, self.dtype).astype(jnp.float32)
 
     def encode_text(self, tokens_BL: jax.Array) -> jax.Array:
         """Unnormalised float32 text embeddings."""
         pooled_BD, _ = self.text(tokens_BL)
-        return matmul("BD,DE->BE", pooled_BD, self.text_projection, self.dtype).astype(jnp.float32)
+        return dense(pooled_BD, self.text_projection, self.dtype).astype(jnp.float32)
 
     def __call__(
         self, images_BHWC: jax.Array, tokens_BL: jax.Array
@@ -89,6 +89,8 @@ def build_two_tower(config: ml_collections.ConfigDict, vocab_size: int) -> TwoTo
         num_heads=m.image.num_heads,
         mlp_dim=m.image.mlp_dim,
         pool=m.image.pool,
+        posemb=m.image.posemb,
+        stem_channels=tuple(m.image.stem_channels),
         dtype=dtype,
     )
     text = TextTransformer(

@@ -15,7 +15,7 @@ from mmjax.models.two_tower import build_two_tower
 from mmjax.train import optimizer
 from mmjax.train import state as train_state
 from mmjax.train import step as train_step
-from mmjax.train.validate import validate_config, validate_workdir
+from mmjax.train.validate import ConfigError, validate_config, validate_workdir
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -26,8 +26,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     is_main = jax.process_index() == 0
     if is_main:
         validate_workdir(workdir)
-    mesh = parallel.make_mesh(config.mesh)
-    parallel.check_batch_size(config.batch_size, mesh)
+    try:
+        mesh = parallel.make_mesh(config.mesh)
+        parallel.check_batch_size(config.batch_size, mesh)
+    except ValueError as e:  # a mesh or batch that cannot work: say so before compiling
+        raise ConfigError(str(e)) from e
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=2, sort_keys=True))

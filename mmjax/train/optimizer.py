@@ -36,10 +36,23 @@ def build_optimizer(
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     o = config.optim
     schedule = learning_rate_schedule(o, config.total_steps)
-    tx = optax.chain(
+    parts = [
         optax.clip_by_global_norm(o.grad_clip_norm),
         optax.adamw(
             schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask
         ),
-    )
-    return tx, schedule
+    ]
+    if o.text_frozen_steps > 0:
+        frozen = o.text_frozen_steps
+        parts.append(
+            optax.masked(
+                optax.scale_by_schedule(lambda count: (count >= frozen).astype("float32")),
+                text_tower_mask,
+            )
+        )
+    return optax.chain(*parts), schedule
+
+
+def text_tower_mask(params) -> dict:
+    """True for the text tower's parameters and its projection."""
+    return {k: jax.tree.map(lambda _, k=k: k.startswith("text"), v) for k, v in params.items()}

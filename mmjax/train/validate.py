@@ -38,6 +38,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
                 f"model.{tower}.width={t.width} is not divisible by "
                 f"model.{tower}.num_heads={t.num_heads}"
             )
+    if not 0.0 <= c.data.first_caption_prob <= 1.0:
+        raise ConfigError(f"data.first_caption_prob={c.data.first_caption_prob} must be in [0, 1]")
     if c.data.text_length < 4:
         raise ConfigError(f"data.text_length={c.data.text_length} is too short (min 4)")
 
