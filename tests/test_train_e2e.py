@@ -150,6 +150,7 @@ def test_cli_meshes_match_single_device(data_dir, tmp_path):
     ref = losses(single)
     assert len(ref) == 20
     for mesh in (
+        ["--config.mesh.data=8"],
         ["--config.mesh.data=2", "--config.mesh.fsdp=4"],
         ["--config.mesh.data=4", "--config.mesh.tensor=2"],
     ):
