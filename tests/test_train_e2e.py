@@ -185,3 +185,56 @@ def test_bad_config_exits_2_before_training(tmp_path):
     assert proc.returncode == 2
     assert "loss='hinge' is unknown" in proc.stderr
     assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.multidevice
+def test_two_processes_match_one_process(data_dir, tmp_path):
+    """2 processes × 2 CPU devices (gloo collectives over localhost) log the same losses as
+    1 process × 4 devices: each process feeds its own rows of every global batch."""
+    steps = ["--config.total_steps=10", "--config.checkpoint_every=5"]
+    single = tmp_path / "single"
+    subprocess.run(
+        train_cmd(single, data_dir, *steps),
+        check=True,
+        env=env_with_devices(4),
+        capture_output=True,
+    )
+    multi = tmp_path / "multi"
+    port = free_port()
+    env = env_with_devices(2)
+    env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"
+    procs = [
+        subprocess.Popen(
+            train_cmd(
+                multi,
+                data_dir,
+                *steps,
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    ref, got = losses(single), losses(multi)
+    assert sorted(got) == sorted(ref) == list(range(1, 11))
+    np.testing.assert_allclose(
+        [got[s] for s in range(1, 11)], [ref[s] for s in range(1, 11)], rtol=1e-5
+    )
+    assert os.path.isdir(multi / "checkpoints" / "10")

@@ -2,7 +2,6 @@
 
 import os
 
-import jax.numpy as jnp
 import ml_collections
 
 from mmjax import losses
@@ -17,7 +16,6 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"loss={c.loss!r} is unknown; use one of {', '.join(losses.LOSSES)}")
     if c.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"dtype={c.dtype!r} is unsupported; use float32 or bfloat16")
-    jnp.dtype(c.dtype)
     for key in ("total_steps", "batch_size", "log_every"):
         if int(c[key]) <= 0:
             raise ConfigError(f"{key}={c[key]} must be a positive integer")
