@@ -7,10 +7,7 @@ import numpy as np
 import pytest
 
 from mmjax import parallel
-from mmjax.models.two_tower import build_two_tower
-from mmjax.train import optimizer
-from mmjax.train import state as train_state
-from mmjax.train import step as train_step
+from mmjax.train.trainer import build_trainer
 from tests.test_models import VOCAB, tiny_config
 
 pytestmark = pytest.mark.multidevice
@@ -36,30 +33,12 @@ def synthetic_batches(steps, batch, seed=0):
 def train_losses(config, devices, steps=20):
     """train/loss of `steps` steps on a mesh over `devices`, plus the final state."""
     mesh = parallel.make_mesh(config.mesh, devices)
-    model = build_two_tower(config, VOCAB)
-    tx, schedule = optimizer.build_optimizer(config)
-    rules = tuple(config.rules)
-    sharding = parallel.batch_sharding(mesh, rules)
-    example = next(synthetic_batches(1, 2))
-    init, abstract = train_state.sharded_initializer(
-        lambda k: model.init(k, example["image"], example["tokens"]),
-        tx,
-        jax.random.key(0),
-        mesh,
-        rules,
-    )
-    state = init(jax.random.key(0))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        step = train_step.jit_train_step(
-            train_step.contrastive_objective(model, config.loss),
-            tx,
-            schedule,
-            train_state.shardings_of(abstract),
-            sharding,
-        )
+    trainer = build_trainer(config, mesh, VOCAB)
+    state = trainer.init(jax.random.key(0))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
         out = []
         for batch in synthetic_batches(steps, config.batch_size):
-            state, m = step(state, parallel.global_batch(batch, sharding))
+            state, m = trainer.step(state, parallel.global_batch(batch, trainer.batch_sharding))
             out.append(float(m["train/loss"]))
     return np.array(out), state
 

@@ -7,7 +7,8 @@ rule that shards a weight's `embed` dimension over `fsdp` never shards activatio
 
 `dtype` is the compute dtype, `param_dtype` the storage dtype. Matmuls take their inputs in `dtype`
 and accumulate in float32 (`preferred_element_type`), which keeps bfloat16 compute accurate and is
-also the fast path for bf16 on CPU.
+the fast bf16 GEMM path on CPU (bf16 element-wise work there is emulated and slow, so float32 is
+the default compute dtype on CPU).
 """
 
 import functools

@@ -11,10 +11,7 @@ import ml_collections
 from mmjax import checkpoint, metrics, parallel
 from mmjax.data import pipeline
 from mmjax.eval.shapes_eval import ShapesEvaluator
-from mmjax.models.two_tower import build_two_tower
-from mmjax.train import optimizer
-from mmjax.train import state as train_state
-from mmjax.train import step as train_step
+from mmjax.train.trainer import build_trainer
 from mmjax.train.validate import ConfigError, validate_config, validate_workdir
 
 
@@ -36,23 +33,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f.write(config.to_json(indent=2, sort_keys=True))
 
     tokenizer = pipeline.tokenizer_for(config.data)
-    model = build_two_tower(config, tokenizer.vocab_size)
-    tx, schedule = optimizer.build_optimizer(config)
-    rules = tuple(config.rules)
-    batch_sharding = parallel.batch_sharding(mesh, rules)
-    size = config.data.image_size
-    example_image = jax.numpy.zeros((1, size, size, 3), jax.numpy.float32)
-    example_tokens = jax.numpy.zeros((1, config.data.text_length), jax.numpy.int32)
-
-    # Initialisation needs no mesh context: its shardings come from the logical axes and rules.
-    init, abstract = train_state.sharded_initializer(
-        lambda key: model.init(key, example_image, example_tokens),
-        tx,
-        jax.random.key(config.seed),
-        mesh,
-        rules,
-    )
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    trainer = build_trainer(config, mesh, tokenizer.vocab_size)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
         train_iter = pipeline.train_iterator(
             config.data,
             seed=config.seed,
@@ -63,9 +45,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ckpt = checkpoint.Checkpointer(
             os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints
         )
-        restored = ckpt.restore(abstract, train_iter)
+        restored = ckpt.restore(trainer.abstract_state, train_iter)
         if restored is None:
-            start, state = 0, init(jax.random.key(config.seed))
+            start, state = 0, trainer.init(jax.random.key(config.seed))
         else:
             start, state = restored
             print(f"Resumed from step {start} in {workdir}")
@@ -76,20 +58,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             batch_size=config.batch_size,
             is_main=is_main,
         )
-        step_fn = train_step.jit_train_step(
-            train_step.contrastive_objective(model, config.loss),
-            tx,
-            schedule,
-            train_state.shardings_of(abstract),
-            batch_sharding,
-        )
-        evaluator = ShapesEvaluator(config, model, batch_sharding)
+        evaluator = ShapesEvaluator(config, trainer.model, trainer.batch_sharding)
 
         last_log = (start, time.time())
         last_metrics: dict = {}
         for step in range(start, config.total_steps):
-            batch = parallel.global_batch(next(train_iter), batch_sharding)
-            state, step_metrics = step_fn(state, batch)
+            batch = parallel.global_batch(next(train_iter), trainer.batch_sharding)
+            state, step_metrics = trainer.step(state, batch)
             done = step + 1
             if done % config.log_every == 0 or done == config.total_steps:
                 last_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
