@@ -19,6 +19,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2
     c.dtype = "float32"  # compute dtype: float32 | bfloat16 (params/optimizer stay float32)
     c.loss = "softmax"  # softmax (CLIP InfoNCE) | sigmoid (SigLIP)
+    # How the loss is distributed (all give the same loss and gradients): "naive" lets XLA
+    # shard the global B×B logits; "gathered" all-gathers the other tower's embeddings (b×B
+    # logits per device); "chunked" passes embedding chunks around a ring (b×b per device,
+    # independent of the device count: for very large global batches).
+    c.loss_impl = "naive"
+    # GradCache: split the global batch into this many microbatches for the towers (activation
+    # memory ∝ batch_size / microbatches) while every example still sees the whole global batch
+    # as negatives. Costs one extra forward pass.
+    c.microbatches = 1
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "shapes"
@@ -50,6 +59,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.text = ml_collections.ConfigDict(
         dict(width=128, depth=4, num_heads=4, mlp_dim=512, causal=True)
     )
+    # Memory knobs (outputs are identical with every setting): what each block keeps for the
+    # backward pass, "none" | "dots" (GEMM outputs) | "full" (recompute the block); and whether
+    # the blocks run as one scan over stacked parameters (compile time independent of depth).
+    c.model.remat = "none"
+    c.model.scan_layers = False
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-3

@@ -80,6 +80,12 @@ def logical_shardings(abstract_tree, logical_specs, mesh: Mesh, rules: Rules):
     )
 
 
+def batch_axes(rules: Rules) -> tuple[str, ...]:
+    """The mesh axes the `batch` rule splits the batch over, e.g. ("data", "fsdp")."""
+    (axes,) = nn.logical_to_mesh(PartitionSpec("batch"), rules)
+    return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
     """Leading (batch) dimension split over the data-parallel axes named by the `batch` rule."""
     return NamedSharding(mesh, nn.logical_to_mesh(PartitionSpec("batch"), rules))
@@ -91,13 +97,17 @@ def global_batch(local: Mapping[str, np.ndarray], sharding: NamedSharding) -> di
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
-def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
-    """Fails early, with the fix, if the batch cannot be split evenly."""
-    n = data_parallel_size(mesh)
+def check_batch_size(global_batch_size: int, mesh: Mesh, microbatches: int = 1) -> None:
+    """Fails early, with the fix, if the batch cannot be split evenly (over the data-parallel
+    devices, and each device's rows over the GradCache microbatches)."""
+    n = data_parallel_size(mesh) * microbatches
     if global_batch_size % n:
+        over = f"the {data_parallel_size(mesh)} devices of mesh axes data×fsdp"
+        if microbatches > 1:
+            over += f" × {microbatches} microbatches"
         raise ValueError(
-            f"batch_size {global_batch_size} is not divisible by the {n} devices of mesh axes "
-            f"data×fsdp; use a multiple of {n} (e.g. {max(n, global_batch_size // n * n)})"
+            f"batch_size {global_batch_size} is not divisible by {over}; use a multiple of {n} "
+            f"(e.g. {max(n, global_batch_size // n * n)})"
         )
     if global_batch_size % jax.process_count():
         raise ValueError(

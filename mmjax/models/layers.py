@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.models.attention import dot_product_attention
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -157,8 +159,7 @@ class Attention(nn.Module):
         qkv_BTHCK = qkv_BTHCK + _lead(b_qkv, qkv_BTHCK)
         q_BTHK, k_BSHK, v_BSHK = (qkv_BTHCK[:, :, :, i] for i in range(3))
         q_BTHK = nn.with_logical_constraint(q_BTHK, ("batch", "length", "act_heads", None))
-        mask = None if mask_BTS is None else mask_BTS[:, None]  # broadcast over heads
-        out_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, mask=mask, is_causal=causal)
+        out_BTHK = dot_product_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS, causal, self.dtype)
         out_init = nn.initializers.variance_scaling(
             1.0, "fan_in", "normal", in_axis=(0, 1), out_axis=2
         )
@@ -219,22 +220,74 @@ class Block(nn.Module):
         return nn.with_logical_constraint(x_BTD, ACT_BTD)
 
 
+# Activation memory knob: what each block keeps for the backward pass. "dots" keeps the outputs of
+# the 2-D GEMMs (cheap to store, expensive to recompute) and recomputes element-wise work and
+# attention; "full" keeps only the block input and recomputes the whole block.
+REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+class _ScannedBlock(nn.Module):
+    """One Block as an `nn.scan` body: (carry, broadcast mask) -> (carry, no output)."""
+
+    block: Callable[..., nn.Module]
+    causal: bool
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array, mask_BTS: jax.Array | None):
+        return self.block(name="block")(x_BTD, mask_BTS, self.causal), None
+
+
 class Encoder(nn.Module):
-    """A stack of `depth` Transformer blocks followed by a final LayerNorm."""
+    """A stack of `depth` Transformer blocks followed by a final LayerNorm.
+
+    `remat` ("none" | "dots" | "full", see REMAT_POLICIES) trades recompute for activation memory;
+    `scan_layers` runs the blocks as one `nn.scan` over stacked parameters (a leading `layers`
+    axis), so compile time and program size stay constant in depth. Neither changes the outputs.
+    """
 
     depth: int
     num_heads: int
     mlp_dim: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: str = "none"
+    scan_layers: bool = False
+
+    @classmethod
+    def of_tower(cls, tower: nn.Module) -> "Encoder":
+        """The encoder of a tower module that has the same-named fields (ViT, TextTransformer)."""
+        fields = ("depth", "num_heads", "mlp_dim", "dtype", "param_dtype", "remat", "scan_layers")
+        return cls(**{f: getattr(tower, f) for f in fields}, name="encoder")
 
     @nn.compact
     def __call__(
         self, x_BTD: jax.Array, mask_BTS: jax.Array | None = None, causal: bool = False
     ) -> jax.Array:
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}; use one of {', '.join(REMAT_POLICIES)}")
+        block_cls = Block
+        if self.remat != "none":
+            # static_argnums counts `self`: (self, x, mask, causal) -> causal is 3.
+            block_cls = nn.remat(Block, policy=REMAT_POLICIES[self.remat], static_argnums=(3,))
+        block = functools.partial(
+            block_cls, self.num_heads, self.mlp_dim, self.dtype, self.param_dtype
+        )
         x_BTD = nn.with_logical_constraint(x_BTD.astype(self.dtype), ACT_BTD)
-        for i in range(self.depth):
-            x_BTD = Block(
-                self.num_heads, self.mlp_dim, self.dtype, self.param_dtype, name=f"block{i}"
-            )(x_BTD, mask_BTS, causal)
+        if self.scan_layers:
+            stack = nn.scan(
+                _ScannedBlock,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast,),
+                length=self.depth,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x_BTD, _ = stack(block, causal, name="blocks")(x_BTD, mask_BTS)
+        else:
+            for i in range(self.depth):
+                x_BTD = block(name=f"block{i}")(x_BTD, mask_BTS, causal)
         return LayerNorm(self.dtype, self.param_dtype, name="ln_final")(x_BTD)

@@ -29,6 +29,8 @@ class TextTransformer(nn.Module):
     eot_id: int = 2
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: str = "none"  # see layers.REMAT_POLICIES
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, tokens_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -55,9 +57,7 @@ class TextTransformer(nn.Module):
         x_BLD = x_BLD + pos[:length].astype(self.dtype)[None]
         valid_BL = tokens_BL != self.pad_id
         mask_BLL = jnp.broadcast_to(valid_BL[:, None, :], (b, length, length))
-        x_BLD = Encoder(
-            self.depth, self.num_heads, self.mlp_dim, self.dtype, self.param_dtype, name="encoder"
-        )(x_BLD, mask_BLL, self.causal)
+        x_BLD = Encoder.of_tower(self)(x_BLD, mask_BLL, self.causal)
         if self.causal:
             is_eot_BL = tokens_BL == self.eot_id
             last_valid_B = jnp.sum(valid_BL, axis=1) - 1

@@ -92,6 +92,8 @@ def build_two_tower(config: ml_collections.ConfigDict, vocab_size: int) -> TwoTo
         posemb=m.image.posemb,
         stem_channels=tuple(m.image.stem_channels),
         dtype=dtype,
+        remat=m.remat,
+        scan_layers=m.scan_layers,
     )
     text = TextTransformer(
         vocab_size=vocab_size,
@@ -102,6 +104,8 @@ def build_two_tower(config: ml_collections.ConfigDict, vocab_size: int) -> TwoTo
         max_len=config.data.text_length,
         causal=m.text.causal,
         dtype=dtype,
+        remat=m.remat,
+        scan_layers=m.scan_layers,
     )
     if config.loss == "sigmoid":  # SigLIP's initialisation: t = 10, b = -10.
         scale_init, bias_init = math.log(10.0), -10.0

@@ -46,6 +46,8 @@ class ViT(nn.Module):
     posemb: str = "sincos2d"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: str = "none"  # see layers.REMAT_POLICIES
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, images_BHWC: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -98,9 +100,7 @@ class ViT(nn.Module):
             )
             cls_B1D = jnp.broadcast_to(cls.astype(self.dtype), (x_BND.shape[0], 1, self.width))
             x_BND = jnp.concatenate([cls_B1D, x_BND], axis=1)
-        x_BND = Encoder(
-            self.depth, self.num_heads, self.mlp_dim, self.dtype, self.param_dtype, name="encoder"
-        )(x_BND)
+        x_BND = Encoder.of_tower(self)(x_BND)
         if self.pool == "cls":
             return x_BND[:, 0], x_BND[:, 1:]
         return jnp.mean(x_BND.astype(jnp.float32), axis=1).astype(self.dtype), x_BND

@@ -25,7 +25,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         validate_workdir(workdir)
     try:
         mesh = parallel.make_mesh(config.mesh)
-        parallel.check_batch_size(config.batch_size, mesh)
+        parallel.check_batch_size(config.batch_size, mesh, config.microbatches)
     except ValueError as e:  # a mesh or batch that cannot work: say so before compiling
         raise ConfigError(str(e)) from e
     if is_main:

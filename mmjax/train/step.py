@@ -1,49 +1,84 @@
 """The pure train step: (state, batch) -> (state, metrics)."""
 
+import dataclasses
 import functools
-from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
-from mmjax import losses
+from mmjax import losses, sharded_losses
+from mmjax.train import gradcache
 from mmjax.train.state import TrainState
 
-# (params, batch) -> (scalar loss, dict of float32 scalars to log)
-Objective = Callable[[dict, dict], tuple[jax.Array, dict]]
 
+@dataclasses.dataclass(frozen=True)
+class ContrastiveObjective:
+    """Two-tower contrastive objective (CLIP softmax or SigLIP sigmoid) over the global batch.
 
-def contrastive_objective(model: nn.Module, loss_kind: str) -> Objective:
-    """Two-tower contrastive objective (CLIP softmax or SigLIP sigmoid) over the global batch."""
-    if loss_kind not in losses.LOSSES:
-        raise ValueError(f"unknown loss {loss_kind!r}; choose one of {losses.LOSSES}")
+    The towers (`embed`) and the loss over all embeddings (`loss`) are separate functions so that
+    GradCache can run the towers in microbatches; `__call__` is their composition.
+    `loss_impl` picks how the loss is distributed over the batch axes of `mesh` (see
+    `sharded_losses`); every choice gives the same values and gradients.
+    """
 
-    def objective(params: dict, batch: dict) -> tuple[jax.Array, dict]:
-        img_BE, txt_BE, aux = model.apply({"params": params}, batch["image"], batch["tokens"])
-        per_example_B = losses.contrastive_loss(loss_kind, img_BE, txt_BE, aux)
-        loss = jnp.mean(per_example_B)
+    model: nn.Module
+    loss_kind: str
+    loss_impl: str = "naive"
+    mesh: Mesh | None = None
+    batch_axes: tuple[str, ...] = ("data", "fsdp")
+
+    def __post_init__(self):
+        if self.loss_kind not in losses.LOSSES:
+            raise ValueError(f"unknown loss {self.loss_kind!r}; choose one of {losses.LOSSES}")
+        if self.loss_impl not in sharded_losses.IMPLS:
+            raise ValueError(
+                f"unknown loss_impl {self.loss_impl!r}; choose one of {sharded_losses.IMPLS}"
+            )
+
+    def embed(self, params: dict, batch: dict) -> tuple[jax.Array, jax.Array, dict]:
+        return self.model.apply({"params": params}, batch["image"], batch["tokens"])
+
+    def loss(self, img_BE: jax.Array, txt_BE: jax.Array, aux: dict) -> tuple[jax.Array, dict]:
+        per_example_B = sharded_losses.contrastive_loss_sharded(
+            self.loss_kind,
+            self.loss_impl,
+            img_BE,
+            txt_BE,
+            aux["logit_scale"],
+            aux["logit_bias"],
+            mesh=self.mesh,
+            batch_axes=self.batch_axes,
+        )
         logs = {
             "train/logit_scale": aux["logit_scale"],
             "train/logit_bias": aux["logit_bias"],
             "train/image_norm": aux["image_norm"],
             "train/text_norm": aux["text_norm"],
         }
-        return loss, logs
+        return jnp.mean(per_example_B), logs
 
-    return objective
+    def __call__(self, params: dict, batch: dict) -> tuple[jax.Array, dict]:
+        return self.loss(*self.embed(params, batch))
 
 
 def train_step(
     state: TrainState,
     batch: dict,
     *,
-    objective: Objective,
+    objective: ContrastiveObjective,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
+    microbatches: int = 1,
 ) -> tuple[TrainState, dict]:
-    (loss, logs), grads = jax.value_and_grad(objective, has_aux=True)(state.params, batch)
+    if microbatches == 1:
+        (loss, logs), grads = jax.value_and_grad(objective, has_aux=True)(state.params, batch)
+    else:
+        (loss, logs), grads = gradcache.value_and_grad(
+            objective.embed, objective.loss, state.params, batch, microbatches
+        )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
@@ -57,9 +92,11 @@ def train_step(
     return new_state, metrics
 
 
-def jit_train_step(objective, tx, schedule, state_shardings, batch_sharding):
+def jit_train_step(objective, tx, schedule, state_shardings, batch_sharding, microbatches=1):
     """Jits the step once with explicit shardings; the old state is donated (updated in place)."""
-    step = functools.partial(train_step, objective=objective, tx=tx, schedule=schedule)
+    step = functools.partial(
+        train_step, objective=objective, tx=tx, schedule=schedule, microbatches=microbatches
+    )
     replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
     return jax.jit(
         step,

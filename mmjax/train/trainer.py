@@ -43,11 +43,15 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh, vocab_size: int
         rules,
     )
     batch_sharding = parallel.batch_sharding(mesh, rules)
+    objective = train_step.ContrastiveObjective(
+        model, config.loss, config.loss_impl, mesh, parallel.batch_axes(rules)
+    )
     step = train_step.jit_train_step(
-        train_step.contrastive_objective(model, config.loss),
+        objective,
         tx,
         schedule,
         train_state.shardings_of(abstract),
         batch_sharding,
+        config.microbatches,
     )
     return Trainer(model, rules, batch_sharding, init, abstract, step)

@@ -4,7 +4,8 @@ import os
 
 import ml_collections
 
-from mmjax import losses
+from mmjax import losses, sharded_losses
+from mmjax.models.layers import REMAT_POLICIES
 
 
 class ConfigError(ValueError):
@@ -14,6 +15,16 @@ class ConfigError(ValueError):
 def validate_config(c: ml_collections.ConfigDict) -> None:
     if c.loss not in losses.LOSSES:
         raise ConfigError(f"loss={c.loss!r} is unknown; use one of {', '.join(losses.LOSSES)}")
+    if c.loss_impl not in sharded_losses.IMPLS:
+        raise ConfigError(
+            f"loss_impl={c.loss_impl!r} is unknown; use one of {', '.join(sharded_losses.IMPLS)}"
+        )
+    if c.model.remat not in REMAT_POLICIES:
+        raise ConfigError(
+            f"model.remat={c.model.remat!r} is unknown; use one of {', '.join(REMAT_POLICIES)}"
+        )
+    if int(c.microbatches) < 1:
+        raise ConfigError(f"microbatches={c.microbatches} must be >= 1 (1 = no GradCache)")
     if c.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"dtype={c.dtype!r} is unsupported; use float32 or bfloat16")
     for key in ("total_steps", "batch_size", "log_every"):

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m mmjax.bench {train,loss,scale} ...` (see README, Performance)."""

@@ -1,0 +1,73 @@
+"""`python -m mmjax.bench {train,loss,scale}`: step time, FLOPs, MFU and memory.
+
+Every subcommand prints a human-readable report; with `--json` the last line of stdout is one JSON
+object (its keys are documented in the subcommand's module). `loss` and `scale` compile for
+`--devices` fake CPU devices, so the device count is fixed here, before JAX is imported.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m mmjax.bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="time the jitted train step of one model")
+    src = train.add_mutually_exclusive_group()
+    src.add_argument("--config", default="configs/default.py", help="an mmjax config file")
+    src.add_argument("--open-clip-config", help="an open_clip model-config JSON (path or name)")
+    train.add_argument("--batch", type=int, default=64, help="global batch size")
+    train.add_argument("--dtype", default="float32", help="compute dtype(s), comma-separated")
+    train.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    train.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+    train.add_argument("--rounds", type=int, default=3, help="alternating A/B rounds")
+    train.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator")
+    train.add_argument("--vs-open-clip", action="store_true", help="time open_clip side by side")
+    train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+    loss = sub.add_parser("loss", help="per-device memory of one contrastive loss variant")
+    loss.add_argument("--devices", type=int, default=8)
+    loss.add_argument("--local-batch", type=int, default=256)
+    loss.add_argument("--dim", type=int, default=512)
+    loss.add_argument("--impl", choices=("naive", "gathered", "chunked"), default="chunked")
+    loss.add_argument("--kind", choices=("softmax", "sigmoid"), default="softmax")
+
+    scale = sub.add_parser("scale", help="AOT-compile a config's train step on fake devices")
+    scale.add_argument("--config", default="configs/default.py")
+    scale.add_argument("--open-clip-config", help="an open_clip model-config JSON (path or name)")
+    scale.add_argument("--devices", type=int, default=8)
+    scale.add_argument("--global-batch", type=int, default=None)
+    scale.add_argument("--override", action="append", default=[], help="key=value config edits")
+
+    for p in (train, loss, scale):
+        p.add_argument("--json", action="store_true", help="print one JSON object last")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command in ("loss", "scale"):
+        if "jax" in sys.modules:
+            raise RuntimeError("mmjax.bench must set the fake device count before importing jax")
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = (
+            f"{flags} --xla_force_host_platform_device_count={args.devices}".strip()
+        )
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if args.command == "train":
+        from mmjax.bench import train as command
+    elif args.command == "loss":
+        from mmjax.bench import loss as command
+    else:
+        from mmjax.bench import scale as command
+    result = command.run(args)
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
