@@ -1,0 +1,359 @@
+"""`python -m mmjax.bench train`: step time, FLOPs, MFU and memory of the jitted train step.
+
+The model comes from an mmjax config file (`--config`) or an open_clip model config
+(`--open-clip-config`, a JSON path or a name such as `ViT-B-16`). Each `--dtype` is one variant
+with its own compiled step; `--vs-open-clip` adds open_clip's float32 step on the same model. All
+variants see one fixed synthetic batch (no input pipeline is timed) and are timed alternately:
+each of `--rounds` rounds runs `--steps` steps of every variant in turn, so slow drift of the
+machine (other jobs, thermal state) hits all of them alike. Reported times are medians over all
+rounds.
+
+MFU = analytic model FLOPs per second (`mmjax.bench.flops`: 2 × multiply-adds of the matmuls,
+training = 3 × forward) over a peak: `--peak-tflops` per device if given, else the measured GEMM
+ceiling of this device for the variant's dtype (float32, or bfloat16 inputs with float32
+accumulation) — on a CPU, where no datasheet peak applies, "how close to the best GEMM". XLA's
+own FLOP count of the compiled step is reported beside the model FLOPs; it is larger because it
+includes element-wise and optimizer work.
+
+Devices: on CPU one device (fake host devices split the same cores, so more of them measure
+partitioning overhead, not speed); on accelerators all devices, batch split over a data mesh.
+
+`--json` prints one object whose keys are:
+  model: {name, source, loss, image_size, patch_size, image_width, image_depth, image_heads,
+          image_mlp, text_length, text_width, text_depth, text_heads, text_mlp, vocab_size,
+          embed_dim}
+  batch: global batch size;  steps, warmup, rounds: as given
+  platform, devices: backend of the mmjax variants and how many devices they use
+  cpu_count, other_cpu_load: cores that other processes kept busy while this one timed (null
+      off Linux); well above 0 means the times are noisy
+  model_flops_per_sample: analytic forward FLOPs {image, text, logits, forward}
+  ceilings_flops: {dtype: GEMM FLOP/s of one device} for float32 and bfloat16, measured
+      after each round (median over rounds)
+  peak_flops: {dtype: MFU denominator of one device}, and peak_source: "ceiling" | "--peak-tflops"
+  variants: list of {framework ("mmjax" | "open_clip"), dtype, device, devices, step_s_median,
+      step_s_min, step_s (every timed step), samples_per_s, model_flops_per_step,
+      xla_flops_per_step, xla_over_model, model_flops_per_s, mfu, compile_s, temp_bytes,
+      argument_bytes, output_bytes, param_count}  (XLA and memory fields are null for open_clip;
+      xla_flops_per_step sums all devices, the byte counts are per device)
+  speedup_vs_open_clip: {dtype: open_clip step time / mmjax step time} (with --vs-open-clip)
+"""
+
+import argparse
+import dataclasses
+import importlib.util
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+
+from mmjax import parallel
+from mmjax.bench import common, flops
+from mmjax.data.tokenizers import ByteTokenizer
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass
+class Variant:
+    framework: str
+    dtype: str
+    device: str
+    num_devices: int
+    step: Callable[[], object]  # one training step, blocked on by the timer
+    param_count: int
+    compile_s: float | None = None
+    stats: dict = dataclasses.field(default_factory=dict)
+    times: list = dataclasses.field(default_factory=list)
+
+
+def load_config(args: argparse.Namespace) -> tuple[ml_collections.ConfigDict, int, str, dict]:
+    """(config, vocab_size, model name, open_clip config or None) of the benchmarked model."""
+    from mmjax.bench import open_clip_config
+
+    if args.open_clip_config:
+        oc_cfg = open_clip_config.load_open_clip_config(args.open_clip_config)
+        config, vocab = open_clip_config.mmjax_config_from_open_clip(oc_cfg)
+        return config, vocab, Path(args.open_clip_config).stem, oc_cfg
+    spec = importlib.util.spec_from_file_location("mmjax_bench_config", args.config)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"cannot load config file {args.config!r}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    # The byte tokenizer of the built-in datasets fixes the vocabulary of config-file models.
+    return config, ByteTokenizer(config.data.text_length).vocab_size, Path(args.config).stem, None
+
+
+def synthetic_batch(
+    batch: int, image_size: int, text_length: int, vocab_size: int, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Images uniform in [-1, 1] and token rows [ids..., EOT, PAD...] of random lengths."""
+    tok = ByteTokenizer
+    first_id = max(tok.pad_id, tok.bos_id, tok.eot_id) + 1  # no special ids inside the text
+    rng = np.random.default_rng(seed)
+    images_BHWC = rng.uniform(-1.0, 1.0, (batch, image_size, image_size, 3)).astype(np.float32)
+    tokens_BL = rng.integers(first_id, vocab_size, (batch, text_length)).astype(np.int32)
+    lengths_B = rng.integers(min(3, text_length), text_length + 1, batch)
+    for row, n in enumerate(lengths_B):
+        tokens_BL[row, n - 1] = tok.eot_id
+        tokens_BL[row, n:] = tok.pad_id
+    return {"image": images_BHWC, "tokens": tokens_BL}
+
+
+def bench_devices() -> list:
+    """One CPU device (fake host devices share the same cores), else every accelerator."""
+    devices = jax.devices()
+    return devices[:1] if devices[0].platform == "cpu" else devices
+
+
+def build_mmjax_variant(config, vocab: int, dtype: str, devices: list, batch_np: dict) -> Variant:
+    """Compiles the train step of `config` in `dtype` (timed: lower + compile) on a data mesh."""
+    from mmjax.train.trainer import build_trainer
+
+    c = config.copy_and_resolve_references()
+    c.dtype = dtype
+    c.batch_size = len(batch_np["image"])
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    mesh = parallel.make_mesh(c.mesh, devices)
+    parallel.check_batch_size(c.batch_size, mesh)
+    trainer = build_trainer(c, mesh, vocab)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
+        state = trainer.init(jax.random.key(c.seed))
+        batch = parallel.global_batch(batch_np, trainer.batch_sharding)
+        start = time.perf_counter()
+        compiled = trainer.step.lower(state, batch).compile()
+        compile_s = time.perf_counter() - start
+    param_count = sum(int(x.size) for x in jax.tree.leaves(state.params))
+    holder = [state]  # the step donates its input state: always pass the newest one
+
+    def step():
+        holder[0], metrics = compiled(holder[0], batch)
+        return holder[0], metrics
+
+    stats = common.compiled_stats(compiled)
+    if stats["xla_flops"] is not None:
+        stats["xla_flops"] *= len(devices)  # cost_analysis counts one device's program
+    platform = devices[0].platform
+    return Variant("mmjax", dtype, platform, len(devices), step, param_count, compile_s, stats)
+
+
+def time_alternating(
+    variants: list[Variant], steps: int, warmup: int, rounds: int
+) -> dict[str, float]:
+    """Times every variant round-robin; returns the GEMM ceiling of one device per dtype (2048³
+    matmuls, float32 accumulation), measured once per round too and reported as the median over
+    rounds, so that load from other processes lowers the denominator as it lowers the step."""
+    for v in variants:
+        common.time_calls(v.step, 0, warmup)
+    measured = {dtype: [] for dtype in DTYPES}
+    for _ in range(rounds):
+        for v in variants:
+            v.times += common.time_calls(v.step, steps, 0)
+        for dtype in DTYPES:
+            measured[dtype].append(common.matmul_ceiling(dtype))
+    return {dtype: common.median(xs) for dtype, xs in measured.items()}
+
+
+def cpu_clock() -> tuple[float, float, float] | None:
+    """(wall s, CPU s all processes spent busy, CPU s of this process); None off Linux. Two
+    readings give how many cores *other* processes kept busy in between: the load that makes
+    timings noisy (a load average cannot tell it from this benchmark's own threads)."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:9]]  # user .. steal
+    except (OSError, ValueError):
+        return None
+    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
+    own = os.times()
+    return time.perf_counter(), busy, own.user + own.system
+
+
+def other_cores(start, end) -> float | None:
+    if start is None or end is None:
+        return None
+    wall, busy, own = (b - a for a, b in zip(start, end, strict=True))
+    return max(busy - own, 0.0) / wall
+
+
+def variant_record(v: Variant, batch: int, model_flops: int, peak_per_device: float) -> dict:
+    step_s = common.median(v.times)
+    xla = v.stats.get("xla_flops")
+    return {
+        "framework": v.framework,
+        "dtype": v.dtype,
+        "device": v.device,
+        "devices": v.num_devices,
+        "step_s_median": step_s,
+        "step_s_min": min(v.times),
+        "step_s": v.times,
+        "samples_per_s": batch / step_s,
+        "model_flops_per_step": model_flops,
+        "xla_flops_per_step": xla,
+        "xla_over_model": xla / model_flops if xla else None,
+        "model_flops_per_s": model_flops / step_s,
+        "mfu": model_flops / step_s / (peak_per_device * v.num_devices),
+        "compile_s": v.compile_s,
+        "temp_bytes": v.stats.get("temp_bytes"),
+        "argument_bytes": v.stats.get("argument_bytes"),
+        "output_bytes": v.stats.get("output_bytes"),
+        "param_count": v.param_count,
+    }
+
+
+def model_record(name: str, source: str, config, vocab: int) -> dict:
+    img, txt = config.model.image, config.model.text
+    return {
+        "name": name,
+        "source": source,
+        "loss": config.loss,
+        "image_size": config.data.image_size,
+        "patch_size": img.patch_size,
+        "image_width": img.width,
+        "image_depth": img.depth,
+        "image_heads": img.num_heads,
+        "image_mlp": img.mlp_dim,
+        "text_length": config.data.text_length,
+        "text_width": txt.width,
+        "text_depth": txt.depth,
+        "text_heads": txt.num_heads,
+        "text_mlp": txt.mlp_dim,
+        "vocab_size": vocab,
+        "embed_dim": config.model.embed_dim,
+    }
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> dict:
+    dtypes = tuple(d.strip() for d in args.dtype.split(",") if d.strip())
+    unknown = [d for d in dtypes if d not in DTYPES]
+    if unknown or not dtypes:
+        raise ValueError(f"--dtype {args.dtype!r}: choose from {', '.join(DTYPES)}")
+    if args.steps < 1 or args.rounds < 1 or args.warmup < 0:
+        raise ValueError("--steps and --rounds must be >= 1 and --warmup >= 0")
+    if args.vs_open_clip:
+        from mmjax.bench import open_clip_peer
+
+        open_clip_peer.require()  # before any compile: fail fast with the install hint
+
+    config, vocab, name, oc_cfg = load_config(args)
+    source = "open_clip" if args.open_clip_config else "mmjax"
+    if args.vs_open_clip and oc_cfg is None:
+        from mmjax.bench.open_clip_config import open_clip_config_from_mmjax
+
+        oc_cfg = open_clip_config_from_mmjax(config, vocab)
+    batch = args.batch
+    batch_np = synthetic_batch(batch, config.data.image_size, config.data.text_length, vocab)
+    devices = bench_devices()
+    platform = devices[0].platform
+
+    variants = []
+    for dtype in dtypes:
+        _log(f"compiling mmjax {dtype} step ...")
+        variants.append(build_mmjax_variant(config, vocab, dtype, devices, batch_np))
+    if args.vs_open_clip:
+        peer = open_clip_peer.build_peer(
+            oc_cfg, config, batch_np["image"], batch_np["tokens"], args.threads, platform == "gpu"
+        )
+        variants.append(
+            Variant("open_clip", "float32", peer.device, 1, peer.step, peer.param_count)
+        )
+    _log(f"timing {len(variants)} variants: {args.rounds} rounds x {args.steps} steps ...")
+    clock = cpu_clock()
+    ceiling = time_alternating(variants, args.steps, args.warmup, args.rounds)
+    others = other_cores(clock, cpu_clock())
+    if args.peak_tflops:
+        peak, peak_source = {d: args.peak_tflops * 1e12 for d in DTYPES}, "--peak-tflops"
+    else:
+        peak, peak_source = dict(ceiling), "ceiling"
+
+    per_sample = flops.model_flops(config, batch)
+    step_flops = per_sample["train_per_step"]
+    records = [variant_record(v, batch, step_flops, peak[v.dtype]) for v in variants]
+    result = {
+        "model": model_record(name, source, config, vocab),
+        "batch": batch,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "rounds": args.rounds,
+        "platform": platform,
+        "devices": len(devices),
+        "cpu_count": os.cpu_count(),
+        "other_cpu_load": others,
+        "model_flops_per_sample": {
+            "image": per_sample["image_forward_per_sample"],
+            "text": per_sample["text_forward_per_sample"],
+            "logits": per_sample["logits_forward_per_sample"],
+            "forward": per_sample["forward_per_sample"],
+        },
+        "ceilings_flops": ceiling,
+        "peak_flops": peak,
+        "peak_source": peak_source,
+        "variants": records,
+    }
+    if args.vs_open_clip:
+        peer_s = records[-1]["step_s_median"]
+        result["speedup_vs_open_clip"] = {
+            r["dtype"]: peer_s / r["step_s_median"] for r in records[:-1]
+        }
+    print_report(result)
+    return result
+
+
+def _g(x: float | None, unit: str = "") -> str:
+    return "n/a" if x is None else f"{x / 1e9:.3g} G{unit}"
+
+
+def print_report(r: dict) -> None:
+    m, f = r["model"], r["model_flops_per_sample"]
+    print(
+        f"model {m['name']} ({m['source']}, {m['loss']} loss): image {m['image_size']}px/"
+        f"{m['patch_size']} {m['image_depth']}x{m['image_width']} ({m['image_heads']} heads, mlp "
+        f"{m['image_mlp']}); text ctx {m['text_length']} {m['text_depth']}x{m['text_width']} "
+        f"({m['text_heads']} heads, mlp {m['text_mlp']}, vocab {m['vocab_size']}); embed "
+        f"{m['embed_dim']}"
+    )
+    print(
+        f"batch {r['batch']} on {r['devices']} {r['platform']} device(s); {r['rounds']} rounds x "
+        f"{r['steps']} steps per variant after {r['warmup']} warm-up steps"
+    )
+    print(
+        f"model FLOPs per sample, forward: image {_g(f['image'])}, text {_g(f['text'])}, logits "
+        f"{_g(f['logits'])}, total {_g(f['forward'])}; train step = 3 x forward x batch"
+    )
+    others = r["other_cpu_load"]
+    if others is not None:
+        noisy = "; the times are noisy" if others > 0.1 else ""
+        print(f"other processes kept {others:.2f} of {r['cpu_count']} CPUs busy meanwhile{noisy}")
+    print(
+        "GEMM ceiling (2048^3, one device, median over rounds): "
+        + ", ".join(f"{d} {c / 1e9:.1f} GFLOP/s" for d, c in r["ceilings_flops"].items())
+        + f"; MFU denominator: {r['peak_source']}"
+    )
+    head = (
+        f"{'variant':<18}{'step ms':>9}{'min ms':>8}{'samples/s':>11}{'GFLOP/step':>12}"
+        f"{'XLA/model':>10}{'GFLOP/s':>9}{'MFU':>7}{'compile s':>10}{'temp':>11}{'args':>11}"
+        f"{'params':>11}"
+    )
+    print(head)
+    for v in r["variants"]:
+        ratio = "n/a" if v["xla_over_model"] is None else f"{v['xla_over_model']:.2f}"
+        compile_s = "n/a" if v["compile_s"] is None else f"{v['compile_s']:.1f}"
+        print(
+            f"{v['framework'] + ' ' + v['dtype']:<18}{v['step_s_median'] * 1e3:>9.1f}"
+            f"{v['step_s_min'] * 1e3:>8.1f}"
+            f"{v['samples_per_s']:>11.1f}{v['model_flops_per_step'] / 1e9:>12.2f}{ratio:>10}"
+            f"{v['model_flops_per_s'] / 1e9:>9.1f}{v['mfu']:>7.1%}{compile_s:>10}"
+            f"{common.human_bytes(v['temp_bytes']):>11}"
+            f"{common.human_bytes(v['argument_bytes']):>11}{v['param_count']:>11,}"
+        )
+    for dtype, s in r.get("speedup_vs_open_clip", {}).items():
+        print(f"speedup of mmjax {dtype} over open_clip float32: {s:.2f}x (step-time ratio)")
