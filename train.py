@@ -56,5 +56,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from mmjax import runtime
+
+    runtime.reexec_with_malloc_tuning(sys.argv)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # so recipes import configs.*
     app.run(main)

@@ -70,4 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from mmjax import runtime
+
+    runtime.reexec_with_malloc_tuning(["-m", "mmjax.bench", *sys.argv[1:]])
     sys.exit(main())

@@ -26,6 +26,7 @@ partitioning overhead, not speed); on accelerators all devices, batch split over
   platform, devices: backend of the mmjax variants and how many devices they use
   cpu_count, other_cpu_load: cores that other processes kept busy while this one timed (null
       off Linux); well above 0 means the times are noisy
+  glibc_tunables: GLIBC_TUNABLES of this process (both frameworks share it; see mmjax.runtime)
   model_flops_per_sample: analytic forward FLOPs {image, text, logits, forward}
   ceilings_flops: {dtype: GEMM FLOP/s of one device} for float32 and bfloat16, measured
       after each round (median over rounds)
@@ -288,6 +289,7 @@ def run(args: argparse.Namespace) -> dict:
         "devices": len(devices),
         "cpu_count": os.cpu_count(),
         "other_cpu_load": others,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "model_flops_per_sample": {
             "image": per_sample["image_forward_per_sample"],
             "text": per_sample["text_forward_per_sample"],
@@ -333,6 +335,7 @@ def print_report(r: dict) -> None:
     if others is not None:
         noisy = "; the times are noisy" if others > 0.1 else ""
         print(f"other processes kept {others:.2f} of {r['cpu_count']} CPUs busy meanwhile{noisy}")
+    print(f"GLIBC_TUNABLES={r['glibc_tunables'] or '(unset)'} for every variant (one process)")
     print(
         "GEMM ceiling (2048^3, one device, median over rounds): "
         + ", ".join(f"{d} {c / 1e9:.1f} GFLOP/s" for d, c in r["ceilings_flops"].items())

@@ -43,11 +43,20 @@ def param(
     return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
 
 
-def dense(x: jax.Array, w: jax.Array, dtype: Dtype, contract: int = 1) -> jax.Array:
-    """Contracts the last `contract` dims of `x` with the first `contract` dims of `w`.
+def dense(
+    x: jax.Array,
+    w: jax.Array,
+    dtype: Dtype,
+    contract: int = 1,
+    bias: jax.Array | None = None,
+    out_dtype: Dtype | None = None,
+) -> jax.Array:
+    """Contracts the last `contract` dims of `x` with the first `contract` dims of `w`, + `bias`.
 
     Computed as one 2-D GEMM ([rows, in] @ [in, out]): XLA's CPU and GPU GEMMs are fastest without
-    batch dimensions or transposed outputs. Inputs are cast to `dtype`, accumulation is float32.
+    batch dimensions or transposed outputs. Inputs are cast to `dtype`, accumulation is float32,
+    and the bias is added to the float32 accumulator (so its gradient is a float32 column sum)
+    before the result is cast to `out_dtype` (default `dtype`).
     """
     lead, in_dims = x.shape[: x.ndim - contract], x.shape[x.ndim - contract :]
     if tuple(w.shape[:contract]) != tuple(in_dims):
@@ -60,7 +69,9 @@ def dense(x: jax.Array, w: jax.Array, dtype: Dtype, contract: int = 1) -> jax.Ar
         y2 = jnp.dot(x2.astype(dtype), w2.astype(dtype), preferred_element_type=jnp.float32)
     else:
         y2 = _gemm_low_precision(x2, w2, jnp.dtype(dtype))
-    return y2.astype(dtype).reshape(*lead, *out_dims)
+    if bias is not None:
+        y2 = y2 + bias.reshape(1, -1).astype(jnp.float32)
+    return y2.astype(out_dtype or dtype).reshape(*lead, *out_dims)
 
 
 def _dot(a: jax.Array, b: jax.Array, dims, dtype: Dtype) -> jax.Array:
@@ -155,8 +166,7 @@ class Attention(nn.Module):
             ("heads", None, "kv"),
             self.param_dtype,
         )
-        qkv_BTHCK = dense(x_BTD, w_qkv, self.dtype)
-        qkv_BTHCK = qkv_BTHCK + _lead(b_qkv, qkv_BTHCK)
+        qkv_BTHCK = dense(x_BTD, w_qkv, self.dtype, bias=b_qkv)
         q_BTHK, k_BSHK, v_BSHK = (qkv_BTHCK[:, :, :, i] for i in range(3))
         q_BTHK = nn.with_logical_constraint(q_BTHK, ("batch", "length", "act_heads", None))
         out_BTHK = dot_product_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS, causal, self.dtype)
@@ -172,7 +182,7 @@ class Attention(nn.Module):
             self.param_dtype,
         )
         b_out = param(self, "out_bias", nn.initializers.zeros, (d,), ("norm",), self.param_dtype)
-        return dense(out_BTHK, w_out, self.dtype, contract=2) + _lead(b_out, x_BTD)
+        return dense(out_BTHK, w_out, self.dtype, contract=2, bias=b_out)
 
 
 class Mlp(nn.Module):
@@ -194,10 +204,11 @@ class Mlp(nn.Module):
             self, "out_kernel", init, (self.mlp_dim, d), ("mlp", "embed"), self.param_dtype
         )
         b_out = param(self, "out_bias", nn.initializers.zeros, (d,), ("norm",), self.param_dtype)
-        h_BTM = dense(x_BTD, w_in, self.dtype)
-        h_BTM = nn.gelu(h_BTM + _lead(b_in, h_BTM))
-        h_BTM = nn.with_logical_constraint(h_BTM, ("batch", "length", "act_mlp"))
-        return dense(h_BTM, w_out, self.dtype) + _lead(b_out, x_BTD)
+        # GELU runs on the float32 accumulator and is cast once: element-wise bf16 math is
+        # emulated (slow) on CPU and no more accurate anywhere.
+        h_BTM = nn.gelu(dense(x_BTD, w_in, self.dtype, bias=b_in, out_dtype=jnp.float32))
+        h_BTM = nn.with_logical_constraint(h_BTM.astype(self.dtype), ("batch", "length", "act_mlp"))
+        return dense(h_BTM, w_out, self.dtype, bias=b_out)
 
 
 class Block(nn.Module):
