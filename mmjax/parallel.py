@@ -58,14 +58,42 @@ def data_parallel_size(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+# Mesh axes that only partition storage (parameters and optimizer state are gathered before use),
+# so any dimension of a parameter may carry them.
+STORAGE_AXES = ("fsdp",)
+
+
+def _axes_size(names, mesh: Mesh) -> int:
+    return int(np.prod([mesh.shape[n] for n in names])) if names else 1
+
+
 def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
-    """Drops mesh axes from dimensions they don't divide evenly (e.g. a 3-wide qkv axis): such a
-    dimension stays replicated rather than failing or being padded."""
-    fitted = []
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
+    """Makes a parameter's spec valid for its shape.
+
+    A mesh axis that does not divide its dimension (a 3-wide qkv axis, width 768 over 512 FSDP
+    devices) is dropped from it; a storage axis (`fsdp`) then moves to the largest unsharded
+    dimension it divides, so per-device state keeps falling as 1/N where the shapes allow, and
+    stays replicated otherwise.
+    """
+    entries = tuple(spec) + (None,) * (len(shape) - len(spec))
+    fitted: list = []
+    homeless: list[str] = []
+    for dim, axes in zip(shape, entries, strict=True):
         names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
-        fitted.append(axes if dim % size == 0 else None)
+        if dim % _axes_size(names, mesh) == 0:
+            fitted.append(axes)
+        else:
+            fitted.append(None)
+            homeless += [n for n in names if n in STORAGE_AXES]
+    for name in homeless:
+        options = []
+        for i, axes in enumerate(fitted):
+            combined = ((axes,) if isinstance(axes, str) else tuple(axes or ())) + (name,)
+            if shape[i] % _axes_size(combined, mesh) == 0:
+                options.append((shape[i], i, combined))
+        if options:
+            _, i, combined = max(options)
+            fitted[i] = combined[0] if len(combined) == 1 else combined
     return PartitionSpec(*fitted)
 
 

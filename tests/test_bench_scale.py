@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from mmjax.bench import scale
+from mmjax.bench import loss, scale
 from tests.test_bench import TINY
 
 pytestmark = pytest.mark.multidevice
@@ -42,3 +42,15 @@ def test_overrides_are_validated(tmp_path):
         scale.run(scale_args(tmp_path, "model.nope=1"))
     with pytest.raises(ValueError, match="expected key=value"):
         scale.run(scale_args(tmp_path, "loss_impl"))
+
+
+def test_bench_loss_reports_chunked_below_naive():
+    def temp(impl):
+        args = argparse.Namespace(
+            devices=8, local_batch=128, dim=32, impl=impl, kind="softmax", json=True
+        )
+        result = loss.run(args)
+        assert result["global_batch"] == 1024 and result["compile_s"] > 0
+        return result["temp_bytes"]
+
+    assert temp("chunked") < temp("naive") / 3

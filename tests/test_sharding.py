@@ -92,3 +92,14 @@ def test_mesh_validation_messages():
     mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=4, fsdp=2, tensor=1)))
     with pytest.raises(ValueError, match="use a multiple of 8"):
         parallel.check_batch_size(30, mesh)
+
+
+def test_fsdp_moves_to_a_dimension_it_divides():
+    """Width 12 cannot be split 8 ways; FSDP then shards the largest dimension that it divides
+    (here the MLP's 64, next to `tensor`), so per-device state still falls as 1/N."""
+    mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=8, tensor=1)))
+    fit = parallel._fit_spec
+    P = jax.sharding.PartitionSpec
+    assert fit(P("fsdp", "tensor"), (12, 64), mesh) == P(None, ("tensor", "fsdp"))
+    assert fit(P("fsdp", None), (16, 64), mesh) == P("fsdp", None)  # divisible: unchanged
+    assert fit(P("fsdp", None, "tensor"), (12, 3, 5), mesh) == P(None, None, "tensor")  # nowhere
