@@ -1,5 +1,7 @@
 """remat and scan_layers change memory and compile time, never the model's outputs or gradients."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,6 +9,7 @@ import numpy as np
 import pytest
 
 from mmjax.models.two_tower import build_two_tower
+from mmjax.train.validate import ConfigError, validate_config
 from tests.test_gradcache import step_temp_bytes
 from tests.test_models import VOCAB, example_inputs, tiny_config
 from tests.test_sharding import config_for
@@ -79,3 +82,18 @@ def test_remat_with_scan_lowers_activation_memory():
         config.model.remat = remat
         temps[remat] = step_temp_bytes(config, jax.devices()[:1])
     assert temps["full"] < temps["dots"] < temps["none"], temps
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("loss_impl", "ring", "loss_impl='ring' is unknown; use one of naive, gathered, chunked"),
+        ("microbatches", 0, "microbatches=0 must be >= 1"),
+        ("model.remat", "all", "model.remat='all' is unknown; use one of none, dots, full"),
+    ],
+)
+def test_scale_knobs_are_validated(field, value, message):
+    config = tiny_config()
+    config.update_from_flattened_dict({field: value})
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_config(config)
