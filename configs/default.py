@@ -28,6 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
     # memory ∝ batch_size / microbatches) while every example still sees the whole global batch
     # as negatives. Costs one extra forward pass.
     c.microbatches = 1
+    # A parameters-only checkpoint to start from (e.g. written by `python -m
+    # mmjax.interop.open_clip`); used only when the workdir has no checkpoint of its own.
+    c.init_from = ""
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "shapes"
@@ -37,6 +40,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.num_val = 1000
     c.data.dataset_seed = 0
     c.data.text_length = 48  # byte tokens incl. BOS/EOT; Chinese characters take 3 bytes
+    # bytes | clip_bpe | wordpiece | sentencepiece; the path of its vocabulary/merges/model file
+    # ("" = none, or for clip_bpe the file inside the installed open_clip).
+    c.data.tokenizer = "bytes"
+    c.data.tokenizer_path = ""
     # Each step draws one caption per image: the full English description with this
     # probability, else one of the 8 others (partial descriptions, Chinese) uniformly. Full
     # descriptions teach position and size fast; the others make prompts of other phrasings work.
@@ -54,11 +61,16 @@ def get_config() -> ml_collections.ConfigDict:
             pool="gap",
             posemb="sincos2d",  # fixed: position is usable from step 0 (learned: "learn")
             stem_channels=(),  # e.g. (32, 64): 3x3 stride-2 convs before patchifying
+            patch_bias=True,
+            pre_norm=False,  # LayerNorm before the first block (open_clip's ln_pre)
         )
     )
     c.model.text = ml_collections.ConfigDict(
-        dict(width=128, depth=4, num_heads=4, mlp_dim=512, causal=True)
+        # eot_id / pad_id: the tokenizer's (byte tokenizer: EOT 2, PAD 0); causal towers pool
+        # at the first EOT.
+        dict(width=128, depth=4, num_heads=4, mlp_dim=512, causal=True, eot_id=2, pad_id=0)
     )
+    c.model.activation = "gelu_tanh"  # MLP activation: gelu_tanh | gelu (exact) | quick_gelu
     # Memory knobs (outputs are identical with every setting): what each block keeps for the
     # backward pass, "none" | "dots" (GEMM outputs) | "full" (recompute the block); and whether
     # the blocks run as one scan over stacked parameters (compile time independent of depth).

@@ -9,6 +9,7 @@ checkpoint becomes visible (`latest_step`) only once it is completely on disk.
 import logging
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 from mmjax.train.state import TrainState
@@ -66,3 +67,37 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def save_params(directory: str, params) -> None:
+    """Writes a parameters-only checkpoint (e.g. converted open_clip weights) to `directory`."""
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(directory, params, force=True)
+    checkpointer.wait_until_finished()
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def restore_params(directory: str, target):
+    """Restores a parameters-only checkpoint into `target`'s shapes, dtypes and shardings
+    (ShapeDtypeStructs). Raises ValueError listing every missing, unexpected or mis-shaped
+    parameter before reading any array."""
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        saved = _shapes(checkpointer.metadata(directory).item_metadata)
+    except Exception as e:  # not a checkpoint at all: say which path
+        raise ValueError(f"{directory} is not a readable parameters checkpoint ({e})") from e
+    wanted = _shapes(target)
+    problems = [f"missing {k}" for k in sorted(set(wanted) - set(saved))]
+    problems += [f"unexpected {k}" for k in sorted(set(saved) - set(wanted))]
+    problems += [
+        f"{k}: checkpoint {saved[k]} vs model {wanted[k]}"
+        for k in sorted(set(saved) & set(wanted))
+        if saved[k] != wanted[k]
+    ]
+    if problems:
+        raise ValueError(f"parameters in {directory} do not fit the model: " + "; ".join(problems))
+    return checkpointer.restore(directory, target)

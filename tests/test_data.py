@@ -31,6 +31,8 @@ def data_cfg(tmp_path_factory):
             dataset_seed=0,
             text_length=48,
             first_caption_prob=0.5,
+            tokenizer="bytes",
+            tokenizer_path="",
         )
     )
     return cfg

@@ -55,7 +55,7 @@ import numpy as np
 
 from mmjax import parallel
 from mmjax.bench import common, flops
-from mmjax.data.tokenizers import ByteTokenizer
+from mmjax.data import pipeline
 
 DTYPES = ("float32", "bfloat16")
 
@@ -75,7 +75,7 @@ class Variant:
 
 def load_config(args: argparse.Namespace) -> tuple[ml_collections.ConfigDict, int, str, dict]:
     """(config, vocab_size, model name, open_clip config or None) of the benchmarked model."""
-    from mmjax.bench import open_clip_config
+    from mmjax.interop import open_clip_config
 
     if args.open_clip_config:
         oc_cfg = open_clip_config.load_open_clip_config(args.open_clip_config)
@@ -87,23 +87,26 @@ def load_config(args: argparse.Namespace) -> tuple[ml_collections.ConfigDict, in
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
-    # The byte tokenizer of the built-in datasets fixes the vocabulary of config-file models.
-    return config, ByteTokenizer(config.data.text_length).vocab_size, Path(args.config).stem, None
+    # The config's tokenizer (data.tokenizer) fixes the vocabulary of config-file models.
+    vocab = pipeline.tokenizer_for(config.data).vocab_size
+    return config, vocab, Path(args.config).stem, None
 
 
 def synthetic_batch(
-    batch: int, image_size: int, text_length: int, vocab_size: int, seed: int = 0
+    batch: int, config: ml_collections.ConfigDict, vocab_size: int, seed: int = 0
 ) -> dict[str, np.ndarray]:
-    """Images uniform in [-1, 1] and token rows [ids..., EOT, PAD...] of random lengths."""
-    tok = ByteTokenizer
-    first_id = max(tok.pad_id, tok.bos_id, tok.eot_id) + 1  # no special ids inside the text
+    """Images uniform in [-1, 1] and token rows [ids..., EOT, PAD...] of random lengths, with
+    the EOT and pad ids of the config's text tower."""
+    size, length = config.data.image_size, config.data.text_length
+    eot, pad = config.model.text.eot_id, config.model.text.pad_id
     rng = np.random.default_rng(seed)
-    images_BHWC = rng.uniform(-1.0, 1.0, (batch, image_size, image_size, 3)).astype(np.float32)
-    tokens_BL = rng.integers(first_id, vocab_size, (batch, text_length)).astype(np.int32)
-    lengths_B = rng.integers(min(3, text_length), text_length + 1, batch)
+    images_BHWC = rng.uniform(-1.0, 1.0, (batch, size, size, 3)).astype(np.float32)
+    tokens_BL = rng.integers(0, vocab_size, (batch, length)).astype(np.int32)
+    tokens_BL[tokens_BL == eot] = (eot + 1) % vocab_size  # EOT only where placed below
+    lengths_B = rng.integers(min(3, length), length + 1, batch)
     for row, n in enumerate(lengths_B):
-        tokens_BL[row, n - 1] = tok.eot_id
-        tokens_BL[row, n:] = tok.pad_id
+        tokens_BL[row, n - 1] = eot
+        tokens_BL[row, n:] = pad
     return {"image": images_BHWC, "tokens": tokens_BL}
 
 
@@ -248,11 +251,11 @@ def run(args: argparse.Namespace) -> dict:
     config, vocab, name, oc_cfg = load_config(args)
     source = "open_clip" if args.open_clip_config else "mmjax"
     if args.vs_open_clip and oc_cfg is None:
-        from mmjax.bench.open_clip_config import open_clip_config_from_mmjax
+        from mmjax.interop.open_clip_config import open_clip_config_from_mmjax
 
         oc_cfg = open_clip_config_from_mmjax(config, vocab)
     batch = args.batch
-    batch_np = synthetic_batch(batch, config.data.image_size, config.data.text_length, vocab)
+    batch_np = synthetic_batch(batch, config, vocab)
     devices = bench_devices()
     platform = devices[0].platform
 

@@ -35,8 +35,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from mmjax.data import shapes_builder
-from mmjax.data.tokenizers import ByteTokenizer
+from mmjax.data import shapes_builder, tokenizers
 
 # CLIP's image normalisation constants (RGB), so pretrained CLIP towers see familiar inputs.
 IMAGE_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
@@ -45,8 +44,11 @@ IMAGE_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 SUPPORTED_DATASETS = ("shapes",)
 
 
-def tokenizer_for(data_cfg: ml_collections.ConfigDict) -> ByteTokenizer:
-    return ByteTokenizer(data_cfg.text_length)
+def tokenizer_for(data_cfg: ml_collections.ConfigDict):
+    """The tokenizer named by `data.tokenizer` (see `tokenizers.TOKENIZERS`)."""
+    return tokenizers.build_tokenizer(
+        data_cfg.tokenizer, data_cfg.text_length, data_cfg.tokenizer_path or None
+    )
 
 
 def _builder(data_cfg: ml_collections.ConfigDict) -> shapes_builder.MmjaxShapes:
@@ -90,7 +92,7 @@ class _DecodeAndPickCaption(grain.transforms.RandomMap):
     encodes the epoch, so the choice is deterministic and differs between epochs.
     """
 
-    def __init__(self, tokenizer: ByteTokenizer, first_caption_prob: float):
+    def __init__(self, tokenizer, first_caption_prob: float):
         self._tokenizer = tokenizer
         self._first_prob = first_caption_prob
 
@@ -103,7 +105,7 @@ class _DecodeAndPickCaption(grain.transforms.RandomMap):
         text = text.decode("utf-8") if isinstance(text, bytes) else text
         return {
             "image": decode_png(element["image"]),
-            "tokens": self._tokenizer.encode([text])[0],
+            "tokens": tokenizers.token_ids(self._tokenizer, [text])[0],
         }
 
 
@@ -206,7 +208,7 @@ def eval_arrays(data_cfg: ml_collections.ConfigDict, split: str = "validation") 
     first = [ex["captions"][0] for ex in examples]
     texts = [t.decode("utf-8") if isinstance(t, bytes) else t for t in first]
     images = np.stack([decode_png(ex["image"]) for ex in examples])
-    out = {"image": normalize_images(images), "tokens": tokenizer.encode(texts)}
+    out = {"image": normalize_images(images), "tokens": tokenizers.token_ids(tokenizer, texts)}
     for key in ("shape", "color", "size", "position"):
         out[key] = np.array([ex[key] for ex in examples], dtype=np.int32)
     out["heldout"] = np.array([ex["heldout"] for ex in examples], dtype=bool)

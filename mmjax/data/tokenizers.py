@@ -1,10 +1,18 @@
-"""Tokenizers. `ByteTokenizer`: UTF-8 bytes as tokens, so any language works with no vocab file."""
+"""Tokenizers. `ByteTokenizer`: UTF-8 bytes as tokens, so any language works with no vocab file.
+
+`build_tokenizer` also builds the vocabulary-file tokenizers that pretrained text towers need
+(CLIP BPE, BERT WordPiece, SentencePiece); their modules are imported only when asked for.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+TOKENIZERS = ("bytes", "clip_bpe", "wordpiece", "sentencepiece")
 
 
 class ByteTokenizer:
@@ -68,3 +76,40 @@ def _truncate_utf8(data: bytes, limit: int) -> bytes:
     while cut > 0 and (data[cut] & 0xC0) == 0x80:
         cut -= 1
     return data[:cut]
+
+
+def build_tokenizer(kind: str, max_len: int, path: str | None = None) -> Any:
+    """The tokenizer `kind` (one of `TOKENIZERS`) with sequences of `max_len` ids.
+
+    `path`: ignored for "bytes"; for "clip_bpe" the merges file (None: the one inside the
+    installed open_clip); for "wordpiece" a `vocab.txt` or a folder holding one; for
+    "sentencepiece" the `.model` file. All return int32 [N, max_len] ids from `encode`, except
+    "wordpiece", whose `encode` returns (ids, attention_mask), both int32 [N, max_len].
+    """
+    if kind == "bytes":
+        return ByteTokenizer(max_len)
+    if kind == "clip_bpe":
+        from mmjax.data.clip_bpe import ClipBpeTokenizer
+
+        return ClipBpeTokenizer(path, max_len=max_len)
+    if kind == "wordpiece":
+        from mmjax.data.wordpiece import WordPieceTokenizer
+
+        if path is None:
+            raise ValueError("the wordpiece tokenizer needs path=<vocab.txt or its folder>")
+        vocab = Path(path) / "vocab.txt" if Path(path).is_dir() else Path(path)
+        return WordPieceTokenizer(vocab, max_len=max_len)
+    if kind == "sentencepiece":
+        from mmjax.data.sentencepiece_tokenizer import SentencePieceTokenizer
+
+        if path is None:
+            raise ValueError("the sentencepiece tokenizer needs path=<file.model>")
+        return SentencePieceTokenizer(path, max_len)
+    raise ValueError(f"unknown tokenizer {kind!r}: must be one of {TOKENIZERS}")
+
+
+def token_ids(tokenizer: Any, texts: Sequence[str]) -> np.ndarray:
+    """int32 [N, max_len] ids from any tokenizer here. WordPiece's `encode` also returns the
+    attention mask, which is `ids != pad_id` and is recomputed by the text towers."""
+    out = tokenizer.encode(texts)
+    return out[0] if isinstance(out, tuple) else out

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 
-from mmjax.data import pipeline, shapes
+from mmjax.data import pipeline, shapes, tokenizers
 from mmjax.eval import embed, retrieval, zeroshot
 
 
@@ -29,7 +29,7 @@ class ShapesEvaluator:
             self._prompt_tokens[attribute] = (
                 len(classnames),
                 len(templates),
-                tokenizer.encode(texts),
+                tokenizers.token_ids(tokenizer, texts),
             )
         self._encode_image = embed.jit_encoder(
             lambda p, x: model.apply({"params": p}, x, method=model.encode_image), sharding

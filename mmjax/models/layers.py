@@ -185,15 +185,34 @@ class Attention(nn.Module):
         return dense(out_BTHK, w_out, self.dtype, contract=2, bias=b_out)
 
 
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """x·σ(1.702x): the GELU approximation of OpenAI's original CLIP weights."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+# MLP activations by config name. "gelu" is the exact erf form (PyTorch's and BERT's default);
+# "gelu_tanh" the tanh approximation (flax's default); "quick_gelu" OpenAI CLIP's; "relu".
+ACTIVATIONS = {
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "quick_gelu": quick_gelu,
+    "relu": jax.nn.relu,
+}
+
+
 class Mlp(nn.Module):
     """Two-layer GELU MLP, D -> M -> D."""
 
     mlp_dim: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    activation: str = "gelu_tanh"  # a key of ACTIVATIONS
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation={self.activation!r}; use one of {', '.join(ACTIVATIONS)}")
+        act = ACTIVATIONS[self.activation]
         d = x_BTD.shape[-1]
         init = nn.initializers.lecun_normal()
         w_in = param(self, "in_kernel", init, (d, self.mlp_dim), ("embed", "mlp"), self.param_dtype)
@@ -204,9 +223,9 @@ class Mlp(nn.Module):
             self, "out_kernel", init, (self.mlp_dim, d), ("mlp", "embed"), self.param_dtype
         )
         b_out = param(self, "out_bias", nn.initializers.zeros, (d,), ("norm",), self.param_dtype)
-        # GELU runs on the float32 accumulator and is cast once: element-wise bf16 math is
+        # The activation runs on the float32 accumulator and is cast once: element-wise bf16 math is
         # emulated (slow) on CPU and no more accurate anywhere.
-        h_BTM = nn.gelu(dense(x_BTD, w_in, self.dtype, bias=b_in, out_dtype=jnp.float32))
+        h_BTM = act(dense(x_BTD, w_in, self.dtype, bias=b_in, out_dtype=jnp.float32))
         h_BTM = nn.with_logical_constraint(h_BTM.astype(self.dtype), ("batch", "length", "act_mlp"))
         return dense(h_BTM, w_out, self.dtype, bias=b_out)
 
@@ -218,6 +237,7 @@ class Block(nn.Module):
     mlp_dim: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    activation: str = "gelu_tanh"
 
     @nn.compact
     def __call__(
@@ -227,7 +247,7 @@ class Block(nn.Module):
         h = LayerNorm(name="ln_attn", **kw)(x_BTD)
         x_BTD = x_BTD + Attention(self.num_heads, name="attn", **kw)(h, mask_BTS, causal)
         h = LayerNorm(name="ln_mlp", **kw)(x_BTD)
-        x_BTD = x_BTD + Mlp(self.mlp_dim, name="mlp", **kw)(h)
+        x_BTD = x_BTD + Mlp(self.mlp_dim, activation=self.activation, name="mlp", **kw)(h)
         return nn.with_logical_constraint(x_BTD, ACT_BTD)
 
 
@@ -267,11 +287,21 @@ class Encoder(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: str = "none"
     scan_layers: bool = False
+    activation: str = "gelu_tanh"
 
     @classmethod
     def of_tower(cls, tower: nn.Module) -> "Encoder":
         """The encoder of a tower module that has the same-named fields (ViT, TextTransformer)."""
-        fields = ("depth", "num_heads", "mlp_dim", "dtype", "param_dtype", "remat", "scan_layers")
+        fields = (
+            "depth",
+            "num_heads",
+            "mlp_dim",
+            "dtype",
+            "param_dtype",
+            "remat",
+            "scan_layers",
+            "activation",
+        )
         return cls(**{f: getattr(tower, f) for f in fields}, name="encoder")
 
     @nn.compact
@@ -285,7 +315,7 @@ class Encoder(nn.Module):
             # static_argnums counts `self`: (self, x, mask, causal) -> causal is 3.
             block_cls = nn.remat(Block, policy=REMAT_POLICIES[self.remat], static_argnums=(3,))
         block = functools.partial(
-            block_cls, self.num_heads, self.mlp_dim, self.dtype, self.param_dtype
+            block_cls, self.num_heads, self.mlp_dim, self.dtype, self.param_dtype, self.activation
         )
         x_BTD = nn.with_logical_constraint(x_BTD.astype(self.dtype), ACT_BTD)
         if self.scan_layers:

@@ -31,6 +31,7 @@ class TextTransformer(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: str = "none"  # see layers.REMAT_POLICIES
     scan_layers: bool = False
+    activation: str = "gelu_tanh"  # see layers.ACTIVATIONS
 
     @nn.compact
     def __call__(self, tokens_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -55,15 +56,21 @@ class TextTransformer(nn.Module):
         )
         x_BLD = jnp.take(embedding, tokens_BL, axis=0).astype(self.dtype)
         x_BLD = x_BLD + pos[:length].astype(self.dtype)[None]
-        valid_BL = tokens_BL != self.pad_id
-        mask_BLL = jnp.broadcast_to(valid_BL[:, None, :], (b, length, length))
-        x_BLD = Encoder.of_tower(self)(x_BLD, mask_BLL, self.causal)
+        not_pad_BL = tokens_BL != self.pad_id
+        is_eot_BL = tokens_BL == self.eot_id
         if self.causal:
-            is_eot_BL = tokens_BL == self.eot_id
-            last_valid_B = jnp.sum(valid_BL, axis=1) - 1
+            # Valid = up to the first EOT (or the last non-pad token if there is none). Not
+            # `tokens != pad_id`: in CLIP's BPE vocabulary the pad id 0 is also "!".
+            last_valid_B = jnp.sum(not_pad_BL, axis=1) - 1
             eot_B = jnp.where(
                 jnp.any(is_eot_BL, axis=1), jnp.argmax(is_eot_BL, axis=1), last_valid_B
             )
+            valid_BL = jnp.arange(length)[None, :] <= eot_B[:, None]
+        else:
+            valid_BL = not_pad_BL
+        mask_BLL = jnp.broadcast_to(valid_BL[:, None, :], (b, length, length))
+        x_BLD = Encoder.of_tower(self)(x_BLD, mask_BLL, self.causal)
+        if self.causal:
             pooled_BD = jnp.take_along_axis(x_BLD, eot_B[:, None, None], axis=1)[:, 0]
         else:
             weights_BL = valid_BL.astype(jnp.float32)

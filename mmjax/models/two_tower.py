@@ -91,9 +91,12 @@ def build_two_tower(config: ml_collections.ConfigDict, vocab_size: int) -> TwoTo
         pool=m.image.pool,
         posemb=m.image.posemb,
         stem_channels=tuple(m.image.stem_channels),
+        patch_bias=m.image.patch_bias,
+        pre_norm=m.image.pre_norm,
         dtype=dtype,
         remat=m.remat,
         scan_layers=m.scan_layers,
+        activation=m.activation,
     )
     text = TextTransformer(
         vocab_size=vocab_size,
@@ -103,9 +106,12 @@ def build_two_tower(config: ml_collections.ConfigDict, vocab_size: int) -> TwoTo
         mlp_dim=m.text.mlp_dim,
         max_len=config.data.text_length,
         causal=m.text.causal,
+        pad_id=m.text.pad_id,
+        eot_id=m.text.eot_id,
         dtype=dtype,
         remat=m.remat,
         scan_layers=m.scan_layers,
+        activation=m.activation,
     )
     if config.loss == "sigmoid":  # SigLIP's initialisation: t = 10, b = -10.
         scale_init, bias_init = math.log(10.0), -10.0

@@ -5,7 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models.layers import Dtype, Encoder, dense, param
+from mmjax.models.layers import Dtype, Encoder, LayerNorm, dense, param
 
 
 def sincos2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> jax.Array:
@@ -44,10 +44,13 @@ class ViT(nn.Module):
     pool: str = "gap"
     stem_channels: tuple[int, ...] = ()
     posemb: str = "sincos2d"
+    patch_bias: bool = True
+    pre_norm: bool = False  # a LayerNorm before the first block (open_clip's `ln_pre`)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: str = "none"  # see layers.REMAT_POLICIES
     scan_layers: bool = False
+    activation: str = "gelu_tanh"  # see layers.ACTIVATIONS
 
     @nn.compact
     def __call__(self, images_BHWC: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -74,15 +77,29 @@ class ViT(nn.Module):
             ("patch", "embed"),
             self.param_dtype,
         )
-        b_patch = param(
-            self, "patch_bias", nn.initializers.zeros, (self.width,), ("norm",), self.param_dtype
-        )
-        x_BND = dense(patches_BNP, w_patch, self.dtype)
-        x_BND = x_BND + b_patch.astype(self.dtype)[None, None]
+        b_patch = None
+        if self.patch_bias:
+            b_patch = param(
+                self,
+                "patch_bias",
+                nn.initializers.zeros,
+                (self.width,),
+                ("norm",),
+                self.param_dtype,
+            )
+        x_BND = dense(patches_BNP, w_patch, self.dtype, bias=b_patch)
+        if self.pool == "cls":
+            cls = param(
+                self, "cls_token", nn.initializers.zeros, (self.width,), ("norm",), self.param_dtype
+            )
+            cls_B1D = jnp.broadcast_to(cls.astype(self.dtype), (x_BND.shape[0], 1, self.width))
+            x_BND = jnp.concatenate([cls_B1D, x_BND], axis=1)
         n = x_BND.shape[1]
-        if self.posemb == "sincos2d":
+        if self.posemb == "sincos2d":  # fixed positions for the patches; the class token has none
             pos = sincos2d(h // p, w // p, self.width)
-        elif self.posemb == "learn":
+            if self.pool == "cls":
+                pos = jnp.concatenate([jnp.zeros((1, self.width), pos.dtype), pos])
+        elif self.posemb == "learn":  # one learned row per token, class token included
             pos = param(
                 self,
                 "pos_embedding",
@@ -94,12 +111,8 @@ class ViT(nn.Module):
         else:
             raise ValueError(f"ViT posemb must be 'learn' or 'sincos2d', got {self.posemb!r}")
         x_BND = x_BND + pos.astype(self.dtype)[None]
-        if self.pool == "cls":
-            cls = param(
-                self, "cls_token", nn.initializers.zeros, (self.width,), ("norm",), self.param_dtype
-            )
-            cls_B1D = jnp.broadcast_to(cls.astype(self.dtype), (x_BND.shape[0], 1, self.width))
-            x_BND = jnp.concatenate([cls_B1D, x_BND], axis=1)
+        if self.pre_norm:
+            x_BND = LayerNorm(self.dtype, self.param_dtype, name="ln_pre")(x_BND)
         x_BND = Encoder.of_tower(self)(x_BND)
         if self.pool == "cls":
             return x_BND[:, 0], x_BND[:, 1:]

@@ -32,7 +32,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=2, sort_keys=True))
 
-    tokenizer = pipeline.tokenizer_for(config.data)
+    try:
+        tokenizer = pipeline.tokenizer_for(config.data)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        raise ConfigError(f"data.tokenizer={config.data.tokenizer!r}: {e}") from e
+    text = config.model.text
+    if (tokenizer.eot_id, tokenizer.pad_id) != (text.eot_id, text.pad_id):
+        raise ConfigError(
+            f"data.tokenizer={config.data.tokenizer!r} has EOT {tokenizer.eot_id} and pad "
+            f"{tokenizer.pad_id}, but model.text.eot_id={text.eot_id} and pad_id={text.pad_id}; "
+            "set them to the tokenizer's"
+        )
     trainer = build_trainer(config, mesh, tokenizer.vocab_size)
     with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
         train_iter = pipeline.train_iterator(
@@ -48,6 +58,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         restored = ckpt.restore(trainer.abstract_state, train_iter)
         if restored is None:
             start, state = 0, trainer.init(jax.random.key(config.seed))
+            if config.init_from:
+                try:  # pretrained (e.g. converted open_clip) weights; optimizer starts fresh
+                    params = checkpoint.restore_params(
+                        os.path.abspath(config.init_from), trainer.abstract_state.params
+                    )
+                except ValueError as e:
+                    raise ConfigError(f"init_from={config.init_from!r}: {e}") from e
+                state = state.replace(params=params)
+                print(f"Initialised parameters from {config.init_from}")
         else:
             start, state = restored
             print(f"Resumed from step {start} in {workdir}")

@@ -5,7 +5,7 @@ import os
 import ml_collections
 
 from mmjax import losses, sharded_losses
-from mmjax.models.layers import REMAT_POLICIES
+from mmjax.models.layers import ACTIVATIONS, REMAT_POLICIES
 
 
 class ConfigError(ValueError):
@@ -22,6 +22,11 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     if c.model.remat not in REMAT_POLICIES:
         raise ConfigError(
             f"model.remat={c.model.remat!r} is unknown; use one of {', '.join(REMAT_POLICIES)}"
+        )
+    if c.model.activation not in ACTIVATIONS:
+        raise ConfigError(
+            f"model.activation={c.model.activation!r} is unknown; use one of "
+            f"{', '.join(ACTIVATIONS)}"
         )
     if int(c.microbatches) < 1:
         raise ConfigError(f"microbatches={c.microbatches} must be >= 1 (1 = no GradCache)")

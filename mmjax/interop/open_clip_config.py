@@ -1,18 +1,12 @@
-"""open_clip model configs (`model_configs/*.json`) as mmjax configs, for like-for-like benchmarks.
+"""open_clip model configs (`model_configs/*.json`) as mmjax configs.
 
 An open_clip config names the architecture only; everything else (optimizer, dtype, mesh) comes
-from `configs/default.py`. The mapping is exact for the matmul shapes, so both frameworks run the
-same model FLOPs. Differences that do not change any matmul are accepted and listed here rather
-than rejected, because no open_clip ViT config could be benchmarked otherwise:
-
-* open_clip's ViT applies a LayerNorm (`ln_pre`) before its first block; mmjax has none.
-* open_clip's patch embedding conv has no bias; mmjax's has one.
-* open_clip's `nn.GELU` is the exact erf form; mmjax uses `nn.gelu`'s tanh approximation.
-* mmjax masks padded text keys in attention; open_clip relies on the causal mask alone (with
-  EOT pooling the pooled feature is the same either way).
+from `configs/default.py`. The mapped model computes what open_clip's does (class token with its
+own position, `ln_pre`, bias-free patch embedding, exact or quick GELU, EOT pooling), so open_clip
+weights load into it (`mmjax.interop.open_clip`) and benchmarks compare the same model.
 
 Options that change the computation in a way mmjax cannot express (timm or Hugging Face towers,
-attentional pooling, layer scale, QuickGELU, ...) raise a ValueError naming the field.
+attentional pooling, layer scale, ...) raise a ValueError naming the field.
 """
 
 import difflib
@@ -25,7 +19,7 @@ import ml_collections
 
 from configs import default
 
-_INSTALL_HINT = "pass a path to a JSON file, or install open_clip: pip install -e '.[bench]'"
+_INSTALL_HINT = "pass a path to a JSON file, or install open_clip: pip install -e '.[interop]'"
 
 # Fields whose value must equal open_clip's default, the only value mmjax can represent:
 # field -> (default, what another value would mean). Falsy values all count as the default.
@@ -181,11 +175,6 @@ def mmjax_config_from_open_clip(
         if key not in _TOP_LEVEL:
             hint = " (CoCa's captioning decoder)" if key == "multimodal_cfg" else ""
             raise ValueError(f"{key}{hint} is not an open_clip option mmjax can represent")
-    if cfg.get("quick_gelu"):
-        raise ValueError(
-            "quick_gelu=True cannot be represented (mmjax uses GELU); benchmark the config "
-            "without -quickgelu: its shapes and FLOPs are the same"
-        )
     vision, text = dict(cfg.get("vision_cfg", {})), dict(cfg.get("text_cfg", {}))
     _check_fields("vision_cfg", vision, _VISION_MAPPED, _VISION_IGNORED, _VISION_MUST_DEFAULT)
     _check_fields("text_cfg", text, _TEXT_MAPPED, _TEXT_IGNORED, _TEXT_MUST_DEFAULT)
@@ -200,7 +189,9 @@ def mmjax_config_from_open_clip(
             f"vision_cfg.pool_type={vision['pool_type']!r} cannot be represented: mmjax pools "
             "with a class token ('tok') or averages without one"
         )
-    posembs = {"learnable": "learn", "sin_cos_2d": "sincos2d"}
+    # open_clip keeps sin-cos positions as a (frozen) parameter of its own layout: loading them
+    # as a position parameter reproduces the model exactly (mmjax then trains them).
+    posembs = {"learnable": "learn", "sin_cos_2d": "learn"}
     pos_type = vision.get("pos_embed_type", "learnable")
     if pos_type not in posembs:
         raise ValueError(f"vision_cfg.pos_embed_type={pos_type!r} cannot be represented")
@@ -238,6 +229,8 @@ def mmjax_config_from_open_clip(
         pool="cls",
         posemb=posembs[pos_type],
         stem_channels=(),
+        patch_bias=False,
+        pre_norm=not vision.get("no_ln_pre", False),
     )
     c.model.text.update(
         width=t_width,
@@ -245,7 +238,11 @@ def mmjax_config_from_open_clip(
         num_heads=t_heads,
         mlp_dim=_mlp_dim("text_cfg", t_width, float(text.get("mlp_ratio", 4.0))),
         causal=True,
+        # CLIP's tokenizer: EOT is the last id of the vocabulary, padding 0.
+        eot_id=int(text.get("eos_id") or int(text.get("vocab_size", 49408)) - 1),
+        pad_id=int(text.get("pad_id") or 0),
     )
+    c.model.activation = "quick_gelu" if cfg.get("quick_gelu") else "gelu"
     return c, int(text.get("vocab_size", 49408))
 
 
@@ -284,6 +281,10 @@ def open_clip_config_from_mmjax(config: ml_collections.ConfigDict, vocab_size: i
             "mlp_ratio": _mlp_ratio(txt.width, txt.mlp_dim),
         },
     }
+    if not img.pre_norm:
+        cfg["vision_cfg"]["no_ln_pre"] = True
+    if config.model.activation == "quick_gelu":
+        cfg["quick_gelu"] = True
     if config.loss == "sigmoid":
         cfg["init_logit_bias"] = -10.0  # SigLIP's initialisation, as in mmjax
     return cfg
