@@ -70,6 +70,12 @@ def get_config() -> ml_collections.ConfigDict:
         # at the first EOT.
         dict(width=128, depth=4, num_heads=4, mlp_dim=512, causal=True, eot_id=2, pad_id=0)
     )
+    # kind: "transformer" (the tower above, trained from scratch) or "hf_bert" (a pretrained
+    # Hugging Face BERT from the folder hf_dir, "" = the packaged all-MiniLM-L6-v2, mean-pooled;
+    # width/depth/heads then come from its config.json). frozen: no gradient through the tower.
+    c.model.text.kind = "transformer"
+    c.model.text.hf_dir = ""
+    c.model.text.frozen = False
     c.model.activation = "gelu_tanh"  # MLP activation: gelu_tanh | gelu (exact) | quick_gelu
     # Memory knobs (outputs are identical with every setting): what each block keeps for the
     # backward pass, "none" | "dots" (GEMM outputs) | "full" (recompute the block); and whether
@@ -91,6 +97,9 @@ def get_config() -> ml_collections.ConfigDict:
     # image tower that knows only colour; fixed random text targets first make the image tower
     # learn position and size (default run: text→image R@5 0.65 → 0.82, see README).
     c.optim.text_frozen_steps = 300
+    # Parameters under these path prefixes (e.g. "text/") are never updated and have no
+    # optimizer state (LiT's locked tower).
+    c.optim.frozen_prefixes = ()
 
     # Device mesh. -1 = all remaining devices. Logical axis names used by the model are mapped to
     # mesh axes by `rules`: data parallel, FSDP and tensor parallel are the same code with other

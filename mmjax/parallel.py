@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+import optax
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -100,11 +101,19 @@ def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> Partitio
 def logical_shardings(abstract_tree, logical_specs, mesh: Mesh, rules: Rules):
     """NamedShardings for a tree, from its logical PartitionSpecs and the rules."""
     mesh_specs = nn.logical_to_mesh(logical_specs, rules)
+
+    def sharding(x, spec):
+        # optax's MaskedNode (the state slot of a frozen parameter) is an empty tuple, which
+        # logical_to_mesh reads as an empty spec: keep the node, it holds no array.
+        if isinstance(x, optax.MaskedNode):
+            return x
+        return NamedSharding(mesh, _fit_spec(spec, x.shape, mesh))
+
     return jax.tree.map(
-        lambda x, spec: NamedSharding(mesh, _fit_spec(spec, x.shape, mesh)),
+        sharding,
         abstract_tree,
         mesh_specs,
-        is_leaf=lambda x: isinstance(x, PartitionSpec),
+        is_leaf=lambda x: isinstance(x, PartitionSpec | optax.MaskedNode),
     )
 
 

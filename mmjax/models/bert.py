@@ -239,3 +239,28 @@ def mean_pool(hidden_BLD: jax.Array, attention_mask_BL: jax.Array) -> jax.Array:
     weights_BL = attention_mask_BL.astype(jnp.float32)
     total_BD = jnp.sum(hidden_BLD.astype(jnp.float32) * weights_BL[:, :, None], axis=1)
     return total_BD / jnp.maximum(jnp.sum(weights_BL, axis=1, keepdims=True), 1e-9)
+
+
+class BertTextTower(nn.Module):
+    """A BERT encoder as a two-tower text tower: mean-pooled over non-pad tokens (the
+    sentence-transformers pooling), returning (pooled_BD, hidden_BLD) like `TextTransformer`.
+
+    `frozen=True` cuts the gradient at the tower's output (LiT): no backward pass runs through
+    the encoder, and its parameters get zero gradients.
+    """
+
+    bert: BertEncoder
+    pad_id: int = 0
+    frozen: bool = False
+
+    @property
+    def width(self) -> int:
+        return self.bert.width
+
+    @nn.compact
+    def __call__(self, tokens_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
+        mask_BL = (tokens_BL != self.pad_id).astype(jnp.int32)
+        hidden_BLD = self.bert(tokens_BL, mask_BL)
+        if self.frozen:
+            hidden_BLD = jax.lax.stop_gradient(hidden_BLD)
+        return mean_pool(hidden_BLD, mask_BL).astype(hidden_BLD.dtype), hidden_BLD

@@ -21,7 +21,7 @@ class TwoTower(nn.Module):
     """
 
     image: ViT
-    text: TextTransformer
+    text: nn.Module  # TextTransformer or bert.BertTextTower: (tokens) -> (pooled, tokens)
     embed_dim: int
     logit_scale_init: float = math.log(1 / 0.07)
     logit_bias_init: float = 0.0
@@ -98,21 +98,30 @@ def build_two_tower(config: ml_collections.ConfigDict, vocab_size: int) -> TwoTo
         scan_layers=m.scan_layers,
         activation=m.activation,
     )
-    text = TextTransformer(
-        vocab_size=vocab_size,
-        width=m.text.width,
-        depth=m.text.depth,
-        num_heads=m.text.num_heads,
-        mlp_dim=m.text.mlp_dim,
-        max_len=config.data.text_length,
-        causal=m.text.causal,
-        pad_id=m.text.pad_id,
-        eot_id=m.text.eot_id,
-        dtype=dtype,
-        remat=m.remat,
-        scan_layers=m.scan_layers,
-        activation=m.activation,
-    )
+    if m.text.kind == "transformer":
+        text = TextTransformer(
+            vocab_size=vocab_size,
+            width=m.text.width,
+            depth=m.text.depth,
+            num_heads=m.text.num_heads,
+            mlp_dim=m.text.mlp_dim,
+            max_len=config.data.text_length,
+            causal=m.text.causal,
+            pad_id=m.text.pad_id,
+            eot_id=m.text.eot_id,
+            dtype=dtype,
+            remat=m.remat,
+            scan_layers=m.scan_layers,
+            activation=m.activation,
+        )
+    elif m.text.kind == "hf_bert":  # a pretrained Hugging Face BERT (weights: see train.loop)
+        from mmjax.interop import hf
+        from mmjax.models.bert import BertTextTower
+
+        bert = hf.bert_from_config(hf.read_config(m.text.hf_dir or hf.minilm_dir()), dtype=dtype)
+        text = BertTextTower(bert, pad_id=m.text.pad_id, frozen=m.text.frozen)
+    else:
+        raise ValueError(f"model.text.kind={m.text.kind!r}; use 'transformer' or 'hf_bert'")
     if config.loss == "sigmoid":  # SigLIP's initialisation: t = 10, b = -10.
         scale_init, bias_init = math.log(10.0), -10.0
     else:

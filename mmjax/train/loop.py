@@ -11,6 +11,7 @@ import ml_collections
 from mmjax import checkpoint, metrics, parallel
 from mmjax.data import pipeline
 from mmjax.eval.shapes_eval import ShapesEvaluator
+from mmjax.train.pretrained import read_text_tower, with_pretrained
 from mmjax.train.trainer import build_trainer
 from mmjax.train.validate import ConfigError, validate_config, validate_workdir
 
@@ -44,6 +45,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "set them to the tokenizer's"
         )
     trainer = build_trainer(config, mesh, tokenizer.vocab_size)
+    pretrained_text = read_text_tower(config)
     with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
         train_iter = pipeline.train_iterator(
             config.data,
@@ -58,15 +60,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         restored = ckpt.restore(trainer.abstract_state, train_iter)
         if restored is None:
             start, state = 0, trainer.init(jax.random.key(config.seed))
-            if config.init_from:
-                try:  # pretrained (e.g. converted open_clip) weights; optimizer starts fresh
-                    params = checkpoint.restore_params(
-                        os.path.abspath(config.init_from), trainer.abstract_state.params
-                    )
-                except ValueError as e:
-                    raise ConfigError(f"init_from={config.init_from!r}: {e}") from e
-                state = state.replace(params=params)
-                print(f"Initialised parameters from {config.init_from}")
+            state = with_pretrained(config, state, trainer.abstract_state, pretrained_text)
         else:
             start, state = restored
             print(f"Resumed from step {start} in {workdir}")

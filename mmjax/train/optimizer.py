@@ -9,12 +9,16 @@ import optax
 _NO_DECAY = ("bias", "scale", "embedding", "cls_token", "logit_")
 
 
+def path_name(path) -> str:
+    """ "text/encoder/block0/mlp/in_kernel" for a pytree key path."""
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
 def decay_mask(params) -> dict:
     """True for parameters that get weight decay (matmul kernels and projections)."""
 
     def wants_decay(path, _) -> bool:
-        name = "/".join(str(getattr(k, "key", k)) for k in path)
-        return not any(tag in name for tag in _NO_DECAY)
+        return not any(tag in path_name(path) for tag in _NO_DECAY)
 
     return jax.tree_util.tree_map_with_path(wants_decay, params)
 
@@ -50,7 +54,24 @@ def build_optimizer(
                 text_tower_mask,
             )
         )
-    return optax.chain(*parts), schedule
+    tx = optax.chain(*parts)
+    if o.frozen_prefixes:
+        prefixes = tuple(o.frozen_prefixes)
+        # Frozen parameters get `set_to_zero` (no state); clipping and AdamW see only the rest.
+        tx = optax.multi_transform(
+            {"train": tx, "frozen": optax.set_to_zero()},
+            lambda params: frozen_labels(params, prefixes),
+        )
+    return tx, schedule
+
+
+def frozen_labels(params, prefixes: tuple[str, ...]) -> dict:
+    """ "frozen" for parameters whose "/"-joined path starts with one of `prefixes`."""
+
+    def label(path, _) -> str:
+        return "frozen" if path_name(path).startswith(prefixes) else "train"
+
+    return jax.tree_util.tree_map_with_path(label, params)
 
 
 def text_tower_mask(params) -> dict:
