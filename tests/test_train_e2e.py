@@ -156,6 +156,50 @@ def test_sigkill_after_checkpoint_resumes_exactly(data_dir, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_preemption_signal_checkpoints_and_exits_0(sig, data_dir, tmp_path):
+    """SIGTERM/SIGINT: the step in flight finishes, a checkpoint of it is saved (periodic
+    checkpoints are off here), the run exits 0, and rerunning continues with no step lost or
+    repeated: the losses equal an uninterrupted run's bit for bit."""
+    steps = ["--config.total_steps=30", "--config.checkpoint_every=0"]
+    env = env_with_devices(1)
+    reference = tmp_path / "uninterrupted"
+    subprocess.run(train_cmd(reference, data_dir, *steps), check=True, env=env, capture_output=True)
+
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen(
+        train_cmd(stopped, data_dir, *steps),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while len(losses(stopped)) < 5 and time.time() < deadline:  # a few steps are logged
+        assert proc.poll() is None, "run ended before the signal"
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "received: stopped after step" in out
+    saved = [int(p.name) for p in (stopped / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and 5 <= saved[0] < 30
+    assert not os.path.exists(stopped / "summary.json")
+
+    resumed = subprocess.run(
+        train_cmd(stopped, data_dir, *steps), env=env, capture_output=True, text=True, check=True
+    )
+    assert f"Resumed from step {saved[0]}" in resumed.stdout
+    ref, got = losses(reference), losses(stopped)
+    assert sorted(got) == sorted(ref) == list(range(1, 31))
+    assert [got[s] for s in sorted(got)] == [ref[s] for s in sorted(ref)]
+    # Rerunning the finished run trains nothing and still reports the run's final loss.
+    final_loss = json.load(open(stopped / "summary.json"))["train/loss"]
+    subprocess.run(train_cmd(stopped, data_dir, *steps), env=env, capture_output=True, check=True)
+    assert json.load(open(stopped / "summary.json"))["train/loss"] == final_loss == got[30]
+
+
+@pytest.mark.slow
 @pytest.mark.multidevice
 def test_cli_meshes_match_single_device(data_dir, tmp_path):
     steps = ["--config.total_steps=20", "--config.checkpoint_every=0"]

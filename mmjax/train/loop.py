@@ -11,6 +11,7 @@ import ml_collections
 from mmjax import checkpoint, metrics, parallel
 from mmjax.data import pipeline
 from mmjax.eval.shapes_eval import ShapesEvaluator
+from mmjax.train.preemption import PreemptionGuard
 from mmjax.train.pretrained import read_text_tower, with_pretrained
 from mmjax.train.trainer import build_trainer
 from mmjax.train.validate import ConfigError, validate_config, validate_workdir
@@ -75,23 +76,40 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
         last_log = (start, time.time())
         last_metrics: dict = {}
-        for step in range(start, config.total_steps):
-            batch = parallel.global_batch(next(train_iter), trainer.batch_sharding)
-            state, step_metrics = trainer.step(state, batch)
-            done = step + 1
-            if done % config.log_every == 0 or done == config.total_steps:
-                last_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                now = time.time()
-                rate = (done - last_log[0]) * config.batch_size / max(now - last_log[1], 1e-9)
-                last_log = (done, now)
-                writer.write(done, {**last_metrics, "perf/samples_per_second": rate})
-                writer.progress(done, last_metrics["train/loss"])
-            if config.eval_every and done % config.eval_every == 0 and done < config.total_steps:
-                writer.write(done, evaluator(state.params))
-            if (config.checkpoint_every and done % config.checkpoint_every == 0) or (
-                done == config.total_steps
-            ):
-                ckpt.save(done, state, train_iter)
+        preempted_at = None
+        with PreemptionGuard() as guard:
+            for step in range(start, config.total_steps):
+                batch = parallel.global_batch(next(train_iter), trainer.batch_sharding)
+                state, step_metrics = trainer.step(state, batch)
+                done = step + 1
+                if done % config.log_every == 0 or done == config.total_steps:
+                    last_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                    now = time.time()
+                    rate = (done - last_log[0]) * config.batch_size / max(now - last_log[1], 1e-9)
+                    last_log = (done, now)
+                    writer.write(done, {**last_metrics, "perf/samples_per_second": rate})
+                    writer.progress(done, last_metrics["train/loss"])
+                eval_due = config.eval_every and done % config.eval_every == 0
+                if eval_due and done < config.total_steps:
+                    writer.write(done, evaluator(state.params))
+                stop = guard.requested() and done < config.total_steps
+                if (
+                    (config.checkpoint_every and done % config.checkpoint_every == 0)
+                    or done == config.total_steps
+                    or stop
+                ):
+                    ckpt.save(done, state, train_iter)
+                if stop:
+                    preempted_at = done
+                    break
+        if preempted_at is not None:
+            ckpt.close()  # waits for the asynchronous save
+            writer.close()
+            print(
+                f"{guard.signal_name or 'preemption'} received: stopped after step "
+                f"{preempted_at} with a checkpoint in {workdir}; rerun the same command to resume"
+            )
+            return {"steps": preempted_at, "preempted": True, "workdir": workdir}
 
         final = evaluator(state.params)
         ckpt.close()
@@ -100,7 +118,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         **final,
         "steps": config.total_steps,
         "wall_seconds": time.time() - t_start,
-        "train/loss": last_metrics.get("train/loss", float("nan")),
+        "train/loss": last_metrics.get("train/loss", _last_logged_loss(workdir)),
         "workdir": workdir,
     }
     writer.write_summary(summary)
@@ -109,3 +127,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if is_main:
         print(json.dumps({k: v for k, v in summary.items() if k != "workdir"}, sort_keys=True))
     return summary
+
+
+def _last_logged_loss(workdir: str) -> float:
+    """The newest `train/loss` in the workdir's metrics (a rerun of a finished run trains no
+    step but should still report the run's final loss)."""
+    losses = [r["train/loss"] for r in metrics.read_metrics(workdir) if "train/loss" in r]
+    return float(losses[-1]) if losses else float("nan")
