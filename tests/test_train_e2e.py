@@ -121,20 +121,35 @@ def env_with_devices(n):
     return env
 
 
-@pytest.mark.slow
-def test_sigkill_after_checkpoint_resumes_exactly(data_dir, tmp_path):
-    steps = ["--config.total_steps=16", "--config.checkpoint_every=4"]
+def reference_and_second_run(tmp_path, data_dir, steps, name, stdout=subprocess.DEVNULL):
+    """Runs `steps` uninterrupted to completion, then starts the same run in `name` (to be
+    interrupted); returns (env, reference workdir, second workdir, second process)."""
     env = env_with_devices(1)
     reference = tmp_path / "uninterrupted"
     subprocess.run(train_cmd(reference, data_dir, *steps), check=True, env=env, capture_output=True)
-
-    killed = tmp_path / "killed"
+    workdir = tmp_path / name
     proc = subprocess.Popen(
-        train_cmd(killed, data_dir, *steps),
+        train_cmd(workdir, data_dir, *steps),
         env=env,
-        stdout=subprocess.DEVNULL,
+        stdout=stdout,
         stderr=subprocess.DEVNULL,
+        text=True,
     )
+    return env, reference, workdir, proc
+
+
+def assert_same_losses(reference, workdir, total_steps):
+    """Every step logged once, and (same machine, same mesh) bit-identical, not merely close."""
+    ref, got = losses(reference), losses(workdir)
+    assert sorted(got) == sorted(ref) == list(range(1, total_steps + 1))
+    assert [got[s] for s in sorted(got)] == [ref[s] for s in sorted(ref)]
+    return got
+
+
+@pytest.mark.slow
+def test_sigkill_after_checkpoint_resumes_exactly(data_dir, tmp_path):
+    steps = ["--config.total_steps=16", "--config.checkpoint_every=4"]
+    env, reference, killed, proc = reference_and_second_run(tmp_path, data_dir, steps, "killed")
     # SIGKILL as soon as the step-8 checkpoint is complete on disk (orbax renames its
     # temporary directory into place only when the save is finished).
     deadline = time.time() + 300
@@ -149,10 +164,7 @@ def test_sigkill_after_checkpoint_resumes_exactly(data_dir, tmp_path):
         train_cmd(killed, data_dir, *steps), env=env, capture_output=True, text=True, check=True
     )
     assert "Resumed from step" in resumed.stdout
-    ref, got = losses(reference), losses(killed)
-    assert sorted(got) == sorted(ref) == list(range(1, 17))
-    # Same machine, same mesh: bit-identical, not merely close.
-    assert [got[s] for s in sorted(got)] == [ref[s] for s in sorted(ref)]
+    assert_same_losses(reference, killed, 16)
 
 
 @pytest.mark.slow
@@ -162,17 +174,8 @@ def test_preemption_signal_checkpoints_and_exits_0(sig, data_dir, tmp_path):
     checkpoints are off here), the run exits 0, and rerunning continues with no step lost or
     repeated: the losses equal an uninterrupted run's bit for bit."""
     steps = ["--config.total_steps=30", "--config.checkpoint_every=0"]
-    env = env_with_devices(1)
-    reference = tmp_path / "uninterrupted"
-    subprocess.run(train_cmd(reference, data_dir, *steps), check=True, env=env, capture_output=True)
-
-    stopped = tmp_path / "stopped"
-    proc = subprocess.Popen(
-        train_cmd(stopped, data_dir, *steps),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
+    env, reference, stopped, proc = reference_and_second_run(
+        tmp_path, data_dir, steps, "stopped", stdout=subprocess.PIPE
     )
     deadline = time.time() + 300
     while len(losses(stopped)) < 5 and time.time() < deadline:  # a few steps are logged
@@ -190,9 +193,7 @@ def test_preemption_signal_checkpoints_and_exits_0(sig, data_dir, tmp_path):
         train_cmd(stopped, data_dir, *steps), env=env, capture_output=True, text=True, check=True
     )
     assert f"Resumed from step {saved[0]}" in resumed.stdout
-    ref, got = losses(reference), losses(stopped)
-    assert sorted(got) == sorted(ref) == list(range(1, 31))
-    assert [got[s] for s in sorted(got)] == [ref[s] for s in sorted(ref)]
+    got = assert_same_losses(reference, stopped, 30)
     # Rerunning the finished run trains nothing and still reports the run's final loss.
     final_loss = json.load(open(stopped / "summary.json"))["train/loss"]
     subprocess.run(train_cmd(stopped, data_dir, *steps), env=env, capture_output=True, check=True)

@@ -218,12 +218,14 @@ def export(model_cfg: dict, variables: dict) -> dict[str, Array]:
 
 def _latest_params_dir(path: Path) -> Path:
     """A parameters checkpoint dir, or the train state inside a train workdir's newest
-    checkpoint (`<workdir>/checkpoints/<step>/state`)."""
+    checkpoint (`<workdir>/checkpoints/<step>/state`, see `mmjax.checkpoint`)."""
+    from mmjax import checkpoint
+
     ckpts = path / "checkpoints"
-    steps = (
-        sorted(int(p.name) for p in ckpts.glob("*") if p.name.isdigit()) if ckpts.is_dir() else []
-    )
-    return ckpts / str(steps[-1]) / "state" if steps else path
+    if not ckpts.is_dir():
+        return path
+    step = checkpoint.Checkpointer(str(ckpts), async_save=False).latest_step()
+    return path if step is None else ckpts / str(step) / "state"
 
 
 def main(argv: list[str] | None = None) -> int:

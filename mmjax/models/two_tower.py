@@ -80,8 +80,15 @@ class TwoTower(nn.Module):
 
 def build_two_tower(config: ml_collections.ConfigDict, vocab_size: int) -> TwoTower:
     """Builds the model of `config.model` with compute dtype `config.dtype`."""
-    dtype = jnp.dtype(config.dtype)
     m = config.model
+    dtype = jnp.dtype(config.dtype)
+    # Compute and memory settings every tower takes alike.
+    shared = dict(
+        dtype=dtype,
+        remat=m.remat,
+        scan_layers=m.scan_layers,
+        activation=m.activation,
+    )
     image = ViT(
         patch_size=m.image.patch_size,
         width=m.image.width,
@@ -93,10 +100,7 @@ def build_two_tower(config: ml_collections.ConfigDict, vocab_size: int) -> TwoTo
         stem_channels=tuple(m.image.stem_channels),
         patch_bias=m.image.patch_bias,
         pre_norm=m.image.pre_norm,
-        dtype=dtype,
-        remat=m.remat,
-        scan_layers=m.scan_layers,
-        activation=m.activation,
+        **shared,
     )
     if m.text.kind == "transformer":
         text = TextTransformer(
@@ -109,10 +113,7 @@ def build_two_tower(config: ml_collections.ConfigDict, vocab_size: int) -> TwoTo
             causal=m.text.causal,
             pad_id=m.text.pad_id,
             eot_id=m.text.eot_id,
-            dtype=dtype,
-            remat=m.remat,
-            scan_layers=m.scan_layers,
-            activation=m.activation,
+            **shared,
         )
     elif m.text.kind == "hf_bert":  # a pretrained Hugging Face BERT (weights: see train.loop)
         from mmjax.interop import hf
