@@ -33,9 +33,18 @@ def get_config() -> ml_collections.ConfigDict:
     c.init_from = ""
 
     c.data = ml_collections.ConfigDict()
+    # Built-in "shapes" | "digits", a folder built with `python -m mmjax.data.build --name N`,
+    # or a tfds catalog image–text dataset such as "coco_captions" (see mmjax/data/sources.py).
     c.data.name = "shapes"
+    c.data.split = "train"
     c.data.data_dir = ""  # "" = $MMJAX_DATA_DIR or ~/.cache/mmjax/tensorflow_datasets
     c.data.image_size = 64
+    # Training view: "none" (shorter side resized to image_size, center crop) or
+    # "random_resized_crop" (area fraction in crop_scale, aspect 3/4..4/3); flip = random
+    # horizontal flips (off: they change "left"/"right" captions and digits).
+    c.data.augment = "none"
+    c.data.crop_scale = (0.9, 1.0)
+    c.data.flip = False
     c.data.num_train = 20000
     c.data.num_val = 1000
     c.data.dataset_seed = 0

@@ -144,3 +144,20 @@ def test_train_bench_json(tmp_path, capsys):
         # count lies in [0.95, 1.25] × the model FLOPs (1.06 measured for float32; bfloat16
         # adds dtype conversions).
         assert 0.95 < v["xla_over_model"] < 1.25, v
+
+
+def test_pipeline_bench_json(tmp_path, capsys):
+    args = ["pipeline", "--batch", "16", "--batches", "2", "--threads", "0,1"]
+    args += ["--stage-examples", "8", "--override", f"data.data_dir={tmp_path}"]
+    args += ["--override", "data.num_train=64", "--override", "data.num_val=8"]
+    args += ["--override", "data.image_size=32", "--override", "data.augment=random_resized_crop"]
+    assert main([*args, "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["dataset"] == "shapes" and r["augment"] == "random_resized_crop"
+    assert r["batch"] == 16 and r["cores"] >= 1
+    assert set(r["stages_ms_per_image"]) == {"decode", "augment", "tokenize"}
+    assert all(ms > 0 for ms in r["stages_ms_per_image"].values())
+    assert [run["threads"] for run in r["runs"]] == [0, 1]
+    for run in r["runs"]:
+        assert run["images_per_s"] > 0
+        assert run["images_per_s_per_core"] == pytest.approx(run["images_per_s"])  # 1 core used

@@ -13,6 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from configs import default as default_config
 from mmjax.data import pipeline, shapes, shapes_builder
 from mmjax.data.tokenizers import ByteTokenizer
 
@@ -21,19 +22,17 @@ NUM_TRAIN, NUM_VAL, IMAGE_SIZE = 200, 96, 32  # 96 = two rounds of the 48 compos
 
 @pytest.fixture(scope="module")
 def data_cfg(tmp_path_factory):
-    cfg = ml_collections.ConfigDict(
-        dict(
-            name="shapes",
-            data_dir=str(tmp_path_factory.mktemp("tfds")),
-            image_size=IMAGE_SIZE,
-            num_train=NUM_TRAIN,
-            num_val=NUM_VAL,
-            dataset_seed=0,
-            text_length=48,
-            first_caption_prob=0.5,
-            tokenizer="bytes",
-            tokenizer_path="",
-        )
+    cfg = default_config.get_config().data
+    cfg.update(
+        data_dir=str(tmp_path_factory.mktemp("tfds")),
+        image_size=IMAGE_SIZE,
+        num_train=NUM_TRAIN,
+        num_val=NUM_VAL,
+        dataset_seed=0,
+        text_length=48,
+        first_caption_prob=0.5,
+        tokenizer="bytes",
+        tokenizer_path="",
     )
     return cfg
 
@@ -284,7 +283,7 @@ def test_batch_size_must_divide_among_processes(data_cfg):
     with pytest.raises(ValueError, match="exceeds"):
         _iterator(data_cfg, global_batch=256)
     with pytest.raises(ValueError, match="unknown dataset"):
-        _iterator(ml_collections.ConfigDict({**data_cfg.to_dict(), "name": "coco"}))
+        _iterator(ml_collections.ConfigDict({**data_cfg.to_dict(), "name": "no_such_dataset_xyz"}))
 
 
 @pytest.mark.parametrize("threads", [0, 1])

@@ -1,4 +1,5 @@
-"""`python -m mmjax.bench {train,loss,scale}`: step time, FLOPs, MFU and memory.
+"""`python -m mmjax.bench {train,loss,scale,pipeline}`: step time, FLOPs, MFU, memory, and
+input-pipeline throughput.
 
 Every subcommand prints a human-readable report; with `--json` the last line of stdout is one JSON
 object (its keys are documented in the subcommand's module). `loss` and `scale` compile for
@@ -42,7 +43,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     scale.add_argument("--global-batch", type=int, default=None)
     scale.add_argument("--override", action="append", default=[], help="key=value config edits")
 
-    for p in (train, loss, scale):
+    pipe = sub.add_parser("pipeline", help="images/s of decode + augment + tokenize")
+    pipe.add_argument("--config", default="configs/default.py")
+    pipe.add_argument("--batch", type=int, default=64)
+    pipe.add_argument("--batches", type=int, default=20, help="timed batches per run")
+    pipe.add_argument("--threads", default="0,1,2", help="grain reader threads, comma-separated")
+    pipe.add_argument("--stage-examples", type=int, default=256)
+    pipe.add_argument("--override", action="append", default=[], help="key=value config edits")
+    pipe.set_defaults(open_clip_config=None)
+
+    for p in (train, loss, scale, pipe):
         p.add_argument("--json", action="store_true", help="print one JSON object last")
     return parser.parse_args(argv)
 
@@ -61,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         from mmjax.bench import train as command
     elif args.command == "loss":
         from mmjax.bench import loss as command
+    elif args.command == "pipeline":
+        from mmjax.bench import pipeline as command
     else:
         from mmjax.bench import scale as command
     result = command.run(args)

@@ -26,22 +26,17 @@ It writes one JSON file per process, named by `jax.process_index()`.
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import grain
 import ml_collections
 import numpy as np
-import tensorflow_datasets as tfds
-from PIL import Image
 
-from mmjax.data import shapes_builder, tokenizers
+from mmjax.data import preprocess, sources, tokenizers
 
-# CLIP's image normalisation constants (RGB), so pretrained CLIP towers see familiar inputs.
-IMAGE_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-IMAGE_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
-
-SUPPORTED_DATASETS = ("shapes",)
+# Kept here for callers that normalise images themselves.
+IMAGE_MEAN, IMAGE_STD = preprocess.IMAGE_MEAN, preprocess.IMAGE_STD
+normalize_images = preprocess.normalize
 
 
 def tokenizer_for(data_cfg: ml_collections.ConfigDict):
@@ -51,67 +46,59 @@ def tokenizer_for(data_cfg: ml_collections.ConfigDict):
     )
 
 
-def _builder(data_cfg: ml_collections.ConfigDict) -> shapes_builder.MmjaxShapes:
-    if data_cfg.name not in SUPPORTED_DATASETS:
-        raise ValueError(
-            f"unknown dataset {data_cfg.name!r}: data.name must be one of {SUPPORTED_DATASETS}"
+def train_source(data_cfg: ml_collections.ConfigDict) -> sources.Source:
+    """The training split of `data.name`; it must have captions."""
+    source = sources.open_source(data_cfg, data_cfg.name, data_cfg.split)
+    if not source.info.has_captions:
+        raise sources.DataError(
+            f"data.name={data_cfg.name!r} has no captions to train a contrastive model on; "
+            "train on an image–text dataset (shapes, digits, coco_captions, a folder built "
+            "with `python -m mmjax.data.build`) and evaluate on this one"
         )
-    return shapes_builder.ensure_built(
-        data_cfg.data_dir or None,
-        image_size=data_cfg.image_size,
-        num_train=data_cfg.num_train,
-        num_val=data_cfg.num_val,
-        seed=data_cfg.dataset_seed,
-    )
-
-
-def _data_source(data_cfg: ml_collections.ConfigDict, split: str):
-    # Images stay PNG bytes here and are decoded in `decode_png`: the same PIL decode tfds
-    # would do without OpenCV, minus its per-process "OpenCV is not installed" warning.
-    return _builder(data_cfg).as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    """uint8 [S, S, 3]."""
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
-
-
-def normalize_images(images: np.ndarray) -> np.ndarray:
-    """uint8 [..., 3] -> float32 (x / 255 - mean) / std, as one fused multiply-add."""
-    scale = 1.0 / (255.0 * IMAGE_STD)
-    return images.astype(np.float32) * scale - IMAGE_MEAN / IMAGE_STD
+    return source
 
 
 class _DecodeAndPickCaption(grain.transforms.RandomMap):
-    """Decodes the image and tokenizes one of the example's captions, chosen at random: the
-    first (canonical, full) caption with probability `first_caption_prob`, else one of the
-    others uniformly.
+    """Decodes and augments the image, and tokenizes one of the example's captions, chosen at
+    random: the first (canonical) caption with probability `first_caption_prob`, else one of
+    the others uniformly.
 
     grain seeds the generator from (pipeline seed, stream position), and the position
-    encodes the epoch, so the choice is deterministic and differs between epochs.
+    encodes the epoch, so the choices are deterministic and differ between epochs.
     """
 
-    def __init__(self, tokenizer, first_caption_prob: float):
+    def __init__(self, tokenizer, data_cfg: ml_collections.ConfigDict):
         self._tokenizer = tokenizer
-        self._first_prob = first_caption_prob
+        self._first_prob = data_cfg.first_caption_prob
+        self._size = data_cfg.image_size
+        self._augment = data_cfg.augment
+        self._crop_scale = tuple(data_cfg.crop_scale)
+        self._flip = data_cfg.flip
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict:
         captions = element["captions"]
         # Always draw both numbers, so the stream of choices does not depend on the outcome.
         use_first = rng.random() < self._first_prob
         other = 1 + rng.integers(len(captions) - 1) if len(captions) > 1 else 0
-        text = captions[0 if use_first else other]
-        text = text.decode("utf-8") if isinstance(text, bytes) else text
+        image = preprocess.train_view(
+            preprocess.decode(element["image"]),
+            self._size,
+            augment=self._augment,
+            crop_scale=self._crop_scale,
+            flip=self._flip,
+            rng=rng,
+        )
         return {
-            "image": decode_png(element["image"]),
-            "tokens": tokenizers.token_ids(self._tokenizer, [text])[0],
+            "image": image,
+            "tokens": tokenizers.token_ids(self._tokenizer, [captions[0 if use_first else other]])[
+                0
+            ],
         }
 
 
 def _normalize_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     # Once per batch rather than per example: one vectorised op over [b, S, S, 3].
-    return {"image": normalize_images(batch["image"]), "tokens": batch["tokens"]}
+    return {"image": preprocess.normalize(batch["image"]), "tokens": batch["tokens"]}
 
 
 def _derived_seeds(seed: int) -> tuple[int, int]:
@@ -141,7 +128,7 @@ def train_dataset(
             f"process_count={process_count}; each process loads an equal slice of every batch"
         )
     local_batch_size = global_batch_size // process_count
-    source = _data_source(data_cfg, "train")
+    source = train_source(data_cfg)
     steps_per_epoch = len(source) // global_batch_size
     if steps_per_epoch == 0:
         raise ValueError(
@@ -156,10 +143,7 @@ def train_dataset(
     ds = ds.shuffle(seed=shuffle_seed)[: steps_per_epoch * global_batch_size].repeat()
     # Before the per-process cut, so a caption choice depends on the global stream position
     # only, and a run picks the same captions on any number of processes.
-    ds = ds.random_map(
-        _DecodeAndPickCaption(tokenizer_for(data_cfg), data_cfg.first_caption_prob),
-        seed=caption_seed,
-    )
+    ds = ds.random_map(_DecodeAndPickCaption(tokenizer_for(data_cfg), data_cfg), seed=caption_seed)
     # Sub-batch j covers global positions [j*b, (j+1)*b): global batch k is sub-batches
     # k*P ... k*P + P-1, and process p takes sub-batch k*P + p.
     ds = ds.batch(local_batch_size, drop_remainder=True)
@@ -197,19 +181,24 @@ def train_iterator(
 
 
 def eval_arrays(data_cfg: ml_collections.ConfigDict, split: str = "validation") -> dict:
-    """A whole split as numpy arrays, in dataset order.
+    """A whole split of the training dataset as numpy arrays, in dataset order (for the
+    built-in evaluators; `mmjax.eval` streams large splits instead).
 
-    image f32 [n,S,S,3] (normalized), tokens i32 [n,L] (the canonical full English caption),
-    and the labels shape, color, size, position i32 [n] and heldout bool [n].
+    image f32 [n,S,S,3] (eval view, normalized), tokens i32 [n,L] (each example's canonical
+    first caption), and every integer/bool field of the dataset (e.g. shapes' labels).
     """
-    source = _data_source(data_cfg, split)
-    examples = source.__getitems__(list(range(len(source))))
-    tokenizer = tokenizer_for(data_cfg)
-    first = [ex["captions"][0] for ex in examples]
-    texts = [t.decode("utf-8") if isinstance(t, bytes) else t for t in first]
-    images = np.stack([decode_png(ex["image"]) for ex in examples])
-    out = {"image": normalize_images(images), "tokens": tokenizers.token_ids(tokenizer, texts)}
-    for key in ("shape", "color", "size", "position"):
-        out[key] = np.array([ex[key] for ex in examples], dtype=np.int32)
-    out["heldout"] = np.array([ex["heldout"] for ex in examples], dtype=bool)
+    source = sources.open_source(data_cfg, data_cfg.name, split)
+    examples = source.__getitems__(range(len(source)))
+    size = data_cfg.image_size
+    views = [preprocess.resize_center_crop(preprocess.decode(ex["image"]), size) for ex in examples]
+    first_captions = [ex["captions"][0] for ex in examples]
+    out = {
+        "image": preprocess.normalize(np.stack(views)),
+        "tokens": tokenizers.token_ids(tokenizer_for(data_cfg), first_captions),
+    }
+    for key, value in examples[0].items():
+        kind = np.asarray(value).dtype.kind
+        if key not in out and np.ndim(value) == 0 and kind in "biu":
+            dtype = bool if kind == "b" else np.int32
+            out[key] = np.array([ex[key] for ex in examples], dtype=dtype)
     return out

@@ -1,8 +1,9 @@
 """tensorflow-datasets builder for the built-in `shapes` dataset, and `ensure_built`.
 
-Works without TensorFlow: images are PNG-encoded here with PIL (tfds would otherwise encode
-numpy arrays with `tf.image.encode_png`), tfds serializes examples with its own vendored
-`tf.train.Example` proto, and `as_data_source` decodes PNGs with PIL (or OpenCV if present).
+Works without TensorFlow: images are PNG-encoded with PIL in `builtin_build.encode_png`
+(tfds would otherwise encode numpy arrays with `tf.image.encode_png`), tfds serializes
+examples with its own vendored `tf.train.Example` proto, and `as_data_source` decodes PNGs
+with PIL (or OpenCV if present).
 
 Every parameter that changes the content (image size, split sizes, dataset seed) is part of
 the builder config *name*, and the code version is the builder VERSION, so a different
@@ -11,27 +12,32 @@ setting or a changed generator lands in a different directory and never reuses s
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
-import io
-import logging
-import os
-import sys
-import time
 from collections.abc import Iterator
 from typing import ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
-from PIL import Image
 
-from mmjax.data import shapes
+from mmjax.data import builtin_build, shapes
+
+# Shared with the other built-in datasets; re-exported because callers import them from here.
+from mmjax.data.builtin_build import DATA_DIR_ENV, DEFAULT_DATA_DIR, encode_png, resolve_data_dir
+
+__all__ = [
+    "DATASET_NAME",
+    "DATA_DIR_ENV",
+    "DEFAULT_DATA_DIR",
+    "MmjaxShapes",
+    "ShapesConfig",
+    "encode_png",
+    "ensure_built",
+    "make_config",
+    "resolve_data_dir",
+]
 
 DATASET_NAME = "mmjax_shapes"
-DEFAULT_DATA_DIR = "~/.cache/mmjax/tensorflow_datasets"
-DATA_DIR_ENV = "MMJAX_DATA_DIR"
 
 
 @dataclasses.dataclass
@@ -57,14 +63,6 @@ def make_config(*, image_size: int, num_train: int, num_val: int, seed: int) -> 
         num_val=num_val,
         seed=seed,
     )
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    # compress_level=1: measured 0.25 ms and 3.3 KB per 64 px image, against 0.69 ms and
-    # 2.6 KB at PIL's default 6; encoding would otherwise dominate generation time.
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
 
 
 class MmjaxShapes(tfds.core.GeneratorBasedBuilder):
@@ -134,44 +132,6 @@ class MmjaxShapes(tfds.core.GeneratorBasedBuilder):
             )
 
 
-def resolve_data_dir(data_dir: str | None) -> str:
-    """`data_dir`, else $MMJAX_DATA_DIR, else ~/.cache/mmjax/tensorflow_datasets."""
-    data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR
-    return os.path.abspath(os.path.expanduser(data_dir))
-
-
-@contextlib.contextmanager
-def _file_lock(path: str) -> Iterator[None]:
-    """An exclusive advisory lock, so concurrent processes on one machine build only once."""
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _open_builder(data_dir: str, config: ShapesConfig) -> MmjaxShapes:
-    # tfds refuses a custom config object that shares a name with a BUILDER_CONFIGS entry,
-    # so the default setting is selected by name.
-    known = {c.name for c in MmjaxShapes.BUILDER_CONFIGS}
-    selected = config.name if config.name in known else config
-    return MmjaxShapes(data_dir=data_dir, config=selected, file_format="array_record")
-
-
-@contextlib.contextmanager
-def _absl_errors_only() -> Iterator[None]:
-    """Hides tfds' expected warnings ("Using custom data configuration" on every open of a
-    non-default setting, "Variant folder ... has no dataset_info.json" before a build)."""
-    absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
-    absl_logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        absl_logger.setLevel(level)
-
-
 def ensure_built(
     data_dir: str | None,
     *,
@@ -180,48 +140,10 @@ def ensure_built(
     num_val: int = 1000,
     seed: int = 0,
 ) -> MmjaxShapes:
-    """Returns the prepared builder, generating the dataset on first use.
-
-    Safe when several processes call it at once (e.g. one per host process on a machine):
-    the first takes a file lock and builds, the others wait and then reuse its files. tfds
-    itself writes into a temporary directory and renames it when complete, so a prepared
-    directory is never partial, even after a crash.
-    """
+    """Returns the prepared builder, generating the dataset on first use (once, even when
+    several processes call it at once: see `builtin_build.build_once`)."""
     data_dir = resolve_data_dir(data_dir)
     config = make_config(image_size=image_size, num_train=num_train, num_val=num_val, seed=seed)
-    with _absl_errors_only():
-        return _build_once(data_dir, config)
-
-
-def _build_once(data_dir: str, config: ShapesConfig) -> MmjaxShapes:
-    builder = _open_builder(data_dir, config)
-    if builder.is_prepared():
-        return builder
-    os.makedirs(data_dir, exist_ok=True)
-    with _file_lock(os.path.join(data_dir, f"{DATASET_NAME}.{config.name}.lock")):
-        # A fresh builder: another process may have finished while we waited for the lock.
-        builder = _open_builder(data_dir, config)
-        if builder.is_prepared():
-            return builder
-        start = time.perf_counter()
-        # tfds prints progress bars and several lines; we print one line instead, and replay
-        # tfds' output only if the build fails.
-        log = io.StringIO()
-        try:
-            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-                builder.download_and_prepare(
-                    download_config=tfds.download.DownloadConfig(
-                        try_download_gcs=False,  # offline: never ask GCS for a local dataset
-                        compute_stats=tfds.download.ComputeStatsMode.SKIP,
-                    )
-                )
-        except BaseException:
-            sys.stderr.write(log.getvalue())
-            raise
-        seconds = time.perf_counter() - start
-        print(
-            f"mmjax: built {DATASET_NAME}/{config.name} ({config.num_train} train + "
-            f"{config.num_val} validation) in {seconds:.1f}s at {builder.data_dir}"
-        )
-    # Reopen so the builder reads the dataset info that was just written.
-    return _open_builder(data_dir, config)
+    return builtin_build.build_once(
+        lambda: builtin_build.builder_for(MmjaxShapes, data_dir, config), data_dir=data_dir
+    )

@@ -5,6 +5,7 @@ import os
 import ml_collections
 
 from mmjax import losses, sharded_losses
+from mmjax.data import preprocess
 from mmjax.models.layers import ACTIVATIONS, REMAT_POLICIES
 
 
@@ -54,6 +55,16 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
             )
     if not 0.0 <= c.data.first_caption_prob <= 1.0:
         raise ConfigError(f"data.first_caption_prob={c.data.first_caption_prob} must be in [0, 1]")
+    if c.data.augment not in preprocess.AUGMENTATIONS:
+        raise ConfigError(
+            f"data.augment={c.data.augment!r} is unknown; use one of "
+            f"{', '.join(preprocess.AUGMENTATIONS)}"
+        )
+    low, high = c.data.crop_scale
+    if not 0.0 < low <= high <= 1.0:
+        raise ConfigError(
+            f"data.crop_scale={tuple(c.data.crop_scale)} must satisfy 0 < low <= high <= 1"
+        )
     if c.data.text_length < 4:
         raise ConfigError(f"data.text_length={c.data.text_length} is too short (min 4)")
 
