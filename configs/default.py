@@ -123,6 +123,21 @@ def get_config() -> ml_collections.ConfigDict:
         ("act_heads", "tensor"),
     )
 
+    # Bad steps (see mmjax/train/guard.py): an update with a non-finite loss, gradient or
+    # parameters is never applied. policy "skip" counts it and goes on (stopping after more
+    # than max_consecutive_skips in a row); "stop" ends the run at the next log/checkpoint
+    # without saving past it. spike_zscore > 0 also skips losses that many robust standard
+    # deviations above the median of the last spike_window steps (one host sync per step).
+    c.guard = ml_collections.ConfigDict(
+        dict(policy="skip", max_consecutive_skips=20, spike_zscore=0.0, spike_window=100)
+    )
+
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 256
+    # Evaluation tasks, each "KIND:DATASET[:SPLIT]" with KIND zeroshot | retrieval |
+    # linear_probe | shapes, e.g. ("zeroshot:cifar10", "retrieval:coco_captions:val"); SPLIT
+    # defaults to validation (built-ins) or the first of test/validation/val. () = shapes:shapes
+    # for shapes, else zero-shot and retrieval on data.name where possible (mmjax/eval/tasks.py).
+    c.eval.tasks = ()
+    c.eval.probe_shots = 10  # linear_probe: labelled train examples per class
     return c

@@ -6,11 +6,14 @@ Saves are asynchronous: training continues while the previous checkpoint is writ
 checkpoint becomes visible (`latest_step`) only once it is completely on disk.
 """
 
-import logging
+import os
+import sys
+import time
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from mmjax.train.state import TrainState
 
@@ -22,7 +25,8 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save
         )
-        self._manager = ocp.CheckpointManager(directory, options=options)
+        self.directory = os.path.abspath(directory)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -41,8 +45,14 @@ class Checkpointer:
 
     def restore(self, target: TrainState, data_iterator) -> tuple[int, TrainState] | None:
         """Restores the newest readable checkpoint into `target`'s shapes and shardings (and the
-        iterator in place). Returns (step, state), or None if there is none. A checkpoint that
-        fails to load is reported and the next older one is tried."""
+        iterator in place). Returns (step, state), or None if there is none.
+
+        A checkpoint that fails to load (truncated or corrupted files) is reported, moved
+        aside to `<directory>/corrupt/` (kept for inspection, out of the rotation, so it can
+        never push a good checkpoint out of `keep`), and the next older one is tried.
+        Half-written saves never show up here: orbax writes into a temporary directory and
+        renames it only when complete.
+        """
         for step in reversed(self.all_steps()):
             try:
                 restored = self._manager.restore(
@@ -53,12 +63,43 @@ class Checkpointer:
                     ),
                 )
             except Exception as e:
-                logging.warning(
-                    "checkpoint at step %d is unreadable (%s); trying an older one", step, e
-                )
+                self._quarantine(step, e)
                 continue
             return step, restored["state"]
         return None
+
+    def _quarantine(self, step: int, error: Exception) -> None:
+        path = os.path.join(self.directory, str(step))
+        moved = os.path.join(self.directory, "corrupt", f"{step}.{int(time.time())}")
+        summary = " ".join(str(error).split())[:300]
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(moved), exist_ok=True)
+            os.rename(path, moved)
+        if jax.process_count() > 1:  # every process must see the same checkpoints next
+            multihost_utils.sync_global_devices(f"mmjax_quarantine_{step}")
+        self._manager.reload()
+        print(
+            f"warning: checkpoint {path} is unreadable ({type(error).__name__}: {summary}); "
+            f"moved it to {moved} and trying the previous one",
+            file=sys.stderr,
+        )
+
+    def restore_state(self, target: TrainState, step: int | None = None) -> tuple[int, TrainState]:
+        """The train state of checkpoint `step` (None: the newest) into `target`'s shapes and
+        shardings, without the data iterator (for evaluation, which draws no training batch).
+        Raises FileNotFoundError when there is no such checkpoint."""
+        steps = self.all_steps()
+        if step is None and steps:
+            step = steps[-1]
+        if step not in steps:
+            raise FileNotFoundError(
+                f"no checkpoint at step {step} in {self._manager.directory} "
+                f"(steps: {', '.join(map(str, steps)) or 'none'})"
+            )
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        )
+        return step, restored["state"]
 
     def wait(self) -> None:
         """Blocks until the pending asynchronous save is on disk."""

@@ -8,6 +8,7 @@ import pytest
 
 from mmjax import parallel
 from mmjax.train import gradcache
+from mmjax.train.step import NO_CEILING
 from mmjax.train.trainer import build_trainer
 from tests.test_models import VOCAB
 from tests.test_sharding import config_for, synthetic_batches
@@ -22,7 +23,9 @@ def run_steps(config, steps=2):
     losses = []
     with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
         for batch in synthetic_batches(steps, config.batch_size):
-            state, m = trainer.step(state, parallel.global_batch(batch, trainer.batch_sharding))
+            state, m = trainer.step(
+                state, parallel.global_batch(batch, trainer.batch_sharding), NO_CEILING
+            )
             losses.append(float(m["train/loss"]))
     return np.array(losses), jax.device_get(state.params)
 
@@ -64,7 +67,7 @@ def step_temp_bytes(config, devices=None):
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=trainer.batch_sharding), batch
     )
     with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
-        compiled = trainer.step.lower(trainer.abstract_state, batch).compile()
+        compiled = trainer.step.lower(trainer.abstract_state, batch, NO_CEILING).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
 

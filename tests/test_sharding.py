@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mmjax import parallel
+from mmjax.train.step import NO_CEILING
 from mmjax.train.trainer import build_trainer
 from tests.test_models import VOCAB, tiny_config
 
@@ -38,7 +39,9 @@ def train_losses(config, devices, steps=20):
     with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
         out = []
         for batch in synthetic_batches(steps, config.batch_size):
-            state, m = trainer.step(state, parallel.global_batch(batch, trainer.batch_sharding))
+            state, m = trainer.step(
+                state, parallel.global_batch(batch, trainer.batch_sharding), NO_CEILING
+            )
             out.append(float(m["train/loss"]))
     return np.array(out), state
 

@@ -4,11 +4,13 @@ import glob
 import importlib.util
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -78,17 +80,13 @@ def test_every_config_runs_one_step(path, data_dir, tmp_path):
     config.batch_size = 16
     config.eval.batch_size = 32
     summary = run(config, str(tmp_path))
-    for key in (
-        "zeroshot/shape/top1_heldout",
-        "zeroshot/color/top1_heldout",
-        "zeroshot/shape/top1_seen",
-        "zeroshot/color/top1_seen",
-        "retrieval/t2i/r1",
-        "retrieval/t2i/r5",
-        "retrieval/i2t/r1",
-        "steps",
-        "wall_seconds",
-    ):
+    if config.data.name == "shapes":
+        expected = ["zeroshot/shape/top1_heldout", "zeroshot/color/top1_heldout"]
+        expected += ["zeroshot/shape/top1_seen", "zeroshot/color/top1_seen"]
+        expected += ["retrieval/t2i/r1", "retrieval/t2i/r5", "retrieval/i2t/r1"]
+    else:  # configs/digits.py: its eval.tasks
+        expected = ["zeroshot/digits/top1", "retrieval/digits/t2i_r5", "linear_probe/digits/top1"]
+    for key in [*expected, "steps", "wall_seconds", "train/skipped_steps"]:
         assert key in summary
     on_disk = json.load(open(tmp_path / "summary.json"))
     assert on_disk["steps"] == 1
@@ -147,24 +145,39 @@ def assert_same_losses(reference, workdir, total_steps):
 
 
 @pytest.mark.slow
-def test_sigkill_after_checkpoint_resumes_exactly(data_dir, tmp_path):
-    steps = ["--config.total_steps=16", "--config.checkpoint_every=4"]
-    env, reference, killed, proc = reference_and_second_run(tmp_path, data_dir, steps, "killed")
-    # SIGKILL as soon as the step-8 checkpoint is complete on disk (orbax renames its
-    # temporary directory into place only when the save is finished).
-    deadline = time.time() + 300
-    while not os.path.isdir(killed / "checkpoints" / "8") and time.time() < deadline:
-        assert proc.poll() is None, "run ended before it could be killed"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not os.path.exists(killed / "summary.json")
+def test_sigkill_at_random_points_resumes_exactly(data_dir, tmp_path):
+    """SIGKILL three times at random moments (mid-step, mid-save, mid-log, ...): each rerun
+    resumes from the newest complete checkpoint, and the finished run logs every step once
+    with the uninterrupted run's losses, and ends with its parameters, bit for bit."""
+    from tests.test_checkpoint_recovery import final_params
 
-    resumed = subprocess.run(
-        train_cmd(killed, data_dir, *steps), env=env, capture_output=True, text=True, check=True
-    )
-    assert "Resumed from step" in resumed.stdout
+    steps = ["--config.total_steps=16", "--config.checkpoint_every=3"]
+    env, reference, killed, proc = reference_and_second_run(tmp_path, data_dir, steps, "killed")
+    rng = random.Random(0)
+    targets = sorted(rng.sample(range(2, 15), 3))  # kill once the run has logged these steps
+    for kill, target in enumerate(targets):
+        if kill:
+            proc = subprocess.Popen(
+                train_cmd(killed, data_dir, *steps),
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        deadline = time.time() + 300
+        while max(losses(killed), default=0) < target and time.time() < deadline:
+            assert proc.poll() is None, "run ended before it could be killed"
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.3))  # somewhere inside the next step or save
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not os.path.exists(killed / "summary.json")
+
+    subprocess.run(train_cmd(killed, data_dir, *steps), env=env, capture_output=True, check=True)
     assert_same_losses(reference, killed, 16)
+    (ref_step, ref_params), (step, params) = final_params(reference), final_params(killed)
+    assert ref_step == step == 16
+    for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.slow
@@ -234,20 +247,32 @@ def test_cli_meshes_match_single_device(data_dir, tmp_path):
         )
 
 
-def test_bad_config_exits_2_before_training(tmp_path):
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("--config.loss=hinge", "loss='hinge' is unknown"),
+        (
+            "--config.data.nme=x",
+            "unknown config field in the --config.* overrides: 'nme' Did you mean \"name\"",
+        ),
+        ("--config.batch_size=abc", "--config.batch_size=abc: invalid literal"),
+        ("--config=configs/no_such_recipe.py", "No such file or directory"),
+        ("--config.batch_size=12", "batch_size 12 is not divisible by the 8 devices"),
+        ("--config.data.augment=mixup", "data.augment='mixup' is unknown"),
+    ],
+)
+def test_bad_config_exits_2_before_training(tmp_path, arg, message):
     proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO, "train.py"),
-            f"--workdir={tmp_path}",
-            "--config.loss=hinge",
-        ],
+        [sys.executable, os.path.join(REPO, "train.py"), f"--workdir={tmp_path}", arg],
         capture_output=True,
         text=True,
-        env=env_with_devices(1),
+        env={**env_with_devices(8), "MMJAX_MALLOC_TUNING": "0"},
+        cwd=REPO,
     )
-    assert proc.returncode == 2
-    assert "loss='hinge' is unknown" in proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: "), proc.stderr
+    assert message in errors[0]
     assert not os.path.exists(tmp_path / "checkpoints")
 
 

@@ -56,6 +56,7 @@ import numpy as np
 from mmjax import parallel
 from mmjax.bench import common, flops
 from mmjax.data import pipeline
+from mmjax.train.step import NO_CEILING
 
 DTYPES = ("float32", "bfloat16")
 
@@ -131,13 +132,13 @@ def build_mmjax_variant(config, vocab: int, dtype: str, devices: list, batch_np:
         state = trainer.init(jax.random.key(c.seed))
         batch = parallel.global_batch(batch_np, trainer.batch_sharding)
         start = time.perf_counter()
-        compiled = trainer.step.lower(state, batch).compile()
+        compiled = trainer.step.lower(state, batch, NO_CEILING).compile()
         compile_s = time.perf_counter() - start
     param_count = sum(int(x.size) for x in jax.tree.leaves(state.params))
     holder = [state]  # the step donates its input state: always pass the newest one
 
     def step():
-        holder[0], metrics = compiled(holder[0], batch)
+        holder[0], metrics = compiled(holder[0], batch, NO_CEILING)
         return holder[0], metrics
 
     stats = common.compiled_stats(compiled)

@@ -1,12 +1,15 @@
-"""Embedding a whole split on the training mesh, with padding so no example is lost."""
+"""Embedding a whole split on the training mesh, with padding so no example is lost, and
+streaming the eval view of a dataset split into it."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mmjax import parallel
+from mmjax.data import pipeline, preprocess, sources, tokenizers
 
 
 def embed_all(
@@ -49,3 +52,57 @@ def jit_encoder(apply_fn: Callable, sharding: NamedSharding) -> Callable:
     """Jits `apply_fn(params, inputs)` with a replicated output, as `embed_all` needs."""
     replicated = NamedSharding(sharding.mesh, PartitionSpec())
     return jax.jit(apply_fn, out_shardings=replicated)
+
+
+class EvalImages:
+    """The eval view (shorter side resized, center crop, normalised) of a split's rows, built per
+    slice, so `embed_all` streams a large split instead of holding it whole. Labels and
+    captions of the rows read are kept on the way (`labels`, `captions`)."""
+
+    def __init__(self, source: sources.Source, size: int, rows: np.ndarray | None = None):
+        self._source, self._size = source, size
+        self.rows = np.arange(len(source)) if rows is None else np.asarray(rows)
+        self.labels = np.full(len(self.rows), -1, dtype=np.int64)
+        self.captions: list[list[str]] = [[] for _ in self.rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        positions = np.arange(len(self.rows))[key]
+        examples = self._source.__getitems__(self.rows[positions].tolist())
+        images = []
+        for position, example in zip(positions, examples, strict=True):
+            self.labels[position] = example.get("label", -1)
+            self.captions[position] = example["captions"]
+            image = preprocess.decode(example["image"])
+            images.append(preprocess.resize_center_crop(image, self._size))
+        return preprocess.normalize(np.stack(images))
+
+
+class Embedder:
+    """Both towers on the training mesh, in eval batches (see `embed_all`)."""
+
+    def __init__(self, config, model: nn.Module, sharding: NamedSharding):
+        self.batch_size = config.eval.batch_size
+        self.image_size = config.data.image_size
+        self.tokenizer = pipeline.tokenizer_for(config.data)
+        self._sharding = sharding
+        self._image = jit_encoder(
+            lambda p, x: model.apply({"params": p}, x, method=model.encode_image), sharding
+        )
+        self._text = jit_encoder(
+            lambda p, x: model.apply({"params": p}, x, method=model.encode_text), sharding
+        )
+
+    def images(self, params, view) -> np.ndarray:
+        return embed_all(self._image, params, view, self.batch_size, self._sharding)
+
+    def texts(self, params, texts: Sequence[str]) -> np.ndarray:
+        # Each distinct text is embedded once. Besides saving work (templated captions repeat),
+        # it makes equal texts score exactly equal: XLA's last bits depend on the batch layout,
+        # which would otherwise break such ties at random instead of by the ranking's rule.
+        position = {text: i for i, text in enumerate(dict.fromkeys(texts))}
+        tokens = tokenizers.token_ids(self.tokenizer, list(position))
+        emb = embed_all(self._text, params, tokens, self.batch_size, self._sharding)
+        return emb[[position[text] for text in texts]]

@@ -10,18 +10,24 @@ import ml_collections
 
 from mmjax import checkpoint, metrics, parallel
 from mmjax.data import pipeline
-from mmjax.eval.shapes_eval import ShapesEvaluator
+from mmjax.data.sources import DataError
+from mmjax.eval.tasks import TaskError, build_evaluator
+from mmjax.train.guard import BadStepsError, SpikeDetector, StepGuard
 from mmjax.train.preemption import PreemptionGuard
 from mmjax.train.pretrained import read_text_tower, with_pretrained
 from mmjax.train.trainer import build_trainer
-from mmjax.train.validate import ConfigError, validate_config, validate_workdir
+from mmjax.train.validate import (
+    ConfigError,
+    validate_config,
+    validate_disk_space,
+    validate_workdir,
+)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns the summary."""
-    t_start = time.time()
+def _preflight(config: ml_collections.ConfigDict, workdir: str):
+    """Every check that can fail on a bad setting, before anything compiles or trains:
+    returns (mesh, trainer, evaluator, train iterator, checkpointer), or raises ConfigError."""
     validate_config(config)
-    workdir = os.path.abspath(workdir)
     is_main = jax.process_index() == 0
     if is_main:
         validate_workdir(workdir)
@@ -45,9 +51,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"{tokenizer.pad_id}, but model.text.eot_id={text.eot_id} and pad_id={text.pad_id}; "
             "set them to the tokenizer's"
         )
-    trainer = build_trainer(config, mesh, tokenizer.vocab_size)
-    pretrained_text = read_text_tower(config)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
+    trainer = build_trainer(config, mesh, tokenizer.vocab_size)  # traces shapes, no compile
+    ckpt = checkpoint.Checkpointer(
+        os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints
+    )
+    if is_main:
+        validate_disk_space(
+            workdir, trainer.abstract_state, config.keep_checkpoints, len(ckpt.all_steps())
+        )
+    try:
         train_iter = pipeline.train_iterator(
             config.data,
             seed=config.seed,
@@ -55,9 +67,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
-        ckpt = checkpoint.Checkpointer(
-            os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints
+        evaluator = build_evaluator(
+            config, trainer.model, trainer.batch_sharding, config.eval.tasks
         )
+    except (DataError, TaskError) as e:
+        raise ConfigError(str(e)) from e
+    return mesh, trainer, evaluator, train_iter, ckpt
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns the summary.
+
+    Raises ConfigError (before compiling anything) for settings that cannot work, and
+    `guard.BadStepsError` when bad steps end the run (see `mmjax.train.guard`).
+    """
+    t_start = time.time()
+    workdir = os.path.abspath(workdir)
+    is_main = jax.process_index() == 0
+    mesh, trainer, evaluator, train_iter, ckpt = _preflight(config, workdir)
+    pretrained_text = read_text_tower(config)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
         restored = ckpt.restore(trainer.abstract_state, train_iter)
         if restored is None:
             start, state = 0, trainer.init(jax.random.key(config.seed))
@@ -72,36 +101,61 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             batch_size=config.batch_size,
             is_main=is_main,
         )
-        evaluator = ShapesEvaluator(config, trainer.model, trainer.batch_sharding)
+        spikes = SpikeDetector(config.guard.spike_zscore, config.guard.spike_window)
+        step_guard = StepGuard(config.guard.policy, config.guard.max_consecutive_skips)
+        step_guard.start(start, int(jax.device_get(state.skipped)))
+
+        def check_bad_steps(done: int) -> None:
+            counters = jax.device_get((state.skipped, state.last_skipped, state.skip_streak))
+            warning = step_guard.check(done, *(int(c) for c in counters))
+            if warning and is_main:
+                print(warning)
 
         last_log = (start, time.time())
         last_metrics: dict = {}
         preempted_at = None
-        with PreemptionGuard() as guard:
-            for step in range(start, config.total_steps):
-                batch = parallel.global_batch(next(train_iter), trainer.batch_sharding)
-                state, step_metrics = trainer.step(state, batch)
-                done = step + 1
-                if done % config.log_every == 0 or done == config.total_steps:
-                    last_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                    now = time.time()
-                    rate = (done - last_log[0]) * config.batch_size / max(now - last_log[1], 1e-9)
-                    last_log = (done, now)
-                    writer.write(done, {**last_metrics, "perf/samples_per_second": rate})
-                    writer.progress(done, last_metrics["train/loss"])
-                eval_due = config.eval_every and done % config.eval_every == 0
-                if eval_due and done < config.total_steps:
-                    writer.write(done, evaluator(state.params))
-                stop = guard.requested() and done < config.total_steps
-                if (
-                    (config.checkpoint_every and done % config.checkpoint_every == 0)
-                    or done == config.total_steps
-                    or stop
-                ):
-                    ckpt.save(done, state, train_iter)
-                if stop:
-                    preempted_at = done
-                    break
+        try:
+            with PreemptionGuard() as guard:
+                for step in range(start, config.total_steps):
+                    batch = parallel.global_batch(next(train_iter), trainer.batch_sharding)
+                    if spikes.enabled:  # (the step donates `state`: read it first)
+                        skipped_before = int(jax.device_get(state.skipped))
+                    state, step_metrics = trainer.step(state, batch, spikes.ceiling())
+                    if spikes.enabled:  # needs this step's loss on the host (see guard.py)
+                        loss, after = jax.device_get((step_metrics["train/loss"], state.skipped))
+                        spikes.observe(float(loss), applied=int(after) == skipped_before)
+                    done = step + 1
+                    log_due = done % config.log_every == 0 or done == config.total_steps
+                    stop = guard.requested() and done < config.total_steps
+                    save_due = (
+                        (config.checkpoint_every and done % config.checkpoint_every == 0)
+                        or done == config.total_steps
+                        or stop
+                    )
+                    if log_due or save_due:  # never save past a bad step under "stop"
+                        check_bad_steps(done)
+                    if log_due:
+                        last_metrics = {
+                            k: float(v) for k, v in jax.device_get(step_metrics).items()
+                        }
+                        now = time.time()
+                        elapsed = max(now - last_log[1], 1e-9)
+                        rate = (done - last_log[0]) * config.batch_size / elapsed
+                        last_log = (done, now)
+                        writer.write(done, {**last_metrics, "perf/samples_per_second": rate})
+                        writer.progress(done, last_metrics["train/loss"])
+                    eval_due = config.eval_every and done % config.eval_every == 0
+                    if eval_due and done < config.total_steps:
+                        writer.write(done, evaluator(state.params))
+                    if save_due:
+                        ckpt.save(done, state, train_iter)
+                    if stop:
+                        preempted_at = done
+                        break
+        except BadStepsError:
+            ckpt.close()  # finishes writing the last good checkpoint
+            writer.close()
+            raise
         if preempted_at is not None:
             ckpt.close()  # waits for the asynchronous save
             writer.close()
@@ -112,6 +166,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             return {"steps": preempted_at, "preempted": True, "workdir": workdir}
 
         final = evaluator(state.params)
+        skipped = int(jax.device_get(state.skipped))
         ckpt.close()
     writer.write(config.total_steps, final)
     summary = {
@@ -119,6 +174,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "steps": config.total_steps,
         "wall_seconds": time.time() - t_start,
         "train/loss": last_metrics.get("train/loss", _last_logged_loss(workdir)),
+        "train/skipped_steps": skipped,
         "workdir": workdir,
     }
     writer.write_summary(summary)

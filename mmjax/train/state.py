@@ -19,6 +19,12 @@ class TrainState(flax.struct.PyTreeNode):
     step: jax.Array
     params: Any
     opt_state: optax.OptState
+    # Steps whose update was not applied (non-finite loss, gradient or parameters, or a loss
+    # spike; see `step.train_step`), the newest such step (0 = none), and how many of the
+    # latest steps in a row were skipped. Checkpointed, so a resumed run keeps counting.
+    skipped: jax.Array
+    last_skipped: jax.Array
+    skip_streak: jax.Array
 
 
 def sharded_initializer(
@@ -38,7 +44,15 @@ def sharded_initializer(
     def boxed_state(key: jax.Array) -> TrainState:
         params = init_variables(key)["params"]
         # Initialising the optimizer on boxed params gives its moments the same logical axes.
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(
+            step=zero,
+            params=params,
+            opt_state=tx.init(params),
+            skipped=zero,
+            last_skipped=zero,
+            skip_streak=zero,
+        )
 
     abstract_boxed = jax.eval_shape(boxed_state, rng)
     logical_specs = nn.get_partition_spec(abstract_boxed)

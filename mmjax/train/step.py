@@ -6,6 +6,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -64,15 +65,24 @@ class ContrastiveObjective:
         return self.loss(*self.embed(params, batch))
 
 
+NO_CEILING = np.float32(np.inf)  # the `loss_ceiling` that disables spike skipping
+
+
 def train_step(
     state: TrainState,
     batch: dict,
+    loss_ceiling: jax.Array,
     *,
     objective: ContrastiveObjective,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     microbatches: int = 1,
 ) -> tuple[TrainState, dict]:
+    """One optimizer step. The update is applied only if the loss, the gradient norm and the
+    new parameters are finite and the loss is at most `loss_ceiling` (+inf = no spike check);
+    otherwise parameters and optimizer state stay as they were, the step still counts (the
+    batch is consumed) and `skipped` records it. So a non-finite value never enters the
+    state, and never a checkpoint."""
     if microbatches == 1:
         (loss, logs), grads = jax.value_and_grad(objective, has_aux=True)(state.params, batch)
     else:
@@ -81,26 +91,42 @@ def train_step(
         )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(params)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+    ok &= loss <= loss_ceiling
+    keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    step = state.step + 1
+    new_state = state.replace(
+        step=step,
+        params=keep_old(params, state.params),
+        opt_state=keep_old(opt_state, state.opt_state),
+        skipped=state.skipped + (~ok).astype(jnp.int32),
+        last_skipped=jnp.where(ok, state.last_skipped, step),
+        skip_streak=jnp.where(ok, 0, state.skip_streak + 1),
+    )
     metrics = {
         "train/loss": loss,
-        "train/grad_norm": optax.tree.norm(grads),
-        "train/param_norm": optax.tree.norm(params),
+        "train/grad_norm": grad_norm,
+        "train/param_norm": optax.tree.norm(new_state.params),
         "train/lr": schedule(state.step),
+        "train/skipped_steps": new_state.skipped,
         **logs,
     }
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
 
 def jit_train_step(objective, tx, schedule, state_shardings, batch_sharding, microbatches=1):
-    """Jits the step once with explicit shardings; the old state is donated (updated in place)."""
+    """Jits the step once with explicit shardings; the old state is donated (updated in place).
+
+    Call it as `step(state, batch, loss_ceiling)`, `NO_CEILING` to skip only non-finite steps.
+    """
     step = functools.partial(
         train_step, objective=objective, tx=tx, schedule=schedule, microbatches=microbatches
     )
     replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
     return jax.jit(
         step,
-        in_shardings=(state_shardings, batch_sharding),
+        in_shardings=(state_shardings, batch_sharding, replicated),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
     )

@@ -1,12 +1,16 @@
 """Checks that run before anything expensive: each failure says what to change."""
 
 import os
+import shutil
 
+import jax
 import ml_collections
+import numpy as np
 
 from mmjax import losses, sharded_losses
 from mmjax.data import preprocess
 from mmjax.models.layers import ACTIVATIONS, REMAT_POLICIES
+from mmjax.train import guard
 
 
 class ConfigError(ValueError):
@@ -65,6 +69,15 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"data.crop_scale={tuple(c.data.crop_scale)} must satisfy 0 < low <= high <= 1"
         )
+    if c.guard.policy not in guard.POLICIES:
+        raise ConfigError(
+            f"guard.policy={c.guard.policy!r} is unknown; use one of {', '.join(guard.POLICIES)}"
+        )
+    if c.guard.spike_zscore < 0 or c.guard.spike_window < 3:
+        raise ConfigError(
+            f"guard.spike_zscore={c.guard.spike_zscore} must be >= 0 (0 = off) and "
+            f"guard.spike_window={c.guard.spike_window} >= 3"
+        )
     if c.data.text_length < 4:
         raise ConfigError(f"data.text_length={c.data.text_length} is too short (min 4)")
 
@@ -78,3 +91,25 @@ def validate_workdir(workdir: str) -> None:
         os.remove(probe)
     except OSError as e:
         raise ConfigError(f"workdir {workdir!r} is not writable ({e}); pass --workdir DIR") from e
+
+
+def state_bytes(abstract_state) -> int:
+    """Bytes of one checkpoint's arrays (global shapes: every shard counted once)."""
+    leaves = jax.tree.leaves(abstract_state)
+    return int(sum(np.prod(x.shape, dtype=np.int64) * np.dtype(x.dtype).itemsize for x in leaves))
+
+
+def validate_disk_space(directory: str, abstract_state, keep: int, existing: int) -> None:
+    """Refuses a run whose checkpoints cannot fit: up to `keep` checkpoints plus the one being
+    written (orbax deletes the oldest only after the new one is complete), minus the
+    `existing` ones already on disk, each the size of the train state plus 10 % for metadata."""
+    per_checkpoint = 1.1 * state_bytes(abstract_state)
+    needed = max(keep + 1 - existing, 1) * per_checkpoint
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        gib = 1024**3
+        raise ConfigError(
+            f"the disk of {directory} has {free / gib:.2f} GiB free, but checkpoints of this "
+            f"run need {needed / gib:.2f} GiB ({per_checkpoint / gib:.2f} GiB each, keep_"
+            f"checkpoints={keep}); free space, lower keep_checkpoints or pass another --workdir"
+        )
