@@ -39,18 +39,6 @@ _ZH_TEMPLATES = (
 NUM_EN_CAPTIONS = len(_EN_TEMPLATES)
 NUM_ZH_CAPTIONS = len(_ZH_TEMPLATES)
 
-# Zero-shot evaluation: class names and prompt templates (English). The first template is
-# close to the canonical training caption; the others are phrasings training never uses, so
-# the mean over templates measures transfer to unseen wording, not only template recall.
-ZEROSHOT_CLASSNAMES = DIGIT_WORDS
-ZEROSHOT_TEMPLATES = (
-    "a handwritten digit {}.",
-    "a photo of the number {}.",
-    "a drawing of the number {}.",  # not "a {}": "a eight" would be ungrammatical
-    "an image of the digit {}.",
-    "a scan of a handwritten {}.",
-)
-
 
 @functools.cache
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
