@@ -160,3 +160,44 @@ def test_random_resized_crop_pipeline_is_deterministic(data_cfg):
         np.testing.assert_array_equal(x, y)
         assert x.shape == z.shape == (16, 32, 32, 3)
         assert not np.array_equal(x, z)
+
+
+@pytest.mark.slow
+def test_train_on_a_built_folder_reports_skipped_items(tmp_path):
+    """A user's folder end to end: build (two broken files among 40), train with random-resized
+    crops, evaluate retrieval on its validation split; the summary counts what was skipped."""
+    import json
+
+    from PIL import Image
+
+    from mmjax.data import build
+    from mmjax.train.loop import run
+    from tests.test_eval_tasks import tiny_config
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(40):
+        path = images / f"{i}.jpg"
+        Image.fromarray(rng.integers(0, 255, (30 + i, 40, 3), dtype=np.uint8)).save(path)
+        rows.append({"image": f"{i}.jpg", "captions": [f"picture {i}", f"图片 {i}"]})
+    (images / "3.jpg").write_bytes(b"")  # zero bytes
+    (images / "7.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    data_dir = str(tmp_path / "tfds")
+    argv = ["--images", str(images), "--captions", str(tmp_path / "captions.jsonl")]
+    assert (
+        build.main([*argv, "--name", "mine", "--data-dir", data_dir, "--val-fraction", "0.2"]) == 0
+    )
+
+    config = tiny_config(data_dir)
+    config.data.update(name="mine", augment="random_resized_crop", flip=True)
+    config.total_steps, config.eval_every, config.batch_size = 3, 0, 16
+    config.eval.tasks = ("retrieval:mine",)
+    summary = run(config, str(tmp_path / "run"))
+    assert summary["data/images_kept"] == 38 and summary["data/images_skipped"] == 2
+    assert summary["data/skipped/empty_file"] == 1 and summary["data/skipped/undecodable"] == 1
+    assert 0.0 <= summary["retrieval/mine/t2i_r1"] <= 1.0
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert on_disk["data/images_skipped"] == 2

@@ -221,3 +221,24 @@ def read_prompts(name: str) -> dict[str, Any]:
         return {}
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def build_counts(data_cfg: ml_collections.ConfigDict) -> dict[str, int | float]:
+    """What `python -m mmjax.data.build` kept and skipped for the training dataset (from the
+    `build_report.json` beside it), as `data/*` summary entries; {} for other datasets."""
+    data_dir = builtin_build.resolve_data_dir(data_cfg.data_dir or None)
+    version_dir = None if data_cfg.name in BUILTIN else prepared_dir(data_dir, data_cfg.name)
+    if version_dir is None:
+        return {}
+    path = os.path.join(os.path.dirname(version_dir), "build_report.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        report = json.load(f)
+    out = {
+        "data/images_kept": report["kept_images"],
+        "data/images_skipped": report["skipped_images"],
+        "data/bad_fraction": report["bad_fraction"],
+    }
+    out.update({f"data/skipped/{reason}": n for reason, n in report.get("skipped", {}).items()})
+    return out

@@ -9,7 +9,7 @@ import jax
 import ml_collections
 
 from mmjax import checkpoint, metrics, parallel
-from mmjax.data import pipeline
+from mmjax.data import pipeline, sources
 from mmjax.data.sources import DataError
 from mmjax.eval.tasks import TaskError, build_evaluator
 from mmjax.train.guard import BadStepsError, SpikeDetector, StepGuard
@@ -175,6 +175,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "wall_seconds": time.time() - t_start,
         "train/loss": last_metrics.get("train/loss", _last_logged_loss(workdir)),
         "train/skipped_steps": skipped,
+        **sources.build_counts(config.data),
         "workdir": workdir,
     }
     writer.write_summary(summary)
