@@ -10,6 +10,9 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    # What is trained (mmjax/tasks): "contrastive" two-tower pretraining, or one of the tasks
+    # whose configs are in configs/ (classification, VQA, matching, captioning, video, text).
+    c.task = "contrastive"
     c.seed = 0
     c.total_steps = 600
     c.batch_size = 64  # global, across all devices and processes

@@ -111,15 +111,23 @@ def _derived_seeds(seed: int) -> tuple[int, int]:
     return int(shuffle_seed), int(caption_seed)
 
 
-def train_dataset(
-    data_cfg: ml_collections.ConfigDict,
+def batched_stream(
+    source,
+    example_map: grain.transforms.RandomMap | None,
     *,
     seed: int,
     global_batch_size: int,
     process_index: int,
     process_count: int,
+    batch_map=None,
 ) -> grain.MapDataset:
-    """The infinite, random-access dataset of this process's batches (see module doc)."""
+    """The infinite, random-access stream of this process's batches of `source` (see the module
+    doc): every task's training data goes through here, so all share its guarantees (global
+    shuffle per epoch, whole global batches, disjoint per-process rows, one-integer state).
+
+    `example_map` turns a source element into a dict of numpy arrays, with a generator seeded
+    from the global stream position; `batch_map` (optional) transforms each stacked batch.
+    """
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"bad process_index={process_index} for process_count={process_count}")
     if global_batch_size <= 0 or global_batch_size % process_count:
@@ -128,27 +136,56 @@ def train_dataset(
             f"process_count={process_count}; each process loads an equal slice of every batch"
         )
     local_batch_size = global_batch_size // process_count
-    source = train_source(data_cfg)
     steps_per_epoch = len(source) // global_batch_size
     if steps_per_epoch == 0:
         raise ValueError(
             f"global_batch_size={global_batch_size} exceeds the {len(source)} training examples"
         )
-    shuffle_seed, caption_seed = _derived_seeds(seed)
+    shuffle_seed, map_seed = _derived_seeds(seed)
     ds = grain.MapDataset.source(source)
     # Shuffle, then keep whole global batches of each epoch: a batch never spans two epochs,
     # which would put the same image twice in it (a false negative for contrastive losses).
     # Slicing past the end wraps to the next epoch's permutation, so repeat() only needs to
     # make the length infinite.
     ds = ds.shuffle(seed=shuffle_seed)[: steps_per_epoch * global_batch_size].repeat()
-    # Before the per-process cut, so a caption choice depends on the global stream position
-    # only, and a run picks the same captions on any number of processes.
-    ds = ds.random_map(_DecodeAndPickCaption(tokenizer_for(data_cfg), data_cfg), seed=caption_seed)
+    # Before the per-process cut, so a random choice (caption, crop, mask) depends on the global
+    # stream position only, and a run makes the same choices on any number of processes.
+    if example_map is not None:
+        ds = ds.random_map(example_map, seed=map_seed)
     # Sub-batch j covers global positions [j*b, (j+1)*b): global batch k is sub-batches
     # k*P ... k*P + P-1, and process p takes sub-batch k*P + p.
     ds = ds.batch(local_batch_size, drop_remainder=True)
     ds = ds[process_index::process_count]
-    return ds.map(_normalize_batch)
+    return ds if batch_map is None else ds.map(batch_map)
+
+
+def train_dataset(
+    data_cfg: ml_collections.ConfigDict,
+    *,
+    seed: int,
+    global_batch_size: int,
+    process_index: int,
+    process_count: int,
+) -> grain.MapDataset:
+    """The image–caption training stream of `data.name` (contrastive training)."""
+    return batched_stream(
+        train_source(data_cfg),
+        _DecodeAndPickCaption(tokenizer_for(data_cfg), data_cfg),
+        seed=seed,
+        global_batch_size=global_batch_size,
+        process_index=process_index,
+        process_count=process_count,
+        batch_map=_normalize_batch,
+    )
+
+
+def iterate(ds: grain.MapDataset, num_threads: int = 1, prefetch_batches: int = 2):
+    """A checkpointable iterator over `ds`: `num_threads` background threads prepare up to
+    `prefetch_batches` batches ahead (0 threads: each batch is loaded when requested)."""
+    # grain's defaults (16 threads, 500 elements) are sized for small records on remote
+    # disks; our elements are whole batches from a local file, so a couple suffice.
+    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_batches)
+    return iter(ds.to_iter_dataset(options))
 
 
 def train_iterator(
@@ -174,10 +211,7 @@ def train_iterator(
         process_index=process_index,
         process_count=process_count,
     )
-    # grain's defaults (16 threads, 500 elements) are sized for small records on remote
-    # disks; our elements are whole batches from a local file, so a couple suffice.
-    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_batches)
-    return iter(ds.to_iter_dataset(options))
+    return iterate(ds, num_threads, prefetch_batches)
 
 
 def eval_arrays(data_cfg: ml_collections.ConfigDict, split: str = "validation") -> dict:

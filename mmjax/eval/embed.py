@@ -12,6 +12,49 @@ from mmjax import parallel
 from mmjax.data import pipeline, preprocess, sources, tokenizers
 
 
+def predict_all(
+    apply: Callable[[dict, jax.Array], jax.Array],
+    params: dict,
+    inputs,
+    batch_size: int,
+    sharding: NamedSharding,
+):
+    """Runs `apply(params, batch)` over every row of `inputs` (an array, or a dict of arrays with
+    equal first dimensions, streamed by slices) in batches of `batch_size` rows, and returns the
+    outputs (a pytree of numpy arrays) of every row, in order. `apply` must be jitted with a
+    replicated output sharding so that every process can read the whole result.
+
+    The last partial batch is padded (with copies of row 0) up to `batch_size` so that one compiled
+    shape serves all batches; the padded rows are dropped from the result, never counted. Every
+    process passes the same `inputs`; each contributes its own slice of every batch.
+    """
+    is_dict = isinstance(inputs, dict)
+    n = len(next(iter(inputs.values()))) if is_dict else len(inputs)
+    dp = parallel.data_parallel_size(sharding.mesh)
+    batch_size = max(dp, batch_size // dp * dp)
+    nproc, pid = jax.process_count(), jax.process_index()
+    local = batch_size // nproc
+
+    def device_batch(chunk: np.ndarray, pad: int) -> jax.Array:
+        if pad:
+            chunk = np.concatenate([chunk, np.repeat(chunk[:1], pad, axis=0)])
+        return jax.make_array_from_process_local_data(
+            sharding, chunk[pid * local : (pid + 1) * local]
+        )
+
+    out = []
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        pad = batch_size - (stop - start)
+        if is_dict:
+            batch = {k: device_batch(np.asarray(v[start:stop]), pad) for k, v in inputs.items()}
+        else:
+            batch = device_batch(np.asarray(inputs[start:stop]), pad)
+        result = jax.device_get(apply(params, batch))
+        out.append(jax.tree.map(lambda x, keep=stop - start: np.asarray(x)[:keep], result))
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *out)
+
+
 def embed_all(
     encode: Callable[[dict, jax.Array], jax.Array],
     params: dict,
@@ -19,32 +62,8 @@ def embed_all(
     batch_size: int,
     sharding: NamedSharding,
 ) -> np.ndarray:
-    """Runs `encode(params, batch)` over `inputs` in batches of `batch_size` rows and returns the
-    L2-normalised float32 embeddings of every row, in order. `encode` must be jitted with a
-    replicated output sharding so that every process can read the whole result.
-
-    The last partial batch is padded (with copies of row 0) up to `batch_size` so that one compiled
-    shape serves all batches; the padded rows are dropped from the result, never counted. Every
-    process passes the same `inputs`; each contributes its own slice of every batch.
-    """
-    n = len(inputs)
-    dp = parallel.data_parallel_size(sharding.mesh)
-    batch_size = max(dp, batch_size // dp * dp)
-    nproc, pid = jax.process_count(), jax.process_index()
-    local = batch_size // nproc
-    out = []
-    for start in range(0, n, batch_size):
-        chunk = inputs[start : start + batch_size]
-        pad = batch_size - len(chunk)
-        if pad:
-            chunk = np.concatenate([chunk, np.repeat(chunk[:1], pad, axis=0)])
-        arr = jax.make_array_from_process_local_data(
-            sharding, chunk[pid * local : (pid + 1) * local]
-        )
-        emb = encode(params, arr)
-        emb = np.asarray(jax.device_get(emb))
-        out.append(emb[: batch_size - pad])
-    emb = np.concatenate(out).astype(np.float32)
+    """`predict_all` of an encoder: the L2-normalised float32 embeddings of every row."""
+    emb = predict_all(encode, params, inputs, batch_size, sharding).astype(np.float32)
     return emb / np.maximum(np.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
 
 

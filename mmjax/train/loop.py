@@ -9,9 +9,10 @@ import jax
 import ml_collections
 
 from mmjax import checkpoint, metrics, parallel
-from mmjax.data import pipeline, sources
+from mmjax.data import sources
 from mmjax.data.sources import DataError
-from mmjax.eval.tasks import TaskError, build_evaluator
+from mmjax.eval.tasks import TaskError
+from mmjax.tasks import get_task
 from mmjax.train.guard import BadStepsError, SpikeDetector, StepGuard
 from mmjax.train.preemption import PreemptionGuard
 from mmjax.train.pretrained import read_text_tower, with_pretrained
@@ -40,12 +41,15 @@ def _preflight(config: ml_collections.ConfigDict, workdir: str):
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=2, sort_keys=True))
 
+    task = get_task(config.task)
+    task.validate(config)
     try:
-        tokenizer = pipeline.tokenizer_for(config.data)
+        tokenizer = task.tokenizer(config)
     except (ValueError, FileNotFoundError, ImportError) as e:
         raise ConfigError(f"data.tokenizer={config.data.tokenizer!r}: {e}") from e
     text = config.model.text
-    if (tokenizer.eot_id, tokenizer.pad_id) != (text.eot_id, text.pad_id):
+    eot_pad = (getattr(tokenizer, "eot_id", None), getattr(tokenizer, "pad_id", None))
+    if hasattr(tokenizer, "eot_id") and eot_pad != (text.eot_id, text.pad_id):
         raise ConfigError(
             f"data.tokenizer={config.data.tokenizer!r} has EOT {tokenizer.eot_id} and pad "
             f"{tokenizer.pad_id}, but model.text.eot_id={text.eot_id} and pad_id={text.pad_id}; "
@@ -60,16 +64,8 @@ def _preflight(config: ml_collections.ConfigDict, workdir: str):
             workdir, trainer.abstract_state, config.keep_checkpoints, len(ckpt.all_steps())
         )
     try:
-        train_iter = pipeline.train_iterator(
-            config.data,
-            seed=config.seed,
-            global_batch_size=config.batch_size,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-        evaluator = build_evaluator(
-            config, trainer.model, trainer.batch_sharding, config.eval.tasks
-        )
+        train_iter = task.train_iterator(config, jax.process_index(), jax.process_count())
+        evaluator = task.evaluator(config, trainer.model, trainer.batch_sharding)
     except (DataError, TaskError) as e:
         raise ConfigError(str(e)) from e
     return mesh, trainer, evaluator, train_iter, ckpt
@@ -171,6 +167,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.write(config.total_steps, final)
     summary = {
         **final,
+        **({"task/metric_name": trainer.task.metric_name} if trainer.task.metric_name else {}),
         "steps": config.total_steps,
         "wall_seconds": time.time() - t_start,
         "train/loss": last_metrics.get("train/loss", _last_logged_loss(workdir)),

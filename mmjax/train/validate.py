@@ -18,6 +18,15 @@ class ConfigError(ValueError):
 
 
 def validate_config(c: ml_collections.ConfigDict) -> None:
+    from mmjax.tasks import TASKS, get_task  # (tasks import the trainer's modules)
+
+    if c.task not in TASKS:
+        raise ConfigError(f"task={c.task!r} is unknown; use one of {', '.join(sorted(TASKS))}")
+    if int(c.microbatches) > 1 and not get_task(c.task).supports_microbatches:
+        raise ConfigError(
+            f"microbatches={c.microbatches}: task={c.task!r} does not support GradCache; "
+            "set microbatches=1"
+        )
     if c.loss not in losses.LOSSES:
         raise ConfigError(f"loss={c.loss!r} is unknown; use one of {', '.join(losses.LOSSES)}")
     if c.loss_impl not in sharded_losses.IMPLS:

@@ -1,0 +1,21 @@
+"""Tasks by name (`config.task`): each module defines `TASK`, a `mmjax.tasks.base.Task`."""
+
+from __future__ import annotations
+
+import importlib
+
+from mmjax.tasks.base import Task, headline
+
+# name -> module; imported on first use so a run loads only what its task needs.
+TASKS = {
+    "contrastive": "mmjax.tasks.contrastive",
+}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"task={name!r} is unknown; use one of {', '.join(sorted(TASKS))}")
+    return importlib.import_module(TASKS[name]).TASK
+
+
+__all__ = ["TASKS", "Task", "get_task", "headline"]

@@ -1,0 +1,83 @@
+"""What a task supplies to the one trainer: a model, its objective, its data and its evaluation.
+
+`config.task` names a `Task` (see `mmjax.tasks.TASKS`). The trainer (`train/trainer.py`), the
+loop (`train/loop.py`), checkpointing, sharding, the bad-step guard and preemption are shared by
+all tasks; a task only says what is specific to it:
+
+  - `tokenizer(config)`: turns text into ids (`vocab_size`, `pad_id`, ...);
+  - `build_model(config, vocab_size)` and `example_batch(config)`: a batch of zeros (numpy,
+    batch size 1) with the keys and shapes the objective reads: it initialises the model;
+  - `objective(model, config, mesh, rules)`: `(params, batch) -> (loss, logs)`, pure and
+    jittable; objectives with `embed` and `loss` methods also support GradCache microbatches;
+  - `train_iterator(config, process_index, process_count)`: a checkpointable iterator of
+    host-local batches (build it with `pipeline.batched_stream`);
+  - `evaluator(config, model, batch_sharding)`: `params -> {metric: float}`; task runs report
+    their headline as `task/score` and the score of guessing as `task/chance`, named by
+    `metric_name` (written as `task/metric_name` into summary.json).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from mmjax import parallel
+from mmjax.data import pipeline
+
+
+class Task:
+    name: str = ""
+    metric_name: str | None = None  # the headline metric (None: no task/* entries)
+    supports_microbatches = False  # GradCache needs an objective with `embed` and `loss`
+
+    def validate(self, config: ml_collections.ConfigDict) -> None:
+        """Raises `train.validate.ConfigError` for settings this task cannot run with."""
+
+    def tokenizer(self, config: ml_collections.ConfigDict):
+        return pipeline.tokenizer_for(config.data)
+
+    def build_model(self, config: ml_collections.ConfigDict, vocab_size: int) -> nn.Module:
+        raise NotImplementedError
+
+    def example_batch(self, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def init_variables(
+        self, model: nn.Module, config: ml_collections.ConfigDict, key: jax.Array
+    ) -> dict:
+        """The model's variables for `key` (default: `model.init` on the example batch's model
+        inputs, `model_inputs(example_batch)`)."""
+        return model.init(key, *self.model_inputs(self.example_batch(config)))
+
+    def model_inputs(self, batch: dict) -> tuple:
+        """The positional arguments of `model.__call__` taken from a batch."""
+        raise NotImplementedError
+
+    def objective(
+        self,
+        model: nn.Module,
+        config: ml_collections.ConfigDict,
+        mesh: Mesh,
+        rules: parallel.Rules,
+    ) -> Callable:
+        raise NotImplementedError
+
+    def train_iterator(
+        self, config: ml_collections.ConfigDict, process_index: int, process_count: int
+    ):
+        raise NotImplementedError
+
+    def evaluator(
+        self, config: ml_collections.ConfigDict, model: nn.Module, batch_sharding: NamedSharding
+    ) -> Callable[[dict], dict]:
+        raise NotImplementedError
+
+
+def headline(score: float, chance: float) -> dict[str, float]:
+    """The `task/*` entries of an evaluation (the name is added to the summary by the loop)."""
+    return {"task/score": float(score), "task/chance": float(chance)}
