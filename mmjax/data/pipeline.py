@@ -58,7 +58,7 @@ def train_source(data_cfg: ml_collections.ConfigDict) -> sources.Source:
     return source
 
 
-class _DecodeAndPickCaption(grain.transforms.RandomMap):
+class DecodeAndPickCaption(grain.transforms.RandomMap):
     """Decodes and augments the image, and tokenizes one of the example's captions, chosen at
     random: the first (canonical) caption with probability `first_caption_prob`, else one of
     the others uniformly.
@@ -96,9 +96,9 @@ class _DecodeAndPickCaption(grain.transforms.RandomMap):
         }
 
 
-def _normalize_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def normalize_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     # Once per batch rather than per example: one vectorised op over [b, S, S, 3].
-    return {"image": preprocess.normalize(batch["image"]), "tokens": batch["tokens"]}
+    return {**batch, "image": preprocess.normalize(batch["image"])}
 
 
 def _derived_seeds(seed: int) -> tuple[int, int]:
@@ -113,7 +113,7 @@ def _derived_seeds(seed: int) -> tuple[int, int]:
 
 def batched_stream(
     source,
-    example_map: grain.transforms.RandomMap | None,
+    example_map: grain.transforms.RandomMap | grain.transforms.Map | None,
     *,
     seed: int,
     global_batch_size: int,
@@ -125,8 +125,9 @@ def batched_stream(
     doc): every task's training data goes through here, so all share its guarantees (global
     shuffle per epoch, whole global batches, disjoint per-process rows, one-integer state).
 
-    `example_map` turns a source element into a dict of numpy arrays, with a generator seeded
-    from the global stream position; `batch_map` (optional) transforms each stacked batch.
+    `example_map` turns a source element into a dict of numpy arrays (a `RandomMap` gets a
+    generator seeded from the global stream position); `batch_map` (optional) transforms each
+    stacked batch.
     """
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"bad process_index={process_index} for process_count={process_count}")
@@ -150,8 +151,10 @@ def batched_stream(
     ds = ds.shuffle(seed=shuffle_seed)[: steps_per_epoch * global_batch_size].repeat()
     # Before the per-process cut, so a random choice (caption, crop, mask) depends on the global
     # stream position only, and a run makes the same choices on any number of processes.
-    if example_map is not None:
+    if isinstance(example_map, grain.transforms.RandomMap):
         ds = ds.random_map(example_map, seed=map_seed)
+    elif example_map is not None:
+        ds = ds.map(example_map)
     # Sub-batch j covers global positions [j*b, (j+1)*b): global batch k is sub-batches
     # k*P ... k*P + P-1, and process p takes sub-batch k*P + p.
     ds = ds.batch(local_batch_size, drop_remainder=True)
@@ -170,12 +173,12 @@ def train_dataset(
     """The image–caption training stream of `data.name` (contrastive training)."""
     return batched_stream(
         train_source(data_cfg),
-        _DecodeAndPickCaption(tokenizer_for(data_cfg), data_cfg),
+        DecodeAndPickCaption(tokenizer_for(data_cfg), data_cfg),
         seed=seed,
         global_batch_size=global_batch_size,
         process_index=process_index,
         process_count=process_count,
-        batch_map=_normalize_batch,
+        batch_map=normalize_batch,
     )
 
 

@@ -247,15 +247,25 @@ def render(attrs: Attributes, image_size: int, rng: np.random.Generator) -> np.n
     texture, and the shape colour is jittered a little, so no two images are identical and
     the model cannot key on exact pixel values.
     """
+    return render_scene([attrs], image_size, rng)
+
+
+def render_scene(
+    objects: list[Attributes], image_size: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Draws `objects` (in order, later ones on top) on one background: uint8 [S, S, 3].
+    One object draws exactly what `render` does (the generator is used in the same order)."""
     s = image_size
     base = (rng.uniform(15, 55) + rng.uniform(-8, 8, size=3)).astype(np.float32)
     ramp = np.linspace(-1.0, 1.0, s, dtype=np.float32)
     gy, gx = rng.uniform(-10, 10, size=2).astype(np.float32)
-    color = COLOR_RGB[attrs.color] * rng.uniform(0.85, 1.05) + rng.uniform(-12, 12, size=3)
-    mask = _shape_mask(attrs, s, rng)[:, :, None]
-    # Blend the background towards the shape colour by the anti-aliased coverage.
     gradient = (gy * ramp)[:, None, None] + (gx * ramp)[None, :, None]
-    image = base + gradient + mask * (color.astype(np.float32) - base - gradient)
+    image = base + gradient
+    for attrs in objects:
+        color = COLOR_RGB[attrs.color] * rng.uniform(0.85, 1.05) + rng.uniform(-12, 12, size=3)
+        mask = _shape_mask(attrs, s, rng)[:, :, None]
+        # Blend towards the shape colour by the anti-aliased coverage.
+        image = image + mask * (color.astype(np.float32) - image)
     # Mottled lighting: coarse luminance noise, bilinearly upsampled. Smooth noise keeps PNGs
     # small (~3 KB at 64 px versus ~8 KB with per-pixel noise) and fast to encode.
     coarse = rng.standard_normal(size=(max(2, s // 8),) * 2, dtype=np.float32) * 6.0

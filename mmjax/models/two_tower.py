@@ -78,8 +78,8 @@ class TwoTower(nn.Module):
         return img_BE / (img_norm_B + 1e-6), txt_BE / (txt_norm_B + 1e-6), aux
 
 
-def build_two_tower(config: ml_collections.ConfigDict, vocab_size: int) -> TwoTower:
-    """Builds the model of `config.model` with compute dtype `config.dtype`."""
+def build_towers(config: ml_collections.ConfigDict, vocab_size: int) -> tuple[ViT, nn.Module]:
+    """The image and text towers of `config.model`, compute dtype `config.dtype`."""
     m = config.model
     dtype = jnp.dtype(config.dtype)
     # Compute and memory settings every tower takes alike.
@@ -123,6 +123,12 @@ def build_two_tower(config: ml_collections.ConfigDict, vocab_size: int) -> TwoTo
         text = BertTextTower(bert, pad_id=m.text.pad_id, frozen=m.text.frozen)
     else:
         raise ValueError(f"model.text.kind={m.text.kind!r}; use 'transformer' or 'hf_bert'")
+    return image, text
+
+
+def build_two_tower(config: ml_collections.ConfigDict, vocab_size: int) -> TwoTower:
+    """Builds the model of `config.model` with compute dtype `config.dtype`."""
+    image, text = build_towers(config, vocab_size)
     if config.loss == "sigmoid":  # SigLIP's initialisation: t = 10, b = -10.
         scale_init, bias_init = math.log(10.0), -10.0
     else:
@@ -130,8 +136,8 @@ def build_two_tower(config: ml_collections.ConfigDict, vocab_size: int) -> TwoTo
     return TwoTower(
         image=image,
         text=text,
-        embed_dim=m.embed_dim,
+        embed_dim=config.model.embed_dim,
         logit_scale_init=scale_init,
         logit_bias_init=bias_init,
-        dtype=dtype,
+        dtype=jnp.dtype(config.dtype),
     )

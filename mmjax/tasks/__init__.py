@@ -9,6 +9,8 @@ from mmjax.tasks.base import Task, headline
 # name -> module; imported on first use so a run loads only what its task needs.
 TASKS = {
     "contrastive": "mmjax.tasks.contrastive",
+    "classification": "mmjax.tasks.classification",
+    "matching": "mmjax.tasks.matching",
 }
 
 

@@ -1,0 +1,44 @@
+"""Shared base of the fusion task recipes (mm_classification, vqa, matching): the default towers,
+a bidirectional text tower (every text token is a fusion input), and a `model.fusion` block.
+
+Not a recipe to train by itself: it trains the multimodal classification task (as
+configs/mm_classification.py does).
+"""
+
+import ml_collections
+
+from configs import default
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = default.get_config()
+    c.task = "classification"
+    c.data.name = "shapes_mmc"
+    c.data.num_train = 6000
+    c.data.num_val = 1000
+    c.total_steps = 300
+    c.batch_size = 64
+    c.eval_every = 100
+    c.checkpoint_every = 100
+    c.optim.text_frozen_steps = 0
+    c.optim.warmup_steps = 30
+    c.model.text.causal = False  # mean-pooled, every token sees the whole text
+    c.model.image.depth = 3
+    c.model.text.depth = 2
+    # kind: early_concat | late_concat | gmu | tensor | low_rank | cross_attention |
+    # co_attention | bottleneck (mmjax/models/fusion.py). width: the fused width (pooled
+    # fusions' output, early_concat/bottleneck's stream); depth/num_heads/mlp_dim: the
+    # fusion's own Transformer layers (late_concat: mlp_dim is its hidden width); rank_dim:
+    # tensor fusion's per-modality projection; rank: low-rank fusion's rank.
+    c.model.fusion = ml_collections.ConfigDict(
+        dict(
+            kind="cross_attention",
+            width=128,
+            depth=1,
+            num_heads=4,
+            mlp_dim=256,
+            rank_dim=16,
+            rank=4,
+        )
+    )
+    return c

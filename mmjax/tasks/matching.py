@@ -1,0 +1,244 @@
+"""Image–text matching pretraining (ALBEF-style) as a weighted multi-task sum of three
+objectives on image–caption data:
+
+  itc  contrastive loss of the two towers' embeddings (softmax InfoNCE);
+  itm  match / no-match of the fusion's pooled text stream on the positive pairs plus one hard
+       negative text per image and one hard negative image per text, sampled in proportion to
+       the contrastive similarity (identical captions never count as negatives);
+  mlm  masked language modelling of the caption by the fused text stream, i.e. conditioned on
+       the image (bytes tokenizer: the unused id `vocab_size - 1` is the mask token).
+
+Weights: `config.matching.{itc,itm,mlm}`. The randomness (negatives, masks) comes from a seed
+drawn per example by the data pipeline, so it is deterministic, resumes exactly and is the same
+on any mesh.
+
+Evaluation on the validation split of a shapes-like dataset with attribute labels: every image
+with its canonical caption (match) and with the caption of the same image with one attribute
+changed (colour, shape, size or position; no match). `task/score` is the ITM accuracy over these
+pairs, `task/chance` 0.5. `matching/mlm_color` is the fraction of captions whose masked colour
+word the MLM head restores exactly (text alone cannot know it: chance is 1/8).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax import losses, objectives
+from mmjax.data import pipeline, shapes, tokenizers
+from mmjax.eval.embed import jit_encoder, predict_all
+from mmjax.models.matching_model import build_matching_model
+from mmjax.tasks.base import headline
+from mmjax.tasks.contrastive import ContrastiveTask
+
+_ATTRIBUTES = ("color", "shape", "size", "position")
+_VALUES = {"color": shapes.COLORS, "shape": shapes.SHAPES, "size": shapes.SIZES}
+_VALUES["position"] = shapes.POSITIONS
+
+
+class _CaptionAndSeed(pipeline.DecodeAndPickCaption):
+    def random_map(self, element, rng):
+        out = super().random_map(element, rng)
+        return {**out, "seed": np.uint32(rng.integers(2**32))}
+
+
+def mask_id_of(tokenizer) -> int:
+    """The tokenizer's mask token, or its last (unused) id for the bytes tokenizer."""
+    if hasattr(tokenizer, "mask_id"):
+        return int(tokenizer.mask_id)
+    if isinstance(tokenizer, tokenizers.ByteTokenizer):
+        return tokenizer.vocab_size - 1  # 259 ids are used, the vocab is padded to 264
+    raise ValueError(f"{type(tokenizer).__name__} has no mask token for the MLM objective")
+
+
+class MatchingObjective:
+    def __init__(self, model, weights: dict, tokenizer, pad_id: int):
+        self.model = model
+        self.weights = {k: float(v) for k, v in weights.items() if float(v) != 0.0}
+        self.pad_id = pad_id
+        self.vocab_size = tokenizer.vocab_size
+        self.mask_id = mask_id_of(tokenizer)
+        specials = {
+            pad_id,
+            getattr(tokenizer, "bos_id", pad_id),
+            getattr(tokenizer, "eot_id", pad_id),
+        }
+        self.special_ids = tuple(sorted(specials))
+
+    def __call__(self, params: dict, batch: dict):
+        m = self.model
+
+        def apply(method, *args):
+            return m.apply({"params": params}, *args, method=method)
+
+        tokens_BL = batch["tokens"]
+        valid_BL = tokens_BL != self.pad_id
+        img_BE, txt_BE, img_BND, txt_BLD, scale = apply(m.embed, batch["image"], tokens_BL)
+        k_negatives, k_mask = jax.random.split(jax.random.key(batch["seed"][0]))
+        terms, logs = {}, {"train/logit_scale": scale}
+        if "itc" in self.weights:
+            terms["itc"] = jnp.mean(losses.softmax_contrastive(img_BE, txt_BE, scale))
+        if "itm" in self.weights:
+            sim_BB = img_BE @ txt_BE.T
+            same_text_BB = jnp.all(tokens_BL[:, None, :] == tokens_BL[None, :, :], axis=-1)
+            neg_txt_B, neg_img_B = objectives.mine_hard_negatives(
+                sim_BB,
+                k_negatives,
+                temperature=1.0 / jax.lax.stop_gradient(scale),
+                positive_BB=same_text_BB,
+            )
+            img_idx_N, txt_idx_N, labels_N, weights_N = objectives.itm_batch_indices(
+                neg_txt_B, neg_img_B
+            )
+            (img_NSD,), (txt_NLD, valid_NL) = objectives.take_pairs(
+                (img_BND,), (txt_BLD, valid_BL), img_idx_N, txt_idx_N
+            )
+            fused = apply(m.fuse, img_NSD, txt_NLD, valid_NL)
+            logits_N2 = apply(m.itm_logits, fused.pooled_BD)
+            terms["itm"] = objectives.masked_mean(
+                objectives.itm_loss(logits_N2, labels_N), weights_N
+            )
+            correct_N = (jnp.argmax(logits_N2, -1) == labels_N).astype(jnp.float32)
+            logs["train/itm_accuracy"] = objectives.masked_mean(correct_N, weights_N)
+        if "mlm" in self.weights:
+            inputs_BL, targets_BL, weights_BL = objectives.mask_tokens(
+                tokens_BL,
+                k_mask,
+                mask_id=self.mask_id,
+                vocab_size=self.vocab_size,
+                special_ids=self.special_ids,
+            )
+            fused = apply(m.fuse, img_BND, apply(m.text_tokens, inputs_BL), valid_BL)
+            logits_BLV = apply(m.mlm_logits, fused.text_tokens_BLD)
+            terms["mlm"] = objectives.mlm_loss(logits_BLV, targets_BL, weights_BL)
+        total, term_logs = objectives.weighted_sum(terms, self.weights)
+        return total, {**logs, **{f"train/{k}": v for k, v in term_logs.items()}}
+
+
+def _changed(attrs: shapes.Attributes, i: int) -> tuple[shapes.Attributes, str]:
+    """The attributes of image i with one of them changed (which and to what: fixed by i)."""
+    name = _ATTRIBUTES[i % len(_ATTRIBUTES)]
+    n = len(_VALUES[name])
+    new = (getattr(attrs, name) + 1 + (i // len(_ATTRIBUTES)) % (n - 1)) % n
+    return attrs._replace(**{name: new}), name
+
+
+class MatchingTask(ContrastiveTask):
+    name = "matching"
+    metric_name = "itm_accuracy"
+    supports_microbatches = False
+
+    def validate(self, config):
+        from mmjax.train.validate import ConfigError
+
+        weights = dict(config.matching)
+        if set(weights) != {"itc", "itm", "mlm"} or not any(float(w) for w in weights.values()):
+            raise ConfigError(
+                f"matching={weights} must give weights for itc, itm and mlm, not all zero"
+            )
+
+    def build_model(self, config, vocab_size):
+        return build_matching_model(config, vocab_size)
+
+    def example_batch(self, config):
+        batch = super().example_batch(config)
+        return {**batch, "seed": np.zeros((1,), np.uint32)}
+
+    def model_inputs(self, batch):
+        return batch["image"], batch["tokens"], batch["tokens"] != 0
+
+    def objective(self, model, config, mesh, rules):
+        tokenizer = self.tokenizer(config)
+        return MatchingObjective(model, dict(config.matching), tokenizer, config.model.text.pad_id)
+
+    def train_iterator(self, config, process_index, process_count):
+        ds = pipeline.batched_stream(
+            pipeline.train_source(config.data),
+            _CaptionAndSeed(self.tokenizer(config), config.data),
+            seed=config.seed,
+            global_batch_size=config.batch_size,
+            process_index=process_index,
+            process_count=process_count,
+            batch_map=pipeline.normalize_batch,
+        )
+        return pipeline.iterate(ds)
+
+    def evaluator(self, config, model, batch_sharding):
+        return MatchingEvaluator(config, model, batch_sharding, self.tokenizer(config))
+
+
+class MatchingEvaluator:
+    def __init__(self, config, model, sharding, tokenizer):
+        from mmjax.eval.tasks import TaskError
+
+        val = pipeline.eval_arrays(config.data)
+        fields = shapes.Attributes._fields
+        if not set(fields) <= set(val):
+            raise TaskError(
+                f"task=matching evaluates on attribute-labelled data (shapes); "
+                f"data.name={config.data.name!r} has fields {sorted(val)}"
+            )
+        self.config, self.sharding = config, sharding
+        n = len(val["image"])
+        attrs = [shapes.Attributes(*(int(val[f][i]) for f in fields)) for i in range(n)]
+        negatives = [_changed(a, i) for i, a in enumerate(attrs)]
+        self.changed = np.array([_ATTRIBUTES.index(name) for _, name in negatives])
+        positive = [shapes.canonical_caption(a) for a in attrs]
+        negative = [shapes.canonical_caption(a) for a, _ in negatives]
+        self.pairs = {
+            "image": np.concatenate([val["image"], val["image"]]),
+            "tokens": tokenizers.token_ids(tokenizer, positive + negative),
+        }
+        self.labels = np.concatenate([np.ones(n, np.int32), np.zeros(n, np.int32)])
+        self.masked = None
+        if isinstance(tokenizer, tokenizers.ByteTokenizer):
+            tokens = self.pairs["tokens"][:n].copy()
+            # Byte k of a caption is token k + 1 (after BOS); the colour word follows "a size ".
+            self.spans = []
+            for i, (a, caption) in enumerate(zip(attrs, positive, strict=True)):
+                lo = len(caption.encode()[: caption.index(f" {shapes.COLORS[a.color]} ")]) + 2
+                hi = lo + len(shapes.COLORS[a.color].encode())
+                self.spans.append((lo, min(hi, tokens.shape[1] - 1)))
+                tokens[i, lo : self.spans[-1][1]] = mask_id_of(tokenizer)
+            self.masked = {"image": val["image"], "tokens": tokens}
+            self.targets = self.pairs["tokens"][:n]
+        pad = config.model.text.pad_id
+
+        def fused_stream(params, b):
+            def apply(method, *args):
+                return model.apply({"params": params}, *args, method=method)
+
+            _, _, img_BND, txt_BLD, _ = apply(model.embed, b["image"], b["tokens"])
+            fused = apply(model.fuse, img_BND, txt_BLD, b["tokens"] != pad)
+            return apply, fused
+
+        def itm(params, b):
+            apply, fused = fused_stream(params, b)
+            return jnp.argmax(apply(model.itm_logits, fused.pooled_BD), -1)
+
+        def mlm(params, b):
+            apply, fused = fused_stream(params, b)
+            return jnp.argmax(apply(model.mlm_logits, fused.text_tokens_BLD), -1)
+
+        self._itm, self._mlm = jit_encoder(itm, sharding), jit_encoder(mlm, sharding)
+
+    def __call__(self, params) -> dict:
+        bs = self.config.eval.batch_size
+        pred = predict_all(self._itm, params, self.pairs, bs, self.sharding)
+        correct = pred == self.labels
+        n = len(self.changed)
+        out = {"matching/itm_accuracy": float(correct.mean())}
+        for k, name in enumerate(_ATTRIBUTES):
+            out[f"matching/itm_negative_{name}"] = float(correct[n:][self.changed == k].mean())
+        if self.masked is not None:
+            ids = predict_all(self._mlm, params, self.masked, bs, self.sharding)
+            restored = [
+                np.array_equal(ids[i, lo:hi], self.targets[i, lo:hi])
+                for i, (lo, hi) in enumerate(self.spans)
+            ]
+            out["matching/mlm_color"] = float(np.mean(restored))
+        return {**out, **headline(correct.mean(), 0.5)}
+
+
+TASK = MatchingTask()
