@@ -199,3 +199,26 @@ def test_task_run_resumes_exactly(tmp_path):
     losses = lambda w: [r["train/loss"] for r in read_metrics(str(w)) if "train/loss" in r]
     assert losses(resumed) == losses(full)[2:]
     assert second["task/score"] == first["task/score"]
+
+
+def test_whole_word_masking_chooses_words_not_tokens():
+    tok = tokenizers.ByteTokenizer(48)
+    tokens = jnp.asarray(tokenizers.token_ids(tok, ["a large red star at the top"] * 64))
+    space = int(tokenizers.token_ids(tok, [" "])[0, 1])
+    word_ids = jnp.cumsum(tokens == space, axis=1)
+    specials = (0, 1, 2, space)
+    _, _, weights = objectives.mask_tokens(
+        tokens,
+        jax.random.key(0),
+        mask_id=263,
+        vocab_size=264,
+        special_ids=specials,
+        prob=0.3,
+        word_ids_BL=word_ids,
+    )
+    weights, word_ids, eligible = map(np.asarray, (weights, word_ids, ~np.isin(tokens, specials)))
+    for row in range(64):
+        for word in np.unique(word_ids[row][eligible[row]]):
+            chosen = weights[row][(word_ids[row] == word) & eligible[row]]
+            assert chosen.min() == chosen.max()  # all of the word's letters, or none
+    assert 0.2 < weights[eligible].mean() < 0.4

@@ -112,11 +112,11 @@ def _vqa_example(split: str, index: int, size: int, seed: int):
     left_shape, right_shape = rng.choice(len(SHAPES), size=2, replace=False)  # distinct shapes
     objects = []
     for shape, cells in ((left_shape, _LEFT_CELLS), (right_shape, _RIGHT_CELLS)):
-        # Sizes small/medium only: two large shapes in neighbouring rows could overlap.
+        # The objects are two columns apart, so even two large ones never overlap.
         attrs = Attributes(
             int(shape),
             int(rng.integers(len(COLORS))),
-            int(rng.integers(2)),
+            int(rng.integers(len(shapes.SIZES))),
             int(cells[rng.integers(3)]),
         )
         objects.append(attrs)

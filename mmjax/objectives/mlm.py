@@ -41,6 +41,7 @@ def mask_tokens(
     prob: float = 0.15,
     mask_frac: float = 0.8,
     random_frac: float = 0.1,
+    word_ids_BL: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """BERT masking. Returns `(inputs_BL, targets_BL, weights_BL)`:
 
@@ -50,6 +51,11 @@ def mask_tokens(
 
     `special_ids` (include the pad id) and `mask_id` are never chosen and never drawn as
     random replacements. The arguments other than the arrays are static (Python numbers).
+
+    Whole-word masking: with `word_ids_BL` (int, in [0, L), equal for the tokens of one word)
+    words rather than tokens are chosen with probability `prob`, and every eligible token of a
+    chosen word is. With sub-word tokens (bytes, word pieces) a half-masked word can be completed
+    from its visible part; masking it whole makes the model use the context (e.g. the image).
     """
     if not 0.0 <= prob <= 1.0 or mask_frac < 0 or random_frac < 0 or mask_frac + random_frac > 1:
         raise ValueError(f"bad rates prob={prob} mask_frac={mask_frac} random_frac={random_frac}")
@@ -59,7 +65,10 @@ def mask_tokens(
         raise ValueError("no regular token left to draw random replacements from")
     k_choose, k_action, k_random = jax.random.split(rng, 3)
     eligible_BL = ~jnp.isin(tokens_BL, jnp.asarray(excluded, tokens_BL.dtype))
-    chosen_BL = eligible_BL & (jax.random.uniform(k_choose, tokens_BL.shape) < prob)
+    u_choose_BL = jax.random.uniform(k_choose, tokens_BL.shape)
+    if word_ids_BL is not None:  # every token of a word reads the same draw: its word's
+        u_choose_BL = jnp.take_along_axis(u_choose_BL, word_ids_BL.astype(jnp.int32), axis=1)
+    chosen_BL = eligible_BL & (u_choose_BL < prob)
     u_BL = jax.random.uniform(k_action, tokens_BL.shape)
     to_mask_BL = chosen_BL & (u_BL < mask_frac)
     to_random_BL = chosen_BL & (u_BL >= mask_frac) & (u_BL < mask_frac + random_frac)

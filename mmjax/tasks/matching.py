@@ -53,9 +53,10 @@ def mask_id_of(tokenizer) -> int:
 
 
 class MatchingObjective:
-    def __init__(self, model, weights: dict, tokenizer, pad_id: int):
+    def __init__(self, model, weights: dict, tokenizer, pad_id: int, hardness: float = 1.0):
         self.model = model
         self.weights = {k: float(v) for k, v in weights.items() if float(v) != 0.0}
+        self.hardness = hardness
         self.pad_id = pad_id
         self.vocab_size = tokenizer.vocab_size
         self.mask_id = mask_id_of(tokenizer)
@@ -64,7 +65,18 @@ class MatchingObjective:
             getattr(tokenizer, "bos_id", pad_id),
             getattr(tokenizer, "eot_id", pad_id),
         }
+        self.space_id = None
+        if isinstance(tokenizer, tokenizers.ByteTokenizer):
+            self.space_id = int(tokenizers.token_ids(tokenizer, [" "])[0, 1])
+            specials.add(self.space_id)
         self.special_ids = tuple(sorted(specials))
+
+    def word_ids(self, tokens_BL):
+        """Whole-word masking for the bytes tokenizer: a word is a run between spaces (the
+        spaces themselves are never masked); None (token-level masking) otherwise."""
+        if self.space_id is None:
+            return None
+        return jnp.cumsum(tokens_BL == self.space_id, axis=1)
 
     def __call__(self, params: dict, batch: dict):
         m = self.model
@@ -82,10 +94,11 @@ class MatchingObjective:
         if "itm" in self.weights:
             sim_BB = img_BE @ txt_BE.T
             same_text_BB = jnp.all(tokens_BL[:, None, :] == tokens_BL[None, :, :], axis=-1)
+            # Negatives drawn ∝ exp(hardness · scale · cosine): 1 = the contrastive model's
+            # own distribution (ALBEF), 0 = uniform over the other captions.
             neg_txt_B, neg_img_B = objectives.mine_hard_negatives(
-                sim_BB,
+                sim_BB * (self.hardness * jax.lax.stop_gradient(scale)),
                 k_negatives,
-                temperature=1.0 / jax.lax.stop_gradient(scale),
                 positive_BB=same_text_BB,
             )
             img_idx_N, txt_idx_N, labels_N, weights_N = objectives.itm_batch_indices(
@@ -108,6 +121,7 @@ class MatchingObjective:
                 mask_id=self.mask_id,
                 vocab_size=self.vocab_size,
                 special_ids=self.special_ids,
+                word_ids_BL=self.word_ids(tokens_BL),
             )
             fused = apply(m.fuse, img_BND, apply(m.text_tokens, inputs_BL), valid_BL)
             logits_BLV = apply(m.mlm_logits, fused.text_tokens_BLD)
@@ -132,10 +146,11 @@ class MatchingTask(ContrastiveTask):
     def validate(self, config):
         from mmjax.train.validate import ConfigError
 
-        weights = dict(config.matching)
-        if set(weights) != {"itc", "itm", "mlm"} or not any(float(w) for w in weights.values()):
+        weights = {k: config.matching[k] for k in ("itc", "itm", "mlm")}
+        if not any(float(w) for w in weights.values()) or config.matching.hardness < 0:
             raise ConfigError(
-                f"matching={weights} must give weights for itc, itm and mlm, not all zero"
+                f"matching={dict(config.matching)}: the itc/itm/mlm weights must not all be 0 "
+                "and hardness must be >= 0"
             )
 
     def build_model(self, config, vocab_size):
@@ -150,7 +165,10 @@ class MatchingTask(ContrastiveTask):
 
     def objective(self, model, config, mesh, rules):
         tokenizer = self.tokenizer(config)
-        return MatchingObjective(model, dict(config.matching), tokenizer, config.model.text.pad_id)
+        weights = {k: config.matching[k] for k in ("itc", "itm", "mlm")}
+        return MatchingObjective(
+            model, weights, tokenizer, config.model.text.pad_id, config.matching.hardness
+        )
 
     def train_iterator(self, config, process_index, process_count):
         ds = pipeline.batched_stream(
