@@ -34,6 +34,11 @@ def get_config() -> ml_collections.ConfigDict:
     # A parameters-only checkpoint to start from (e.g. written by `python -m
     # mmjax.interop.open_clip`); used only when the workdir has no checkpoint of its own.
     c.init_from = ""
+    # Towers (submodules named in init_towers) to take from another run (its directory: the
+    # newest checkpoint) or a parameters checkpoint, e.g. fine-tuning a fusion task on
+    # contrastively pretrained towers. The tower configs must match.
+    c.init_towers_from = ""
+    c.init_towers = ("image", "text")
 
     c.data = ml_collections.ConfigDict()
     # Built-in "shapes" | "digits", a folder built with `python -m mmjax.data.build --name N`,
@@ -143,4 +148,32 @@ def get_config() -> ml_collections.ConfigDict:
     # for shapes, else zero-shot and retrieval on data.name where possible (mmjax/eval/tasks.py).
     c.eval.tasks = ()
     c.eval.probe_shots = 10  # linear_probe: labelled train examples per class
+
+    # Two-tower objective (task=contrastive, see mmjax/train/objective.py): the weighted sum of
+    # these terms; weight 0 = the term is not built nor computed. contrastive: `loss` above.
+    # triplet: VSE++ hinge with the hardest in-batch negative, both directions, on cosine
+    # similarity. adversarial: a modality discriminator (an MLP on the embeddings, trained with
+    # the model) behind a gradient reversal layer whose λ ramps 0 → 1 as 2/(1+exp(-gamma·p))-1
+    # over training progress p. distill_logits: T²-scaled KL from the teacher's in-batch
+    # retrieval softmax (logits / distill_temperature) to the student's; distill_embed: student
+    # vs teacher embeddings, "cosine" (1 - cos) or "mse" (needs equal embed_dim).
+    c.objective = ml_collections.ConfigDict(
+        dict(
+            contrastive=1.0,
+            triplet=0.0,
+            triplet_margin=0.2,
+            adversarial=0.0,
+            adversarial_gamma=10.0,
+            distill_logits=0.0,
+            distill_embed=0.0,
+            distill_temperature=2.0,
+            distill_embed_kind="cosine",
+        )
+    )
+    # The teacher of the distill_* terms: teacher = its run directory (the newest checkpoint's
+    # parameters) or a parameters-only checkpoint, loaded when a run starts and never updated;
+    # teacher_model = its architecture, fields as in `model` (empty = the same as `model`).
+    c.distill = ml_collections.ConfigDict(
+        dict(teacher="", teacher_model=ml_collections.ConfigDict())
+    )
     return c

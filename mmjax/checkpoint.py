@@ -117,9 +117,23 @@ def save_params(directory: str, params) -> None:
     checkpointer.wait_until_finished()
 
 
-def _shapes(tree) -> dict[str, tuple]:
+def shapes_of(tree) -> dict[str, tuple]:
+    """path -> shape of every leaf."""
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def mismatches(saved: dict[str, tuple], wanted: dict[str, tuple]) -> list[str]:
+    """Every parameter missing, unexpected or mis-shaped in `saved` (path -> shape) against
+    `wanted`, one phrase each."""
+    problems = [f"missing {k}" for k in sorted(set(wanted) - set(saved))]
+    problems += [f"unexpected {k}" for k in sorted(set(saved) - set(wanted))]
+    problems += [
+        f"{k}: checkpoint {saved[k]} vs model {wanted[k]}"
+        for k in sorted(set(saved) & set(wanted))
+        if saved[k] != wanted[k]
+    ]
+    return problems
 
 
 def restore_params(directory: str, target):
@@ -128,17 +142,10 @@ def restore_params(directory: str, target):
     parameter before reading any array."""
     checkpointer = ocp.StandardCheckpointer()
     try:
-        saved = _shapes(checkpointer.metadata(directory).item_metadata)
+        saved = shapes_of(checkpointer.metadata(directory).item_metadata)
     except Exception as e:  # not a checkpoint at all: say which path
         raise ValueError(f"{directory} is not a readable parameters checkpoint ({e})") from e
-    wanted = _shapes(target)
-    problems = [f"missing {k}" for k in sorted(set(wanted) - set(saved))]
-    problems += [f"unexpected {k}" for k in sorted(set(saved) - set(wanted))]
-    problems += [
-        f"{k}: checkpoint {saved[k]} vs model {wanted[k]}"
-        for k in sorted(set(saved) & set(wanted))
-        if saved[k] != wanted[k]
-    ]
+    problems = mismatches(saved, shapes_of(target))
     if problems:
         raise ValueError(f"parameters in {directory} do not fit the model: " + "; ".join(problems))
     return checkpointer.restore(directory, target)

@@ -222,3 +222,39 @@ def test_whole_word_masking_chooses_words_not_tokens():
             chosen = weights[row][(word_ids[row] == word) & eligible[row]]
             assert chosen.min() == chosen.max()  # all of the word's letters, or none
     assert 0.2 < weights[eligible].mean() < 0.4
+
+
+def test_fusion_task_starts_from_contrastively_pretrained_towers(tmp_path):
+    from configs import default
+    from mmjax.train.pretrained import read_towers, with_pretrained
+    from mmjax.train.trainer import build_trainer
+    from mmjax.train.validate import ConfigError
+
+    data_dir = str(tmp_path / "data")
+    pre = default.get_config()
+    for tower in (pre.model.image, pre.model.text):
+        tower.update(width=32, depth=1, mlp_dim=64, num_heads=2)
+    pre.model.embed_dim = 32
+    pre.update(total_steps=1, batch_size=16, log_every=1, eval_every=0)
+    pre.data.update(num_train=128, num_val=40, data_dir=data_dir)
+    pre.eval.batch_size = 32
+    run(pre, str(tmp_path / "pretrained"))
+
+    config = tiny(fusion_config.get_config(), data_dir)
+    config.init_towers_from, config.init_towers = str(tmp_path / "pretrained"), ("image",)
+    towers = read_towers(config)
+    mesh = parallel.make_mesh(config.mesh)
+    trainer = build_trainer(config, mesh, 264)
+    with jax.set_mesh(mesh):
+        state = trainer.init(jax.random.key(config.seed))
+        state = with_pretrained(config, state, trainer.abstract_state, None, towers)
+    for got, want in zip(
+        jax.tree.leaves(state.params["image"]), jax.tree.leaves(towers["image"]), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(got), want)
+
+    config.model.image.depth = 2  # a tower of another shape is refused, naming the mismatch
+    trainer = build_trainer(config, mesh, 264)
+    with jax.set_mesh(mesh), pytest.raises(ConfigError, match=r"does not fit model\.image"):
+        state = trainer.init(jax.random.key(config.seed))
+        with_pretrained(config, state, trainer.abstract_state, None, towers)

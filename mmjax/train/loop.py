@@ -15,7 +15,7 @@ from mmjax.eval.tasks import TaskError
 from mmjax.tasks import get_task
 from mmjax.train.guard import BadStepsError, SpikeDetector, StepGuard
 from mmjax.train.preemption import PreemptionGuard
-from mmjax.train.pretrained import read_text_tower, with_pretrained
+from mmjax.train.pretrained import read_teacher, read_text_tower, read_towers, with_pretrained
 from mmjax.train.trainer import build_trainer
 from mmjax.train.validate import (
     ConfigError,
@@ -82,11 +82,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     is_main = jax.process_index() == 0
     mesh, trainer, evaluator, train_iter, ckpt = _preflight(config, workdir)
     pretrained_text = read_text_tower(config)
+    pretrained_towers = read_towers(config)
+    teacher = read_teacher(config, trainer.abstract_state.params)
     with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
         restored = ckpt.restore(trainer.abstract_state, train_iter)
         if restored is None:
             start, state = 0, trainer.init(jax.random.key(config.seed))
-            state = with_pretrained(config, state, trainer.abstract_state, pretrained_text)
+            state = with_pretrained(
+                config, state, trainer.abstract_state, pretrained_text, pretrained_towers, teacher
+            )
         else:
             start, state = restored
             print(f"Resumed from step {start} in {workdir}")
