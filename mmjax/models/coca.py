@@ -1,0 +1,153 @@
+"""CoCa-style captioner: contrastive towers plus a causal text decoder that cross-attends to the
+image tokens (Yu et al. 2022), and greedy / beam-search decoding with static shapes."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mmjax.models.fusion_attention import CrossAttentionFusion
+from mmjax.models.layers import Dtype, LayerNorm, dense, param
+from mmjax.models.two_tower import build_towers
+
+
+class CoCa(nn.Module):
+    """`__call__(images, tokens)` -> (img_emb_BE, txt_emb_BE, aux, logits_BLV): L2-normalised
+    contrastive embeddings (aux: logit_scale, logit_bias) and teacher-forced next-token logits
+    (position t predicts token t + 1). `decoder_logits(img_BND, tokens_BL)` runs the decoder
+    alone on precomputed image tokens (`image_tokens(images)`), for decoding."""
+
+    image: nn.Module
+    text: nn.Module
+    embed_dim: int
+    vocab_size: int
+    max_len: int
+    decoder_depth: int
+    decoder_heads: int
+    decoder_mlp: int
+    pad_id: int = 0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        width = self.text.width
+
+        def weight(name, shape, axes, init=None):
+            init = nn.initializers.lecun_normal() if init is None else init
+            return param(self, name, init, shape, axes, self.param_dtype)
+
+        self.image_projection = weight(
+            "image_projection", (self.image.width, self.embed_dim), ("embed", "proj")
+        )
+        self.text_projection = weight("text_projection", (width, self.embed_dim), ("embed", "proj"))
+        self.logit_scale = param(
+            self, "logit_scale", nn.initializers.constant(math.log(1 / 0.07)), (), (), jnp.float32
+        )
+        self.token_embedding = weight(
+            "decoder_token_embedding",
+            (self.vocab_size, width),
+            ("vocab", "embed"),
+            nn.initializers.normal(0.02),
+        )
+        self.position_embedding = weight(
+            "decoder_position_embedding",
+            (self.max_len, width),
+            ("length", "embed"),
+            nn.initializers.normal(0.01),
+        )
+        self.decoder = CrossAttentionFusion(
+            depth=self.decoder_depth,
+            num_heads=self.decoder_heads,
+            mlp_dim=self.decoder_mlp,
+            causal=True,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        self.ln_out = LayerNorm(self.dtype, self.param_dtype)
+        self.output_kernel = weight(
+            "decoder_output_kernel", (width, self.vocab_size), ("embed", None)
+        )
+
+    def image_tokens(self, images):
+        return self.image(images)
+
+    def decoder_logits(self, img_BND, tokens_BL):
+        """float32 [B, L, V]: logits of the token after each position (causal: position t sees
+        tokens <= t only). Padding keys are masked; the image tokens are all valid."""
+        x_BLD = jnp.take(self.token_embedding, tokens_BL, axis=0).astype(self.dtype)
+        x_BLD = x_BLD + self.position_embedding[: tokens_BL.shape[1]].astype(self.dtype)[None]
+        # Position 0 (BOS) is always a valid key, so no query row is ever fully masked.
+        valid_BL = (tokens_BL != self.pad_id) | (jnp.arange(tokens_BL.shape[1]) == 0)[None]
+        fused = self.decoder(None, img_BND, None, x_BLD, valid_BL)
+        h_BLD = self.ln_out(fused.text_tokens_BLD)
+        b, n, d = h_BLD.shape
+        logits = dense(
+            h_BLD.reshape(b * n, d), self.output_kernel, self.dtype, out_dtype=jnp.float32
+        )
+        return logits.reshape(b, n, self.vocab_size)
+
+    def __call__(self, images, tokens_BL):
+        img_pooled_BD, img_BND = self.image(images)
+        txt_pooled_BD, _ = self.text(tokens_BL)
+        img_BE = dense(img_pooled_BD, self.image_projection, self.dtype, out_dtype=jnp.float32)
+        txt_BE = dense(txt_pooled_BD, self.text_projection, self.dtype, out_dtype=jnp.float32)
+        unit = lambda x: x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-6)
+        aux = {"logit_scale": jnp.exp(self.logit_scale), "logit_bias": jnp.zeros((), jnp.float32)}
+        return unit(img_BE), unit(txt_BE), aux, self.decoder_logits(img_BND, tokens_BL)
+
+
+def build_coca(config: ml_collections.ConfigDict, vocab_size: int) -> CoCa:
+    image, text = build_towers(config, vocab_size)
+    cap = config.captioning
+    return CoCa(
+        image=image,
+        text=text,
+        embed_dim=config.model.embed_dim,
+        vocab_size=vocab_size,
+        max_len=config.data.text_length,
+        decoder_depth=cap.decoder_depth,
+        decoder_heads=config.model.text.num_heads,
+        decoder_mlp=config.model.text.mlp_dim,
+        pad_id=config.model.text.pad_id,
+        dtype=jnp.dtype(config.dtype),
+    )
+
+
+def beam_search(logits_fn, batch: int, length: int, beam: int, bos: int, eot: int, pad: int):
+    """Beam search with static shapes. `logits_fn(tokens_NL)` -> float32 [N, L, V] next-token
+    logits for N = batch·beam sequences (row b·beam + k is beam k of example b).
+
+    Every sequence starts [BOS, PAD, ...]; at step t the token at t + 1 is chosen. A beam is
+    finished once it emits EOT: it then only extends with PAD at no cost. Beams are ranked by
+    their summed log-probability (no length normalisation: the captions here have similar
+    lengths, and a finished beam keeps its score). The decoder is re-run on the whole prefix each
+    step (no key/value cache): captions are at most `length` (≤ 64) tokens.
+    Returns (tokens [batch, length] of the best beam, its log-probability [batch]).
+    `beam=1` is greedy decoding.
+    """
+    tokens = jnp.full((batch, beam, length), pad, jnp.int32).at[:, :, 0].set(bos)
+    # Only beam 0 is live at the start, so the first step does not pick k copies of one token.
+    scores = jnp.where(jnp.arange(beam) == 0, 0.0, -jnp.inf)[None].repeat(batch, 0)
+    finished = jnp.zeros((batch, beam), bool)
+
+    def step(t, carry):
+        tokens, scores, finished = carry
+        logits = logits_fn(tokens.reshape(batch * beam, length))[:, t]
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1).reshape(batch, beam, -1)
+        v = logp.shape[-1]
+        only_pad = jnp.where(jnp.arange(v) == pad, 0.0, -jnp.inf)
+        logp = jnp.where(finished[..., None], only_pad, logp)
+        total = (scores[..., None] + logp).reshape(batch, beam * v)
+        scores, flat = jax.lax.top_k(total, beam)
+        parent, token = flat // v, (flat % v).astype(jnp.int32)
+        tokens = jnp.take_along_axis(tokens, parent[..., None], axis=1)
+        tokens = tokens.at[:, :, t + 1].set(token)
+        finished = jnp.take_along_axis(finished, parent, axis=1) | (token == eot)
+        return tokens, scores, finished
+
+    tokens, scores, _ = jax.lax.fori_loop(0, length - 1, step, (tokens, scores, finished))
+    return tokens[:, 0], scores[:, 0]  # top_k keeps beams sorted: beam 0 is the best
