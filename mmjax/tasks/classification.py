@@ -35,11 +35,12 @@ def _normalize(batch: dict) -> dict:
 class ClassificationObjective:
     """Mean softmax cross-entropy of the fused logits over the global batch."""
 
-    def __init__(self, model):
+    def __init__(self, model, inputs: tuple[str, ...] = ("image", "tokens")):
         self.model = model
+        self.inputs = inputs  # the batch fields the model takes, in order
 
     def __call__(self, params: dict, batch: dict):
-        logits_BC = self.model.apply({"params": params}, batch["image"], batch["tokens"])
+        logits_BC = self.model.apply({"params": params}, *(batch[k] for k in self.inputs))
         labels_B = batch["label"]
         loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits_BC, labels_B))
         accuracy = jnp.mean(jnp.argmax(logits_BC, axis=-1) == labels_B)

@@ -1,0 +1,156 @@
+"""Pretrained word vectors in the Word2Vec / GloVe text format, a word tokenizer over their
+vocabulary, and an offline source of real vectors.
+
+Format: one word per line followed by its D floats, separated by spaces; Word2Vec files start
+with a "COUNT DIM" header line, GloVe files do not (both are read). Lines whose number of floats
+differs from the first vector's, or that do not parse, are skipped and counted; a repeated word
+keeps its first vector.
+
+Offline vectors: `python -m mmjax.data.wordvec export-minilm OUT.txt` writes the whole-word rows
+of the input embedding table of the all-MiniLM-L6-v2 model packaged on PyPI (the `interop`
+extra), 384-d: pretrained vectors without a download.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+
+import numpy as np
+
+PAD, UNK = 0, 1
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+@dataclasses.dataclass(frozen=True)
+class WordVectors:
+    words: tuple[str, ...]
+    vectors: np.ndarray  # float32 [len(words), D]
+    skipped_lines: int = 0
+    duplicates: int = 0
+
+
+def load_word_vectors(path: str, lowercase: bool = True, max_words: int | None = None):
+    """Reads a Word2Vec/GloVe text file (see the module doc)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no word-vector file at {path}")
+    words, rows, seen = [], [], set()
+    skipped = duplicates = 0
+    dim = None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f):
+            parts = line.rstrip().split(" ")
+            if number == 0 and len(parts) == 2 and all(p.isdigit() for p in parts):
+                dim = int(parts[1])  # Word2Vec header: count, dimension
+                continue
+            if len(parts) < 2:
+                skipped += bool(line.strip())
+                continue
+            word, values = parts[0], parts[1:]
+            if dim is None:
+                dim = len(values)
+            try:
+                vector = np.asarray(values, dtype=np.float32)
+            except ValueError:
+                skipped += 1
+                continue
+            if len(vector) != dim or not np.all(np.isfinite(vector)):
+                skipped += 1
+                continue
+            word = word.lower() if lowercase else word
+            if word in seen:
+                duplicates += 1
+                continue
+            seen.add(word)
+            words.append(word)
+            rows.append(vector)
+            if max_words and len(words) >= max_words:
+                break
+    if not words:
+        raise ValueError(f"{path} has no readable word vectors ({skipped} lines skipped)")
+    return WordVectors(tuple(words), np.stack(rows), skipped, duplicates)
+
+
+class WordTokenizer:
+    """Lower-cased `\\w+` words -> ids: 0 padding, 1 unknown, 2 + i the i-th vector's word.
+    (No BOS/EOT: the CNN needs none.)"""
+
+    pad_id, unk_id = PAD, UNK
+
+    def __init__(self, words, max_len: int):
+        self.words = tuple(words)
+        self.max_len = max_len
+        self._ids = {w: i + 2 for i, w in enumerate(self.words)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.words) + 2
+
+    def split(self, text: str) -> list[str]:
+        return _WORD.findall(text.lower())
+
+    def encode(self, texts) -> np.ndarray:
+        ids = np.full((len(texts), self.max_len), PAD, np.int32)
+        for row, text in enumerate(texts):
+            tokens = [self._ids.get(w, UNK) for w in self.split(text)][: self.max_len]
+            ids[row, : len(tokens)] = tokens
+        return ids
+
+
+def embedding_table(vectors: WordVectors, seed: int, random: bool = False) -> np.ndarray:
+    """float32 [2 + n, D] initial embeddings: row 0 (pad) zero, row 1 (unknown) small random;
+    with `random=True` every word row is random too (the no-pretraining baseline), at the
+    pretrained rows' scale."""
+    rng = np.random.default_rng(seed)
+    n, d = vectors.vectors.shape
+    scale = float(np.std(vectors.vectors))
+    words = rng.normal(0.0, scale, (n, d)) if random else vectors.vectors
+    unk = rng.normal(0.0, scale, (1, d))
+    return np.concatenate([np.zeros((1, d)), unk, words]).astype(np.float32)
+
+
+def export_minilm(out_path: str, words=None) -> int:
+    """Writes the packaged all-MiniLM-L6-v2's whole-word input embeddings (only `words`, if
+    given) in GloVe format; returns the number of words written."""
+    try:
+        from safetensors.numpy import load_file
+
+        from mmjax.interop import hf
+
+        model_dir = hf.minilm_dir()
+    except ImportError as e:
+        raise ImportError(
+            f"exporting MiniLM word vectors needs the interop extra: pip install -e '.[interop]' "
+            f"({e})"
+        ) from e
+    table = load_file(os.path.join(model_dir, "model.safetensors"))
+    matrix = table["embeddings.word_embeddings.weight"]
+    with open(os.path.join(model_dir, "vocab.txt"), encoding="utf-8") as f:
+        vocab = [line.rstrip("\n") for line in f]
+    wanted = None if words is None else {w.lower() for w in words}
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    written = 0
+    tmp = out_path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for i, token in enumerate(vocab):
+            # Whole words only: no word-piece continuations (##x) or [SPECIAL] tokens.
+            if not token.isalpha() or (wanted is not None and token not in wanted):
+                continue
+            f.write(token + " " + " ".join(f"{x:.6f}" for x in matrix[i]) + "\n")
+            written += 1
+    os.replace(tmp, out_path)  # never leave a half-written file under the final name
+    return written
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] != "export-minilm":
+        print("usage: python -m mmjax.data.wordvec export-minilm OUT.txt", file=sys.stderr)
+        return 2
+    print(f"wrote {export_minilm(argv[1])} word vectors to {argv[1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
