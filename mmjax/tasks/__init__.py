@@ -11,6 +11,10 @@ TASKS = {
     "contrastive": "mmjax.tasks.contrastive",
     "classification": "mmjax.tasks.classification",
     "matching": "mmjax.tasks.matching",
+    "captioning": "mmjax.tasks.caption",
+    "text_classification": "mmjax.tasks.text_cls",
+    "video_contrastive": "mmjax.tasks.video",
+    "video_qa": "mmjax.tasks.video_qa",
 }
 
 
