@@ -25,9 +25,9 @@ def get_config():
     c.checkpoint_every = 100
     c.optim.text_frozen_steps = 0
     c.optim.warmup_steps = 20
+    # freeze: words unseen in training keep their pretrained place next to the seen ones (the
+    # task freezes the table through the model and the optimizer; see mmjax/tasks/text_cls.py).
     c.text_cnn = ml_collections.ConfigDict(
         dict(vectors="", random_vectors=False, freeze=True, widths=(3, 4, 5), filters=64)
     )
-    # A frozen table: words unseen in training keep their pretrained place next to seen ones.
-    c.optim.frozen_prefixes = ("embedding",)
     return c

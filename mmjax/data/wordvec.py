@@ -13,7 +13,9 @@ extra), 384-d: pretrained vectors without a download.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import itertools
 import os
 import re
 import sys
@@ -22,6 +24,7 @@ import numpy as np
 
 PAD, UNK = 0, 1
 _WORD = re.compile(r"\w+", re.UNICODE)
+_VOTE_LINES = 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,25 +35,46 @@ class WordVectors:
     duplicates: int = 0
 
 
+def _parts(line: str) -> list[str]:
+    # Split on " " only: some GloVe words hold other whitespace (e.g. a no-break space).
+    return line.rstrip().split(" ")
+
+
 def load_word_vectors(path: str, lowercase: bool = True, max_words: int | None = None):
-    """Reads a Word2Vec/GloVe text file (see the module doc)."""
+    """Reads a Word2Vec/GloVe text file (see the module doc).
+
+    The dimension is the header's or, without one, the most common value count among the first
+    `_VOTE_LINES` lines, so that one malformed first line cannot decide it. Raises ValueError
+    for a file without readable vectors, a header that disagrees with the lines, or a file
+    where fewer lines are readable than skipped (not word vectors, or mixed dimensions)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no word-vector file at {path}")
     words, rows, seen = [], [], set()
     skipped = duplicates = 0
-    dim = None
     with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f):
-            parts = line.rstrip().split(" ")
-            if number == 0 and len(parts) == 2 and all(p.isdigit() for p in parts):
-                dim = int(parts[1])  # Word2Vec header: count, dimension
-                continue
+        first = f.readline()
+        head = _parts(first)
+        header_dim = None
+        if len(head) == 2 and all(p.isdigit() for p in head):
+            header_dim = int(head[1])  # Word2Vec header: count, dimension
+        else:
+            f = itertools.chain([first], f)
+        voters = list(itertools.islice(f, _VOTE_LINES))
+        counts = collections.Counter(len(_parts(v)) - 1 for v in voters if v.strip())
+        counts.pop(0, None)  # a word alone on its line has no vector
+        if not counts:
+            raise ValueError(f"{path} has no readable word vectors")
+        dim = counts.most_common(1)[0][0]
+        if header_dim is not None and header_dim != dim:
+            raise ValueError(
+                f"{path}: its header says {header_dim} dimensions but its lines hold {dim} values"
+            )
+        for line in itertools.chain(voters, f):
+            parts = _parts(line)
             if len(parts) < 2:
                 skipped += bool(line.strip())
                 continue
             word, values = parts[0], parts[1:]
-            if dim is None:
-                dim = len(values)
             try:
                 vector = np.asarray(values, dtype=np.float32)
             except ValueError:
@@ -68,8 +92,11 @@ def load_word_vectors(path: str, lowercase: bool = True, max_words: int | None =
             rows.append(vector)
             if max_words and len(words) >= max_words:
                 break
-    if not words:
-        raise ValueError(f"{path} has no readable word vectors ({skipped} lines skipped)")
+    if not words or skipped > len(words) + duplicates:
+        raise ValueError(
+            f"{path}: {skipped} lines skipped (not {dim} finite floats after the word), "
+            f"{len(words)} read; is it a Word2Vec/GloVe text file of one dimension?"
+        )
     return WordVectors(tuple(words), np.stack(rows), skipped, duplicates)
 
 

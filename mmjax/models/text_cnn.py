@@ -16,13 +16,16 @@ class TextCNN(nn.Module):
     The max over time takes only windows that start at a real word and, for sentences shorter
     than a window, the one window at position 0, so padding never changes the result. The
     embedding table is the parameter `embedding` [vocab, embed_dim]; the task writes the
-    pretrained vectors into it and may freeze it (`optim.frozen_prefixes`)."""
+    pretrained vectors into it. `freeze_embeddings` stops its gradient: words never seen in
+    training keep their pretrained place next to the seen words whose classifier was learnt
+    (the task also gives the table no optimizer state then)."""
 
     vocab_size: int
     embed_dim: int
     num_classes: int
     widths: tuple[int, ...] = (3, 4, 5)
     filters: int = 64
+    freeze_embeddings: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -36,6 +39,8 @@ class TextCNN(nn.Module):
             ("vocab", "embed"),
             self.param_dtype,
         )
+        if self.freeze_embeddings:
+            table = jax.lax.stop_gradient(table)
         # Padding embeds as zeros, inside the sentence length and beyond it alike.
         x_BLD = jnp.take(table, tokens_BL, axis=0).astype(self.dtype)
         x_BLD = jnp.where((tokens_BL != 0)[..., None], x_BLD, jnp.zeros((), self.dtype))

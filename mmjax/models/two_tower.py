@@ -11,6 +11,9 @@ from mmjax.models.layers import Dtype, dense, param
 from mmjax.models.text import TextTransformer
 from mmjax.models.vision import ViT
 
+# Top-level parameter subtrees of TwoTower's optional training-only parts (see its docstring).
+TRAINING_PARTS = ("discriminator", "teacher")
+
 
 class TwoTower(nn.Module):
     """Image and text towers with linear projections to a shared `embed_dim`.
@@ -18,6 +21,12 @@ class TwoTower(nn.Module):
     `__call__` returns `(img_emb_BE, txt_emb_BE, aux)`: L2-normalised float32 embeddings and an aux
     dict with `logit_scale` (exp of the learned log-scale, float32), `logit_bias` (float32, used by
     the sigmoid loss) and the pre-normalisation embedding norms.
+
+    `discriminator` and `teacher` are parts only some training objectives read (adversarial
+    alignment, distillation; see `mmjax.tasks.contrastive`). They live in the model's parameters
+    so the one optimizer, sharding and checkpoint carry them, under their own top-level names:
+    the towers' parameter paths stay those of a plain two-tower model. `__call__` runs them only
+    at `init`, to create their parameters; objectives apply them as submodules.
     """
 
     image: ViT
@@ -27,6 +36,8 @@ class TwoTower(nn.Module):
     logit_bias_init: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    discriminator: nn.Module | None = None  # embeddings [B, E] -> modality logits [B]
+    teacher: nn.Module | None = None  # a TwoTower, frozen: distilled into this one
 
     def setup(self):
         def projection(name: str, width: int) -> jax.Array:
@@ -75,7 +86,13 @@ class TwoTower(nn.Module):
         aux = {"logit_scale": jnp.exp(self.logit_scale), "logit_bias": self.logit_bias}
         aux["image_norm"] = jnp.mean(img_norm_B)
         aux["text_norm"] = jnp.mean(txt_norm_B)
-        return img_BE / (img_norm_B + 1e-6), txt_BE / (txt_norm_B + 1e-6), aux
+        img_BE, txt_BE = img_BE / (img_norm_B + 1e-6), txt_BE / (txt_norm_B + 1e-6)
+        if self.is_initializing():
+            if self.discriminator is not None:
+                self.discriminator(img_BE)
+            if self.teacher is not None:
+                self.teacher(images_BHWC, tokens_BL)
+        return img_BE, txt_BE, aux
 
 
 def build_towers(config: ml_collections.ConfigDict, vocab_size: int) -> tuple[ViT, nn.Module]:

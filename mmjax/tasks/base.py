@@ -8,7 +8,8 @@ all tasks; a task only says what is specific to it:
   - `build_model(config, vocab_size)` and `example_batch(config)`: a batch of zeros (numpy,
     batch size 1) with the keys and shapes the objective reads: it initialises the model;
   - `objective(model, config, mesh, rules)`: `(params, batch) -> (loss, logs)`, pure and
-    jittable; objectives with `embed` and `loss` methods also support GradCache microbatches;
+    jittable; objectives with `embed` and `loss` methods also support GradCache microbatches,
+    and those that declare `takes_step = True` are called with `step=` (the steps done so far);
   - `train_iterator(config, process_index, process_count)`: a checkpointable iterator of
     host-local batches (build it with `pipeline.batched_stream`);
   - `evaluator(config, model, batch_sharding)`: `params -> {metric: float}`; task runs report
@@ -57,6 +58,11 @@ class Task:
     def model_inputs(self, batch: dict) -> tuple:
         """The positional arguments of `model.__call__` taken from a batch."""
         raise NotImplementedError
+
+    def frozen_prefixes(self, config: ml_collections.ConfigDict) -> tuple[str, ...]:
+        """Parameter path prefixes (e.g. "teacher/") that are never updated besides
+        `optim.frozen_prefixes`: parts of the model the objective only reads."""
+        return ()
 
     def objective(
         self,

@@ -6,13 +6,15 @@ Vectors: `text_cnn.vectors`, a Word2Vec/GloVe text file; "" exports the packaged
 whole-word embeddings for the dataset's words to `<data_dir>/word_vectors/` once (needs the
 `interop` extra). `text_cnn.random_vectors` replaces them by random ones of the same scale (the
 baseline), `text_cnn.freeze` keeps the table fixed. Reported: `text/accuracy`, `text/oov_words`
-(dataset words without a vector), and `task/score` (accuracy) next to `task/chance`, the accuracy
-of always answering the most frequent training label.
+(dataset words without a vector), `text/skipped_vector_lines` (malformed lines of the vectors
+file), and `task/score` (accuracy) next to `task/chance`, the accuracy of always answering the
+most frequent training label.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 
 import grain
@@ -35,9 +37,11 @@ def _vectors(path: str) -> wordvec.WordVectors:
 def vectors_path(config) -> str:
     if config.text_cnn.vectors:
         return os.path.abspath(config.text_cnn.vectors)
-    path = os.path.join(
-        resolve_data_dir(config.data.data_dir), "word_vectors", "minilm_reviews.txt"
-    )
+    # The name carries the dataset's words: a changed word list exports afresh, never reusing
+    # a cached file that lacks the new words.
+    words = " ".join(sorted(reviews.vocabulary())).encode()
+    name = f"minilm_reviews_{hashlib.sha1(words).hexdigest()[:10]}.txt"
+    path = os.path.join(resolve_data_dir(config.data.data_dir), "word_vectors", name)
     if not os.path.exists(path):
         wordvec.export_minilm(path, reviews.vocabulary())
     return path
@@ -63,9 +67,14 @@ class TextClassificationTask(Task):
                 f"task=text_classification trains on data.name='reviews', got {config.data.name!r}"
             )
         try:
-            vectors_path(config)
+            path = vectors_path(config)
         except (ImportError, OSError) as e:
             raise ConfigError(f"text_cnn.vectors: {e}") from e
+        if not os.path.isfile(path):  # named here, not later as a tokenizer error
+            raise ConfigError(
+                f"text_cnn.vectors={config.text_cnn.vectors!r}: no such file; give a "
+                "Word2Vec/GloVe text file, or '' for the packaged MiniLM vectors"
+            )
 
     def tokenizer(self, config):
         return wordvec.WordTokenizer(_vectors(vectors_path(config)).words, config.data.text_length)
@@ -78,8 +87,13 @@ class TextClassificationTask(Task):
             num_classes=len(reviews.CLASSES),
             widths=tuple(t.widths),
             filters=t.filters,
+            freeze_embeddings=t.freeze,
             dtype=jnp.dtype(config.dtype),
         )
+
+    def frozen_prefixes(self, config):
+        # No optimizer state or update for a frozen table (the model stops its gradient too).
+        return ("embedding",) if config.text_cnn.freeze else ()
 
     def example_batch(self, config):
         return {
@@ -121,6 +135,7 @@ class TextClassificationTask(Task):
         _, train_labels = reviews.load("train", d.num_train, d.dataset_seed)
         texts, labels = reviews.load("validation", d.num_val, d.dataset_seed)
         chance = float(np.mean(labels == np.bincount(train_labels).argmax()))
+        skipped = _vectors(vectors_path(config)).skipped_lines
         known = set(tokenizer.words)
         oov = sorted(w for w in reviews.vocabulary() if w not in known)
         tokens = tokenizer.encode(texts)
@@ -134,6 +149,7 @@ class TextClassificationTask(Task):
             return {
                 "text/accuracy": accuracy,
                 "text/oov_words": float(len(oov)),
+                "text/skipped_vector_lines": float(skipped),
                 **headline(accuracy, chance),
             }
 

@@ -24,6 +24,9 @@ import jax.numpy as jnp
 EmbedFn = Callable[[dict, dict], tuple[jax.Array, jax.Array, dict]]
 # (img_BE, txt_BE, aux) -> (scalar loss, logs): the loss over the global batch.
 LossFn = Callable[[jax.Array, jax.Array, dict], tuple[jax.Array, dict]]
+# The aux entry holding per-example arrays ([B, ...], e.g. a teacher's embeddings): merged over
+# microbatches like the embeddings. Every other aux entry is a per-microbatch scalar.
+PER_EXAMPLE = "per_example"
 
 
 def split_microbatches(x_B: jax.Array, k: int) -> jax.Array:
@@ -60,23 +63,31 @@ def value_and_grad(
 
     _, (img_kNE, txt_kNE, aux_k) = jax.lax.scan(embed_one, None, batch_k)
     img_BE, txt_BE = merge_microbatches(img_kNE), merge_microbatches(txt_kNE)
-    # Every aux entry (temperature, bias, embedding norms) is a per-microbatch scalar; the mean
-    # over equal microbatches is its big-batch value (temperature and bias are equal in all).
-    aux = jax.tree.map(lambda a: jnp.mean(a, axis=0), aux_k)
+    # Every other aux entry (temperature, bias, embedding norms) is a per-microbatch scalar; the
+    # mean over equal microbatches is its big-batch value (temperature and bias are equal in all).
+    scalars_k = {name: a for name, a in aux_k.items() if name != PER_EXAMPLE}
+    aux = jax.tree.map(lambda a: jnp.mean(a, axis=0), scalars_k)
+    if PER_EXAMPLE in aux_k:
+        aux[PER_EXAMPLE] = jax.tree.map(merge_microbatches, aux_k[PER_EXAMPLE])
 
     (value, logs), (g_img_BE, g_txt_BE, g_aux) = jax.value_and_grad(
         loss, argnums=(0, 1, 2), has_aux=True
     )(img_BE, txt_BE, aux)
     g_img_kNE = split_microbatches(g_img_BE, k)
     g_txt_kNE = split_microbatches(g_txt_BE, k)
-    g_aux_each = jax.tree.map(lambda g: g / k, g_aux)  # d mean / d a_m = 1/k
+    g_scalars = {name: g / k for name, g in g_aux.items() if name != PER_EXAMPLE}  # d mean/d a_m
+    g_per_example_k = jax.tree.map(lambda g: split_microbatches(g, k), g_aux.get(PER_EXAMPLE))
 
     def backprop_one(grads, xs):
-        microbatch, g_img_NE, g_txt_NE = xs
+        microbatch, g_img_NE, g_txt_NE, g_per_example = xs
         _, pullback = jax.vjp(lambda p: embed(p, microbatch), params)
-        (g_params,) = pullback((g_img_NE, g_txt_NE, g_aux_each))
+        g_aux_one = dict(g_scalars)
+        if g_per_example is not None:
+            g_aux_one[PER_EXAMPLE] = g_per_example
+        (g_params,) = pullback((g_img_NE, g_txt_NE, g_aux_one))
         return jax.tree.map(jnp.add, grads, g_params), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, _ = jax.lax.scan(backprop_one, zeros, (batch_k, g_img_kNE, g_txt_kNE))
+    xs = (batch_k, g_img_kNE, g_txt_kNE, g_per_example_k)
+    grads, _ = jax.lax.scan(backprop_one, zeros, xs)
     return (value, logs), grads

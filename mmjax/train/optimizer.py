@@ -36,8 +36,10 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -
 
 
 def build_optimizer(
-    config: ml_collections.ConfigDict,
+    config: ml_collections.ConfigDict, extra_frozen: tuple[str, ...] = ()
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optimizer of `config.optim`; parameters under `optim.frozen_prefixes` or
+    `extra_frozen` (what the task freezes, e.g. a distillation teacher) are never updated."""
     o = config.optim
     schedule = learning_rate_schedule(o, config.total_steps)
     parts = [
@@ -55,8 +57,8 @@ def build_optimizer(
             )
         )
     tx = optax.chain(*parts)
-    if o.frozen_prefixes:
-        prefixes = tuple(o.frozen_prefixes)
+    prefixes = (*o.frozen_prefixes, *extra_frozen)
+    if prefixes:
         # Frozen parameters get `set_to_zero` (no state); clipping and AdamW see only the rest.
         tx = optax.multi_transform(
             {"train": tx, "frozen": optax.set_to_zero()},

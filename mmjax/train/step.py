@@ -1,69 +1,15 @@
 """The pure train step: (state, batch) -> (state, metrics)."""
 
-import dataclasses
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh
 
-from mmjax import losses, sharded_losses
 from mmjax.train import gradcache
+from mmjax.train.objective import ContrastiveObjective
 from mmjax.train.state import TrainState
-
-
-@dataclasses.dataclass(frozen=True)
-class ContrastiveObjective:
-    """Two-tower contrastive objective (CLIP softmax or SigLIP sigmoid) over the global batch.
-
-    The towers (`embed`) and the loss over all embeddings (`loss`) are separate functions so that
-    GradCache can run the towers in microbatches; `__call__` is their composition.
-    `loss_impl` picks how the loss is distributed over the batch axes of `mesh` (see
-    `sharded_losses`); every choice gives the same values and gradients.
-    """
-
-    model: nn.Module
-    loss_kind: str
-    loss_impl: str = "naive"
-    mesh: Mesh | None = None
-    batch_axes: tuple[str, ...] = ("data", "fsdp")
-
-    def __post_init__(self):
-        if self.loss_kind not in losses.LOSSES:
-            raise ValueError(f"unknown loss {self.loss_kind!r}; choose one of {losses.LOSSES}")
-        if self.loss_impl not in sharded_losses.IMPLS:
-            raise ValueError(
-                f"unknown loss_impl {self.loss_impl!r}; choose one of {sharded_losses.IMPLS}"
-            )
-
-    def embed(self, params: dict, batch: dict) -> tuple[jax.Array, jax.Array, dict]:
-        return self.model.apply({"params": params}, batch["image"], batch["tokens"])
-
-    def loss(self, img_BE: jax.Array, txt_BE: jax.Array, aux: dict) -> tuple[jax.Array, dict]:
-        per_example_B = sharded_losses.contrastive_loss_sharded(
-            self.loss_kind,
-            self.loss_impl,
-            img_BE,
-            txt_BE,
-            aux["logit_scale"],
-            aux["logit_bias"],
-            mesh=self.mesh,
-            batch_axes=self.batch_axes,
-        )
-        logs = {
-            "train/logit_scale": aux["logit_scale"],
-            "train/logit_bias": aux["logit_bias"],
-            "train/image_norm": aux["image_norm"],
-            "train/text_norm": aux["text_norm"],
-        }
-        return jnp.mean(per_example_B), logs
-
-    def __call__(self, params: dict, batch: dict) -> tuple[jax.Array, dict]:
-        return self.loss(*self.embed(params, batch))
-
 
 NO_CEILING = np.float32(np.inf)  # the `loss_ceiling` that disables spike skipping
 
@@ -83,11 +29,15 @@ def train_step(
     otherwise parameters and optimizer state stay as they were, the step still counts (the
     batch is consumed) and `skipped` records it. So a non-finite value never enters the
     state, and never a checkpoint."""
+    takes_step = getattr(objective, "takes_step", False)  # a schedule inside (DANN's λ)
+    with_step = lambda f: functools.partial(f, step=state.step) if takes_step else f
     if microbatches == 1:
-        (loss, logs), grads = jax.value_and_grad(objective, has_aux=True)(state.params, batch)
+        (loss, logs), grads = jax.value_and_grad(with_step(objective), has_aux=True)(
+            state.params, batch
+        )
     else:
         (loss, logs), grads = gradcache.value_and_grad(
-            objective.embed, objective.loss, state.params, batch, microbatches
+            with_step(objective.embed), objective.loss, state.params, batch, microbatches
         )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -30,7 +30,7 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh, vocab_size: int
     """Model, optimizer, sharded initialiser and jitted step of `config` (its `task`) on `mesh`."""
     task = get_task(config.task)
     model = task.build_model(config, vocab_size)
-    tx, schedule = optimizer.build_optimizer(config)
+    tx, schedule = optimizer.build_optimizer(config, task.frozen_prefixes(config))
     rules = tuple(config.rules)
     # Initialisation needs no mesh context: its shardings come from the logical axes and rules.
     init, abstract = train_state.sharded_initializer(

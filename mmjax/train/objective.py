@@ -1,0 +1,174 @@
+"""The two-tower training objective: contrastive loss plus optional metric, adversarial and
+distillation terms, combined by `objectives.weighted_sum`.
+
+Terms (weights from `config.objective`, see `mmjax.tasks.contrastive`; a term with weight 0 is
+not built, not computed and not logged):
+
+  contrastive     CLIP softmax / SigLIP sigmoid over the global batch (`config.loss`);
+  triplet         VSE++ hinge with the hardest in-batch negative, both directions;
+  adversarial     BCE of a modality discriminator on the embeddings behind a gradient reversal
+                  layer with DANN's ramp λ(step / total_steps): the discriminator learns to tell
+                  images from texts, the towers learn to make them indistinguishable;
+  distill_logits  temperature-scaled KL between the teacher's and the student's in-batch
+                  retrieval distributions (softmax over the scaled similarity logits);
+  distill_embed   per-example distance between student and teacher embeddings.
+
+The towers (`embed`) and the loss over the whole batch (`loss`) are separate so that GradCache
+can run `embed` per microbatch. So everything computed from parameters, teacher embeddings and
+discriminator logits included, is produced in `embed`, per example, under `aux[PER_EXAMPLE]`.
+"""
+
+import dataclasses
+from collections.abc import Mapping
+from typing import ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from mmjax import losses, objectives, sharded_losses
+from mmjax.train.gradcache import PER_EXAMPLE
+
+TERMS = ("contrastive", "triplet", "adversarial", "distill_logits", "distill_embed")
+DISTILL_TERMS = ("distill_logits", "distill_embed")
+
+
+@dataclasses.dataclass(frozen=True)
+class ContrastiveObjective:
+    """Two-tower objective over the global batch: `(params, batch, step) -> (loss, logs)`.
+
+    `weights` holds the enabled terms only (name → weight > 0, names from `TERMS`). The model
+    must carry the parts its terms read: `model.discriminator` for "adversarial",
+    `model.teacher` for the distillation terms (see `TwoTower`). `loss_impl` picks how the
+    contrastive loss is distributed over the batch axes of `mesh` (see `sharded_losses`); every
+    choice gives the same values and gradients.
+    """
+
+    # The step feeds the adversarial λ schedule; `train_step` passes it to objectives with this.
+    takes_step: ClassVar[bool] = True
+
+    model: nn.Module
+    loss_kind: str
+    loss_impl: str = "naive"
+    mesh: Mesh | None = None
+    batch_axes: tuple[str, ...] = ("data", "fsdp")
+    weights: Mapping[str, float] = dataclasses.field(default_factory=lambda: {"contrastive": 1.0})
+    triplet_margin: float = 0.2
+    adversarial_gamma: float = 10.0
+    total_steps: int = 1
+    distill_temperature: float = 2.0
+    distill_embed_kind: str = "cosine"
+
+    def __post_init__(self):
+        if self.loss_kind not in losses.LOSSES:
+            raise ValueError(f"unknown loss {self.loss_kind!r}; choose one of {losses.LOSSES}")
+        if self.loss_impl not in sharded_losses.IMPLS:
+            raise ValueError(
+                f"unknown loss_impl {self.loss_impl!r}; choose one of {sharded_losses.IMPLS}"
+            )
+        unknown = sorted(set(self.weights) - set(TERMS))
+        if unknown or not self.weights:
+            raise ValueError(f"weights {dict(self.weights)}: name one or more of {TERMS}")
+        if self.adversarial and self.model.discriminator is None:
+            raise ValueError("the adversarial term needs a model with a discriminator")
+        if self.distills and self.model.teacher is None:
+            raise ValueError("the distillation terms need a model with a teacher")
+
+    @property
+    def adversarial(self) -> bool:
+        return "adversarial" in self.weights
+
+    @property
+    def distills(self) -> bool:
+        return any(t in self.weights for t in DISTILL_TERMS)
+
+    def embed(
+        self, params: dict, batch: dict, step: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array, dict]:
+        """Embeddings `[B, E]` and aux: per-batch scalars, and per-example arrays under
+        `aux[PER_EXAMPLE]` for the terms that need more than the student's embeddings."""
+        images, tokens = batch["image"], batch["tokens"]
+        # Flax ignores the parameters of parts a method does not run (teacher, discriminator).
+        img_BE, txt_BE, aux = self.model.apply({"params": params}, images, tokens)
+        per_example = {}
+        if self.distills:
+            # Frozen twice over: no gradient reaches the teacher's parameters (so autodiff does
+            # no backward pass through it) and its outputs are constants of the loss.
+            frozen = {"params": jax.lax.stop_gradient(params["teacher"])}
+            t_img_BE, t_txt_BE, t_aux = self.model.teacher.apply(frozen, images, tokens)
+            per_example["teacher_image"] = t_img_BE
+            per_example["teacher_text"] = t_txt_BE
+            aux = {**aux, "teacher_logit_scale": t_aux["logit_scale"]}
+        if self.adversarial:
+            if step is None:
+                raise ValueError("the adversarial term needs the step (its λ schedule)")
+            lam = objectives.dann_lambda(step / self.total_steps, self.adversarial_gamma)
+            # Identity forward; backward the towers get -λ times the discriminator's gradient.
+            rev_img_BE, rev_txt_BE = objectives.gradient_reversal((img_BE, txt_BE), lam)
+            discriminate = lambda x: self.model.discriminator.apply(
+                {"params": params["discriminator"]}, x
+            )
+            per_example["modality_logits_image"] = discriminate(rev_img_BE)
+            per_example["modality_logits_text"] = discriminate(rev_txt_BE)
+            aux = {**aux, "adversarial_lambda": lam}
+        if per_example:
+            aux = {**aux, PER_EXAMPLE: per_example}
+        return img_BE, txt_BE, aux
+
+    def loss(self, img_BE: jax.Array, txt_BE: jax.Array, aux: dict) -> tuple[jax.Array, dict]:
+        terms = {}
+        per_example = aux.get(PER_EXAMPLE, {})
+        logs = {
+            "train/logit_scale": aux["logit_scale"],
+            "train/logit_bias": aux["logit_bias"],
+            "train/image_norm": aux["image_norm"],
+            "train/text_norm": aux["text_norm"],
+        }
+        if "contrastive" in self.weights:
+            per_example_B = sharded_losses.contrastive_loss_sharded(
+                self.loss_kind,
+                self.loss_impl,
+                img_BE,
+                txt_BE,
+                aux["logit_scale"],
+                aux["logit_bias"],
+                mesh=self.mesh,
+                batch_axes=self.batch_axes,
+            )
+            terms["contrastive"] = jnp.mean(per_example_B)
+        if "triplet" in self.weights:
+            triplet_B = objectives.bidirectional_triplet(img_BE, txt_BE, self.triplet_margin)
+            terms["triplet"] = jnp.mean(triplet_B)
+        if self.adversarial:
+            z_img_B = per_example["modality_logits_image"]
+            z_txt_B = per_example["modality_logits_text"]
+            bce_B = objectives.modality_discriminator_loss(z_img_B, z_txt_B)
+            terms["adversarial"] = jnp.mean(bce_B)
+            # 0.5 = the towers won: the discriminator cannot tell the modalities apart.
+            correct_B = 0.5 * ((z_img_B > 0).astype(jnp.float32) + (z_txt_B < 0))
+            logs["train/modality_accuracy"] = jnp.mean(correct_B)
+            logs["train/adversarial_lambda"] = aux["adversarial_lambda"]
+        if self.distills:
+            t_img_BE, t_txt_BE = per_example["teacher_image"], per_example["teacher_text"]
+        if "distill_logits" in self.weights:
+            # Temperature and bias are the models' own; a bias shifts every logit of a row
+            # alike and leaves the softmax unchanged, so only the scales enter.
+            student_BB = losses.pairwise_logits(img_BE, txt_BE, aux["logit_scale"])
+            teacher_BB = losses.pairwise_logits(t_img_BE, t_txt_BE, aux["teacher_logit_scale"])
+            kd_B = objectives.similarity_kd_loss(student_BB, teacher_BB, self.distill_temperature)
+            terms["distill_logits"] = jnp.mean(kd_B)
+        if "distill_embed" in self.weights:
+            kind = self.distill_embed_kind
+            img_B = objectives.embedding_distill_loss(img_BE, t_img_BE, kind)
+            txt_B = objectives.embedding_distill_loss(txt_BE, t_txt_BE, kind)
+            terms["distill_embed"] = jnp.mean(0.5 * (img_B + txt_B))
+        total, term_logs = objectives.weighted_sum(terms, self.weights)
+        # weighted_sum logs "loss/<name>"; the run's metrics are flat "train/loss_<name>".
+        logs.update({f"train/{k.replace('/', '_')}": v for k, v in term_logs.items()})
+        return total, logs
+
+    def __call__(
+        self, params: dict, batch: dict, step: jax.Array | None = None
+    ) -> tuple[jax.Array, dict]:
+        return self.loss(*self.embed(params, batch, step))
