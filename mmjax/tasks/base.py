@@ -19,6 +19,7 @@ all tasks; a task only says what is specific to it:
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -31,22 +32,26 @@ from mmjax import parallel
 from mmjax.data import pipeline
 
 
-class Task:
+class Task(abc.ABC):
     name: str = ""
     metric_name: str | None = None  # the headline metric (None: no task/* entries)
     supports_microbatches = False  # GradCache needs an objective with `embed` and `loss`
 
     def validate(self, config: ml_collections.ConfigDict) -> None:
-        """Raises `train.validate.ConfigError` for settings this task cannot run with."""
+        """Raises `train.validate.ConfigError` for settings this task cannot run with (the
+        default accepts every setting the shared validation accepted)."""
+        return None
 
     def tokenizer(self, config: ml_collections.ConfigDict):
         return pipeline.tokenizer_for(config.data)
 
+    @abc.abstractmethod
     def build_model(self, config: ml_collections.ConfigDict, vocab_size: int) -> nn.Module:
-        raise NotImplementedError
+        """The model of `config` for a tokenizer of `vocab_size` ids."""
 
+    @abc.abstractmethod
     def example_batch(self, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+        """A batch of one example of zeros: the keys, shapes and dtypes of training batches."""
 
     def init_variables(
         self, model: nn.Module, config: ml_collections.ConfigDict, key: jax.Array
@@ -55,15 +60,16 @@ class Task:
         inputs, `model_inputs(example_batch)`)."""
         return model.init(key, *self.model_inputs(self.example_batch(config)))
 
+    @abc.abstractmethod
     def model_inputs(self, batch: dict) -> tuple:
         """The positional arguments of `model.__call__` taken from a batch."""
-        raise NotImplementedError
 
     def frozen_prefixes(self, config: ml_collections.ConfigDict) -> tuple[str, ...]:
         """Parameter path prefixes (e.g. "teacher/") that are never updated besides
         `optim.frozen_prefixes`: parts of the model the objective only reads."""
         return ()
 
+    @abc.abstractmethod
     def objective(
         self,
         model: nn.Module,
@@ -71,17 +77,19 @@ class Task:
         mesh: Mesh,
         rules: parallel.Rules,
     ) -> Callable:
-        raise NotImplementedError
+        """`(params, batch) -> (scalar loss, logs)`, pure and jittable."""
 
+    @abc.abstractmethod
     def train_iterator(
         self, config: ml_collections.ConfigDict, process_index: int, process_count: int
     ):
-        raise NotImplementedError
+        """A checkpointable iterator of this process's rows of every global batch."""
 
+    @abc.abstractmethod
     def evaluator(
         self, config: ml_collections.ConfigDict, model: nn.Module, batch_sharding: NamedSharding
     ) -> Callable[[dict], dict]:
-        raise NotImplementedError
+        """`params -> {metric: float}` on the validation data, on the training mesh."""
 
 
 def headline(score: float, chance: float) -> dict[str, float]:

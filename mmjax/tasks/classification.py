@@ -47,6 +47,15 @@ class ClassificationObjective:
         return loss, {"train/accuracy": accuracy}
 
 
+def accuracy_by_group(prefix: str, correct, groups, group_names) -> dict[str, float]:
+    """`<prefix>/accuracy` overall and `<prefix>/accuracy_<group>` for each group present."""
+    out = {f"{prefix}/accuracy": float(np.mean(correct))}
+    for g, name in enumerate(group_names):
+        if np.any(groups == g):
+            out[f"{prefix}/accuracy_{name}"] = float(np.mean(correct[groups == g]))
+    return out
+
+
 def split_of(config, split: str) -> labelled.LabelledSplit:
     d = config.data
     num = d.num_train if split == "train" else d.num_val
@@ -111,10 +120,7 @@ class ClassificationTask(Task):
         def evaluate(params) -> dict:
             pred = predict_all(predict, params, inputs, config.eval.batch_size, batch_sharding)
             correct = pred == val.labels
-            out = {"classification/accuracy": float(correct.mean())}
-            for g, name in enumerate(val.group_names):
-                if np.any(val.groups == g):
-                    out[f"classification/accuracy_{name}"] = float(correct[val.groups == g].mean())
+            out = accuracy_by_group("classification", correct, val.groups, val.group_names)
             return {**out, **headline(correct.mean(), chance)}
 
         return evaluate

@@ -29,7 +29,7 @@ from mmjax.eval.embed import jit_encoder, predict_all
 from mmjax.models.fusion_classifier import build_fusion_classifier
 from mmjax.tasks import video
 from mmjax.tasks.base import headline
-from mmjax.tasks.classification import ClassificationTask
+from mmjax.tasks.classification import ClassificationTask, accuracy_by_group
 
 QUESTION_TYPES = (
     "direction",
@@ -165,11 +165,8 @@ class VideoQATask(ClassificationTask):
         def evaluate(params) -> dict:
             pred = predict_all(predict, params, inputs, config.eval.batch_size, batch_sharding)
             correct = pred == val.labels
-            out = {"video_qa/accuracy": float(correct.mean())}
-            for g, kind in enumerate(QUESTION_TYPES):
-                if kind in blind:
-                    out[f"video_qa/accuracy_{kind}"] = float(correct[val.groups == g].mean())
-                    out[f"video_qa/chance_{kind}"] = blind[kind]
+            out = accuracy_by_group("video_qa", correct, val.groups, QUESTION_TYPES)
+            out.update({f"video_qa/chance_{k}": v for k, v in blind.items() if k != "task"})
             return {**out, **headline(correct.mean(), blind["task"])}
 
         return evaluate
