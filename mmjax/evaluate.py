@@ -1,4 +1,4 @@
-"""Evaluate a trained or imported model on any tasks (see `mmjax.eval.tasks`).
+"""Evaluate a trained or imported model on any tasks (see `mmjax.eval.evaluators`).
 
     python -m mmjax.evaluate --workdir DIR [--tasks SPEC[,SPEC] ...] [--batch-size N]
                              [--step N] [--classnames [DATASET=]FILE]
@@ -30,7 +30,7 @@ import ml_collections
 
 from mmjax import checkpoint, parallel
 from mmjax.data import pipeline
-from mmjax.eval import tasks as eval_tasks
+from mmjax.eval import evaluators as eval_tasks
 from mmjax.train.trainer import build_trainer
 
 _COMMA_OUTSIDE_BRACKETS = re.compile(r",(?![^\[]*\])")  # keeps "test[:10%]"-style splits whole

@@ -14,7 +14,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import default as default_config
-from mmjax.data import pipeline, shapes, shapes_builder
+from mmjax.data import pipeline
+from mmjax.data.builtin import shapes, shapes_builder
 from mmjax.data.tokenizers import ByteTokenizer
 
 NUM_TRAIN, NUM_VAL, IMAGE_SIZE = 200, 96, 32  # 96 = two rounds of the 48 compositions
@@ -193,7 +194,7 @@ def test_heldout_pairs_only_in_validation(data_cfg):
 def test_concurrent_builds_build_once(tmp_path):
     script = textwrap.dedent(
         f"""
-        from mmjax.data import shapes_builder
+        from mmjax.data.builtin import shapes_builder
         b = shapes_builder.ensure_built({str(tmp_path)!r}, image_size=16, num_train=400,
                                         num_val=8)
         assert len(b.as_data_source("train")) == 400

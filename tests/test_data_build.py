@@ -15,8 +15,10 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from mmjax.data import build, build_sources, image_check
-from mmjax.data.build import BuildError, build_dataset
+from mmjax.data.build import dataset as build
+from mmjax.data.build import image_check
+from mmjax.data.build import inputs as build_sources
+from mmjax.data.build.dataset import BuildError, build_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from mmjax.data import digits, digits_builder, sources
+from mmjax.data import sources
+from mmjax.data.builtin import digits, digits_builder
 
 NUM_DIGITS = 1797  # scikit-learn's copy of the optdigits test set
 

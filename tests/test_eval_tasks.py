@@ -17,8 +17,10 @@ from tensorflow_datasets.testing import mocking
 
 from configs import default
 from mmjax import evaluate, parallel
-from mmjax.data import build, pipeline, preprocess, sources, tokenizers
-from mmjax.eval import embed, probe, retrieval, tasks
+from mmjax.data import pipeline, preprocess, sources, tokenizers
+from mmjax.data.build import dataset as build
+from mmjax.eval import embed, probe, retrieval
+from mmjax.eval import evaluators as tasks
 from mmjax.train.loop import run
 from mmjax.train.trainer import build_trainer
 
@@ -290,7 +292,7 @@ def test_linear_probe_digits(data_dir, host_params, monkeypatch):
 
 
 def test_built_folder_tasks(tmp_path, data_dir, host_params):
-    """A folder built with mmjax.data.build: captions (1 to 3 per image), no labels."""
+    """A folder built with mmjax.data.build.dataset: captions (1 to 3 per image), no labels."""
     images, rows, rng = tmp_path / "images", [], np.random.default_rng(0)
     images.mkdir()
     for i in range(8):

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from mmjax import checkpoint, losses, objectives
+from mmjax import checkpoint, losses
 from mmjax.models.two_tower import TRAINING_PARTS
 from mmjax.tasks import get_task
 from mmjax.tasks.contrastive import validate_objective
@@ -131,10 +131,10 @@ def test_gradient_reversal_reverses_the_towers_gradient(full):
     def discriminator_loss(p):  # the same BCE without the reversal layer
         img_BE, txt_BE, _ = model.apply({"params": p}, batch["image"], batch["tokens"])
         disc = lambda x: model.discriminator.apply({"params": p["discriminator"]}, x)
-        return jnp.mean(objectives.modality_discriminator_loss(disc(img_BE), disc(txt_BE)))
+        return jnp.mean(losses.modality_discriminator_loss(disc(img_BE), disc(txt_BE)))
 
     own = jax.jit(jax.grad(discriminator_loss))(params)
-    lam = float(objectives.dann_lambda(0.5, 10.0))
+    lam = float(losses.dann_lambda(0.5, 10.0))
     np.testing.assert_allclose(float(logs["train/adversarial_lambda"]), lam, rtol=1e-6)
     assert 0.9 < lam < 1.0
     for a, b in zip(

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax import objectives as obj
-from mmjax.objectives import mlm
+from mmjax import losses as obj
+from mmjax.losses import mlm
 
 
 def _rows(seed, b=8, e=6):

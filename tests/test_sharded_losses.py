@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from mmjax import losses, sharded_losses
+from mmjax import losses
+from mmjax.losses import contrastive_sharded
 
 pytestmark = pytest.mark.multidevice
 
@@ -50,7 +51,7 @@ def losses_and_grads(kind, impl, mesh, img, txt, scale, bias, *, explicit_mesh=F
     over data×fsdp. The mesh reaches the loss through `jax.set_mesh` unless `explicit_mesh`."""
 
     def mean_loss(img_BE, txt_BE, scale, bias):
-        per_example_B = sharded_losses.contrastive_loss_sharded(
+        per_example_B = contrastive_sharded.contrastive_loss_sharded(
             kind, impl, img_BE, txt_BE, scale, bias, mesh=mesh if explicit_mesh else None
         )
         return jnp.mean(per_example_B), per_example_B
@@ -85,7 +86,7 @@ def naive_reference(mesh_name, kind, scale, bias):
 
 @pytest.mark.parametrize("scale, bias", [(10.0, -5.0), (100.0, -10.0)], ids=["s10", "s100"])
 @pytest.mark.parametrize("impl", SHARDED_IMPLS)
-@pytest.mark.parametrize("kind", sharded_losses.KINDS)
+@pytest.mark.parametrize("kind", contrastive_sharded.KINDS)
 @pytest.mark.parametrize("mesh_name", MESH_SHAPES)
 def test_sharded_equals_naive(mesh_name, kind, impl, scale, bias):
     img, txt = inputs(64, 32)
@@ -102,7 +103,7 @@ def test_sharded_equals_naive(mesh_name, kind, impl, scale, bias):
 
 
 @pytest.mark.parametrize("impl", SHARDED_IMPLS)
-@pytest.mark.parametrize("kind", sharded_losses.KINDS)
+@pytest.mark.parametrize("kind", contrastive_sharded.KINDS)
 def test_explicit_mesh_needs_no_context(kind, impl):
     """`mesh=` works without `jax.set_mesh`, here on a 4-device data×fsdp sub-mesh and other sizes
     (B=24, E=16, local batch 6)."""
@@ -118,11 +119,11 @@ def test_explicit_mesh_needs_no_context(kind, impl):
 def test_naive_impl_is_the_global_loss():
     img, txt = (jnp.asarray(x) for x in inputs(24, 16))
     np.testing.assert_array_equal(
-        sharded_losses.contrastive_loss_sharded("sigmoid", "naive", img, txt, 10.0, -3.0),
+        contrastive_sharded.contrastive_loss_sharded("sigmoid", "naive", img, txt, 10.0, -3.0),
         losses.sigmoid_contrastive(img, txt, 10.0, -3.0),
     )
     np.testing.assert_array_equal(
-        sharded_losses.contrastive_loss_sharded("softmax", "naive", img, txt, 10.0, -3.0),
+        contrastive_sharded.contrastive_loss_sharded("softmax", "naive", img, txt, 10.0, -3.0),
         losses.softmax_contrastive(img, txt, 10.0),
     )
 
@@ -130,18 +131,18 @@ def test_naive_impl_is_the_global_loss():
 def test_bad_arguments_are_rejected():
     img, txt = (jnp.asarray(x) for x in inputs(24, 16))
     with pytest.raises(ValueError, match="'naive', 'gathered', 'chunked'"):
-        sharded_losses.contrastive_loss_sharded("softmax", "ring", img, txt, 1.0, 0.0)
+        contrastive_sharded.contrastive_loss_sharded("softmax", "ring", img, txt, 1.0, 0.0)
     with pytest.raises(ValueError, match="'softmax', 'sigmoid'"):
-        sharded_losses.contrastive_loss_sharded("hinge", "chunked", img, txt, 1.0, 0.0)
+        contrastive_sharded.contrastive_loss_sharded("hinge", "chunked", img, txt, 1.0, 0.0)
     with pytest.raises(ValueError, match="needs a mesh"):
-        sharded_losses.contrastive_loss_sharded("softmax", "chunked", img, txt, 1.0, 0.0)
+        contrastive_sharded.contrastive_loss_sharded("softmax", "chunked", img, txt, 1.0, 0.0)
     mesh = make_mesh((8, 1, 1))
     with pytest.raises(ValueError, match="not divisible"):
-        sharded_losses.contrastive_loss_sharded(
+        contrastive_sharded.contrastive_loss_sharded(
             "softmax", "chunked", img[:20], txt[:20], 1.0, 0.0, mesh=mesh
         )
     with pytest.raises(ValueError, match="not axes of the mesh"):
-        sharded_losses.contrastive_loss_sharded(
+        contrastive_sharded.contrastive_loss_sharded(
             "softmax", "chunked", img, txt, 1.0, 0.0, mesh=mesh, batch_axes=("batch",)
         )
 
@@ -155,7 +156,7 @@ def compiled_temp_bytes(kind, impl, n, local_batch, dim) -> int:
 
     def mean_loss(img_BE, txt_BE, scale, bias):
         return jnp.mean(
-            sharded_losses.contrastive_loss_sharded(
+            contrastive_sharded.contrastive_loss_sharded(
                 kind, impl, img_BE, txt_BE, scale, bias, mesh=mesh
             )
         )
@@ -168,7 +169,7 @@ def compiled_temp_bytes(kind, impl, n, local_batch, dim) -> int:
     return int(compiled.memory_analysis().temp_size_in_bytes)
 
 
-@pytest.mark.parametrize("kind", sharded_losses.KINDS)
+@pytest.mark.parametrize("kind", contrastive_sharded.KINDS)
 def test_chunked_memory_is_independent_of_device_count(kind):
     """At a fixed local batch (256 × 64, so a 256×256 logits block is 256 KiB and dominates), the
     ring's per-device scratch must stay flat from 2 to 8 devices, in forward and backward, while

@@ -170,7 +170,7 @@ def test_train_on_a_built_folder_reports_skipped_items(tmp_path):
 
     from PIL import Image
 
-    from mmjax.data import build
+    from mmjax.data.build import dataset as build
     from mmjax.train.loop import run
     from tests.test_eval_tasks import tiny_config
 

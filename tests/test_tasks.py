@@ -13,8 +13,9 @@ import pytest
 
 from configs import fusion as fusion_config
 from configs import matching as matching_config
-from mmjax import objectives, parallel
-from mmjax.data import labelled, shapes, tokenizers
+from mmjax import losses, parallel
+from mmjax.data import tokenizers
+from mmjax.data.builtin import labelled, shapes
 from mmjax.metrics import read_metrics
 from mmjax.models.fusion import FUSIONS
 from mmjax.models.fusion_classifier import build_fusion_classifier
@@ -147,7 +148,7 @@ def test_identical_captions_are_never_mined_as_negatives():
     sim = jnp.array([[1.0, 0.99, 0.1], [0.99, 1.0, 0.1], [0.1, 0.1, 1.0]])
     same = jnp.array([[1, 1, 0], [1, 1, 0], [0, 0, 1]], bool)  # rows 0 and 1: one caption
     for seed in range(5):
-        neg_txt, neg_img = objectives.mine_hard_negatives(
+        neg_txt, neg_img = losses.mine_hard_negatives(
             sim, jax.random.key(seed), positive_BB=same, temperature=0.01
         )
         assert list(neg_txt[:2]) == [2, 2] and list(neg_img[:2]) == [2, 2]
@@ -207,7 +208,7 @@ def test_whole_word_masking_chooses_words_not_tokens():
     space = int(tokenizers.token_ids(tok, [" "])[0, 1])
     word_ids = jnp.cumsum(tokens == space, axis=1)
     specials = (0, 1, 2, space)
-    _, _, weights = objectives.mask_tokens(
+    _, _, weights = losses.mask_tokens(
         tokens,
         jax.random.key(0),
         mask_id=263,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import text_classification
-from mmjax.data import reviews, wordvec
+from mmjax.data.builtin import reviews, wordvec
 from mmjax.models.text_cnn import TextCNN
 from mmjax.tasks import get_task
 from mmjax.train.loop import run

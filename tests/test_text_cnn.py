@@ -9,7 +9,7 @@ import pytest
 
 from configs import text_classification
 from mmjax import parallel
-from mmjax.data import reviews, wordvec
+from mmjax.data.builtin import reviews, wordvec
 from mmjax.models.text_cnn import TextCNN
 from mmjax.train.step import NO_CEILING
 from mmjax.train.trainer import build_trainer

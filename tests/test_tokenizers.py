@@ -105,7 +105,7 @@ def open_clip():
 
 @pytest.mark.parametrize("max_len", [77, 16])
 def test_clip_bpe_matches_open_clip(open_clip, max_len):
-    from mmjax.data.clip_bpe import ClipBpeTokenizer
+    from mmjax.data.tokenizers.clip_bpe import ClipBpeTokenizer
 
     tok = ClipBpeTokenizer(max_len=max_len)
     ours = tok.encode(NASTY)
@@ -117,7 +117,7 @@ def test_clip_bpe_matches_open_clip(open_clip, max_len):
 
 
 def test_clip_bpe_matches_open_clip_on_code_points(open_clip):
-    from mmjax.data.clip_bpe import ClipBpeTokenizer
+    from mmjax.data.tokenizers.clip_bpe import ClipBpeTokenizer
 
     probes = _code_point_probes(step=5)
     ours = ClipBpeTokenizer(max_len=16).encode(probes)
@@ -127,7 +127,7 @@ def test_clip_bpe_matches_open_clip_on_code_points(open_clip):
 
 
 def test_clip_bpe_decode_and_merges_path(open_clip, tmp_path, monkeypatch):
-    from mmjax.data import clip_bpe
+    from mmjax.data.tokenizers import clip_bpe
 
     path = clip_bpe.default_merges_path()
     tok = clip_bpe.ClipBpeTokenizer(path, max_len=77)
@@ -149,7 +149,7 @@ def minilm():
     folder = _minilm_folder()  # skips first when transformers or the vocab is missing
     from transformers import AutoTokenizer
 
-    from mmjax.data.wordpiece import WordPieceTokenizer
+    from mmjax.data.tokenizers.wordpiece import WordPieceTokenizer
 
     hf = AutoTokenizer.from_pretrained(str(folder))
 
@@ -198,7 +198,7 @@ def test_wordpiece_matches_hf_random_mixtures(minilm):
 def test_wordpiece_matches_hf_bert_on_a_small_vocab(tmp_path, lowercase):
     """A vocab of our own (so no MiniLM download needed), cased and uncased."""
     transformers = pytest.importorskip("transformers", reason=INTEROP)
-    from mmjax.data.wordpiece import WordPieceTokenizer
+    from mmjax.data.tokenizers.wordpiece import WordPieceTokenizer
 
     words = ["the", "a", "photo", "of", "cat", "dog", "run", "Run", "caf", "é", "e", "naïve"]
     pieces = ["##s", "##ning", "##é", "##e", "##n", "##g", "##i", "##ve", "##ï", "中", "!", ","]
@@ -239,7 +239,7 @@ def _sentences(n: int) -> list[str]:
 @pytest.mark.parametrize("model_type", ["unigram", "bpe"])
 def test_sentencepiece_matches_processor(tmp_path, model_type):
     spm = pytest.importorskip("sentencepiece", reason=INTEROP)
-    from mmjax.data.sentencepiece_tokenizer import SentencePieceTokenizer, train_sentencepiece
+    from mmjax.data.tokenizers.sentencepiece import SentencePieceTokenizer, train_sentencepiece
 
     path = train_sentencepiece(_sentences(200), tmp_path / model_type, 64, model_type)
     assert path.is_file()
@@ -262,7 +262,7 @@ def test_sentencepiece_matches_processor(tmp_path, model_type):
 
 def test_sentencepiece_without_pad_piece_pads_past_the_vocab(tmp_path):
     pytest.importorskip("sentencepiece", reason=INTEROP)
-    from mmjax.data.sentencepiece_tokenizer import SentencePieceTokenizer, train_sentencepiece
+    from mmjax.data.tokenizers.sentencepiece import SentencePieceTokenizer, train_sentencepiece
 
     ids = {"pad_id": -1, "unk_id": 0, "bos_id": 1, "eos_id": 2}
     path = train_sentencepiece(_sentences(200), tmp_path / "nopad", 60, "bpe", **ids)
@@ -283,7 +283,7 @@ def test_tokenizers_import_no_torch_or_hf():
         "import sys\n"
         "from mmjax.data.tokenizers import build_tokenizer\n"
         "build_tokenizer('clip_bpe', 8).encode(['a cat'])\n"
-        "import mmjax.data.wordpiece, mmjax.data.sentencepiece_tokenizer\n"
+        "import mmjax.data.tokenizers.wordpiece, mmjax.data.tokenizers.sentencepiece\n"
         "heavy = {'torch', 'open_clip', 'transformers', 'jax'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"
     )

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax.data import moving_shapes as ms
-from mmjax.data.shapes import COLOR_RGB, COLORS, COLORS_ZH, HELDOUT_PAIRS, SHAPES, SHAPES_ZH
+from mmjax.data.builtin import moving_shapes as ms
+from mmjax.data.builtin.shapes import COLOR_RGB, COLORS, COLORS_ZH, HELDOUT_PAIRS, SHAPES, SHAPES_ZH
 from mmjax.models.video import VideoTower, sincos1d, sincos3d
 
 B, F, S, WIDTH = 2, 4, 16, 32

@@ -12,7 +12,8 @@ from PIL import Image
 
 from configs import default, matching, mm_classification
 from mmjax import parallel, visualize
-from mmjax.data import labelled, pipeline, preprocess, tokenizers
+from mmjax.data import pipeline, preprocess, tokenizers
+from mmjax.data.builtin import labelled
 from mmjax.models.two_tower import TwoTower
 from mmjax.train.loop import run
 from mmjax.train.trainer import build_trainer

@@ -2,8 +2,8 @@
 
 Compiles (never runs) `jax.value_and_grad` of the mean loss w.r.t. images, texts, scale and bias
 for `--devices` fake CPU devices on a `data`-only mesh, with `--local-batch` examples of
-`--dim`-wide embeddings per device, and reads XLA's per-device memory analysis. That is how the
-three implementations of `mmjax.sharded_losses` scale with the device count at a fixed local
+`--dim`-wide embeddings per device, and reads XLA's per-device memory analysis. That is how
+the three implementations of `losses.contrastive_loss_sharded` scale with the device count at a fixed local
 batch: the naive global-logits loss and `gathered` grow with it, the `chunked` ring must not.
 
 Returned (and, with `--json`, printed) keys:
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mmjax import parallel, sharded_losses
+from mmjax import losses, parallel
 from mmjax.bench import common
 
 
@@ -43,7 +43,7 @@ def compile_loss_step(devices: int, local_batch: int, dim: int, impl: str, kind:
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
 
     def mean_loss(img_BE, txt_BE, scale, bias):
-        per_example_B = sharded_losses.contrastive_loss_sharded(
+        per_example_B = losses.contrastive_loss_sharded(
             kind, impl, img_BE, txt_BE, scale, bias, mesh=mesh, batch_axes=batch_axes
         )
         return jnp.mean(per_example_B)

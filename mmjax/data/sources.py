@@ -30,7 +30,7 @@ from typing import Any
 import ml_collections
 import tensorflow_datasets as tfds
 
-from mmjax.data import builtin_build
+from mmjax.data.builtin import common as builtin_build
 
 BUILTIN = ("shapes", "digits")
 
@@ -94,7 +94,7 @@ def _class_names(features) -> tuple[str, ...] | None:
 def _builtin_builder(name: str, data_cfg: ml_collections.ConfigDict):
     # Imported here: each builtin module imports this package's builder helpers.
     if name == "shapes":
-        from mmjax.data import shapes_builder
+        from mmjax.data.builtin import shapes_builder
 
         return shapes_builder.ensure_built(
             data_cfg.data_dir or None,
@@ -103,7 +103,7 @@ def _builtin_builder(name: str, data_cfg: ml_collections.ConfigDict):
             num_val=data_cfg.num_val,
             seed=data_cfg.dataset_seed,
         )
-    from mmjax.data import digits_builder
+    from mmjax.data.builtin import digits_builder
 
     return digits_builder.ensure_built(
         data_cfg.data_dir or None, image_size=data_cfg.image_size, seed=data_cfg.dataset_seed

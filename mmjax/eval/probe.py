@@ -6,8 +6,8 @@ part that picks the inverse regularisation strength C from a small log grid. The
 fit on the K shots only, and the test split is only ever predicted, never used for a choice, so
 the reported accuracy is an honest K-shot number.
 
-`LinearProbeTask` is the `linear_probe:DATASET[:SPLIT]` task of `mmjax.eval.tasks`; the functions
-above it know nothing of datasets or models.
+`LinearProbeTask` is the `linear_probe:DATASET[:SPLIT]` task of `mmjax.eval.evaluators`; the
+functions above it know nothing of datasets or models.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
 from mmjax.data import sources
-from mmjax.eval import embed, tasks
+from mmjax.eval import embed
+from mmjax.eval import evaluators as tasks
 
 # Inverse regularisation strengths tried. Unit-norm features give small logits, so the useful
 # range sits above the usual C=1; one point per decade keeps the search to six fits.
@@ -125,7 +126,7 @@ def linear_probe(
 
 
 class LinearProbeTask:
-    """The `linear_probe` task (see `mmjax.eval.tasks`)."""
+    """The `linear_probe` task (see `mmjax.eval.evaluators`)."""
 
     def __init__(self, spec: tasks.TaskSpec, source, config, classnames_override):
         self.spec, self.source = spec, source

@@ -9,7 +9,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 
-from mmjax.data import pipeline, shapes, tokenizers
+from mmjax.data import pipeline, tokenizers
+from mmjax.data.builtin import shapes
 from mmjax.eval import embed, retrieval, zeroshot
 
 

@@ -328,7 +328,9 @@ def default_max_len(model_dir: str | Path) -> int:
 
 def load_tokenizer(model_dir: str | Path, max_len: int | None = None):
     """mmjax's WordPiece tokenizer for the folder's vocab.txt, with its do_lower_case."""
-    from mmjax.data.wordpiece import WordPieceTokenizer  # lazy: optional for the model alone
+    from mmjax.data.tokenizers.wordpiece import (
+        WordPieceTokenizer,  # lazy: optional for the model alone
+    )
 
     model_dir = Path(model_dir)
     tok_cfg_path = model_dir / "tokenizer_config.json"

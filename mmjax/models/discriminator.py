@@ -1,7 +1,7 @@
 """The modality discriminator of adversarial alignment: is an embedding an image's or a text's?
 
 A two-layer MLP on the shared embeddings (E → M → 1). The objective applies it behind a gradient
-reversal layer (`mmjax.objectives.gradient_reversal`), so one optimizer step trains it to tell
+reversal layer (`mmjax.losses.gradient_reversal`), so one optimizer step trains it to tell
 the modalities apart while pushing the towers to make them indistinguishable.
 """
 

@@ -11,9 +11,9 @@ TASKS = {
     "contrastive": "mmjax.tasks.contrastive",
     "classification": "mmjax.tasks.classification",
     "matching": "mmjax.tasks.matching",
-    "captioning": "mmjax.tasks.caption",
-    "text_classification": "mmjax.tasks.text_cls",
-    "video_contrastive": "mmjax.tasks.video",
+    "captioning": "mmjax.tasks.captioning",
+    "text_classification": "mmjax.tasks.text_classification",
+    "video_contrastive": "mmjax.tasks.video_contrastive",
     "video_qa": "mmjax.tasks.video_qa",
 }
 

@@ -1,5 +1,5 @@
 """Image + text -> label through a fusion module: multimodal classification (`shapes_mmc`) and
-VQA as answer classification (`shapes_vqa`); datasets in `mmjax.data.labelled`.
+VQA as answer classification (`shapes_vqa`); datasets in `mmjax.data.builtin.labelled`.
 
 Reported: `classification/accuracy`, per group (`classification/accuracy_<group>`: language or
 question type), and `task/score` (accuracy) next to `task/chance`, the accuracy of a blind
@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mmjax.data import labelled, pipeline, preprocess, tokenizers
+from mmjax.data import pipeline, preprocess, tokenizers
+from mmjax.data.builtin import labelled
 from mmjax.eval.embed import jit_encoder, predict_all
 from mmjax.models.fusion_classifier import build_fusion_classifier
 from mmjax.tasks.base import Task, headline

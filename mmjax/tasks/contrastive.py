@@ -1,6 +1,6 @@
 """Two-tower contrastive pretraining (CLIP softmax / SigLIP sigmoid / LiT) on image–caption data,
 with optional triplet, adversarial-alignment and distillation terms weighted by
-`config.objective` (see `mmjax.train.objective`).
+`config.objective` (see `mmjax.tasks.contrastive_objective`).
 
 The parts those terms need are added to the model only when their weight is > 0: a modality
 discriminator (trained with everything else) and a distillation teacher (`config.distill`: its
@@ -17,12 +17,12 @@ import numpy as np
 
 from mmjax import parallel
 from mmjax.data import pipeline
-from mmjax.eval.tasks import build_evaluator
+from mmjax.eval.evaluators import build_evaluator
+from mmjax.losses.distill import EMBEDDING_KINDS
 from mmjax.models.discriminator import ModalityDiscriminator
 from mmjax.models.two_tower import build_two_tower
-from mmjax.objectives.distill import EMBEDDING_KINDS
 from mmjax.tasks.base import Task
-from mmjax.train.objective import DISTILL_TERMS, TERMS, ContrastiveObjective
+from mmjax.tasks.contrastive_objective import DISTILL_TERMS, TERMS, ContrastiveObjective
 from mmjax.train.validate import ConfigError
 
 

@@ -25,8 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax import losses, objectives
-from mmjax.data import pipeline, shapes, tokenizers
+from mmjax import losses
+from mmjax.data import pipeline, tokenizers
+from mmjax.data.builtin import shapes
 from mmjax.eval.embed import jit_encoder, predict_all
 from mmjax.models.matching_model import build_matching_model
 from mmjax.tasks.base import headline
@@ -96,26 +97,24 @@ class MatchingObjective:
             same_text_BB = jnp.all(tokens_BL[:, None, :] == tokens_BL[None, :, :], axis=-1)
             # Negatives drawn ∝ exp(hardness · scale · cosine): 1 = the contrastive model's
             # own distribution (ALBEF), 0 = uniform over the other captions.
-            neg_txt_B, neg_img_B = objectives.mine_hard_negatives(
+            neg_txt_B, neg_img_B = losses.mine_hard_negatives(
                 sim_BB * (self.hardness * jax.lax.stop_gradient(scale)),
                 k_negatives,
                 positive_BB=same_text_BB,
             )
-            img_idx_N, txt_idx_N, labels_N, weights_N = objectives.itm_batch_indices(
+            img_idx_N, txt_idx_N, labels_N, weights_N = losses.itm_batch_indices(
                 neg_txt_B, neg_img_B
             )
-            (img_NSD,), (txt_NLD, valid_NL) = objectives.take_pairs(
+            (img_NSD,), (txt_NLD, valid_NL) = losses.take_pairs(
                 (img_BND,), (txt_BLD, valid_BL), img_idx_N, txt_idx_N
             )
             fused = apply(m.fuse, img_NSD, txt_NLD, valid_NL)
             logits_N2 = apply(m.itm_logits, fused.pooled_BD)
-            terms["itm"] = objectives.masked_mean(
-                objectives.itm_loss(logits_N2, labels_N), weights_N
-            )
+            terms["itm"] = losses.masked_mean(losses.itm_loss(logits_N2, labels_N), weights_N)
             correct_N = (jnp.argmax(logits_N2, -1) == labels_N).astype(jnp.float32)
-            logs["train/itm_accuracy"] = objectives.masked_mean(correct_N, weights_N)
+            logs["train/itm_accuracy"] = losses.masked_mean(correct_N, weights_N)
         if "mlm" in self.weights:
-            inputs_BL, targets_BL, weights_BL = objectives.mask_tokens(
+            inputs_BL, targets_BL, weights_BL = losses.mask_tokens(
                 tokens_BL,
                 k_mask,
                 mask_id=self.mask_id,
@@ -125,8 +124,8 @@ class MatchingObjective:
             )
             fused = apply(m.fuse, img_BND, apply(m.text_tokens, inputs_BL), valid_BL)
             logits_BLV = apply(m.mlm_logits, fused.text_tokens_BLD)
-            terms["mlm"] = objectives.mlm_loss(logits_BLV, targets_BL, weights_BL)
-        total, term_logs = objectives.weighted_sum(terms, self.weights)
+            terms["mlm"] = losses.mlm_loss(logits_BLV, targets_BL, weights_BL)
+        total, term_logs = losses.weighted_sum(terms, self.weights)
         return total, {**logs, **{f"train/{k}": v for k, v in term_logs.items()}}
 
 
@@ -188,7 +187,7 @@ class MatchingTask(ContrastiveTask):
 
 class MatchingEvaluator:
     def __init__(self, config, model, sharding, tokenizer):
-        from mmjax.eval.tasks import TaskError
+        from mmjax.eval.evaluators import TaskError
 
         val = pipeline.eval_arrays(config.data)
         fields = shapes.Attributes._fields

@@ -5,7 +5,8 @@ The model is the classification task's fusion classifier with the video tower in
 ViT, trained with its softmax cross-entropy (`ClassificationObjective`). Every question that
 `moving_shapes.video_qa` asks about a clip is one example: 4 per clip, 7 when the clip has a
 still distractor (`QUESTION_TYPES`, in the order `video_qa` asks them). Clips come from
-`mmjax.tasks.video` (same cache); the questions of clip i are a function of (seed, split, i).
+`mmjax.tasks.video_contrastive` (same cache); the questions of clip i are a function of
+(seed, split, i).
 
 Reported: `video_qa/accuracy`, per question type `video_qa/accuracy_<type>` next to its blind
 baseline `video_qa/chance_<type>`, and `task/score` (accuracy) next to `task/chance`: the
@@ -24,10 +25,11 @@ import grain
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.data import labelled, moving_shapes, pipeline, tokenizers
+from mmjax.data import pipeline, tokenizers
+from mmjax.data.builtin import labelled, moving_shapes
 from mmjax.eval.embed import jit_encoder, predict_all
 from mmjax.models.fusion_classifier import build_fusion_classifier
-from mmjax.tasks import video
+from mmjax.tasks import video_contrastive as video
 from mmjax.tasks.base import headline
 from mmjax.tasks.classification import ClassificationTask, accuracy_by_group
 

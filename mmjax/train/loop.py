@@ -11,7 +11,7 @@ import ml_collections
 from mmjax import checkpoint, metrics, parallel
 from mmjax.data import sources
 from mmjax.data.sources import DataError
-from mmjax.eval.tasks import TaskError
+from mmjax.eval.evaluators import TaskError
 from mmjax.tasks import get_task
 from mmjax.train.guard import BadStepsError, SpikeDetector, StepGuard
 from mmjax.train.preemption import PreemptionGuard

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mmjax.tasks.contrastive_objective import ContrastiveObjective
 from mmjax.train import gradcache
-from mmjax.train.objective import ContrastiveObjective
 from mmjax.train.state import TrainState
 
 NO_CEILING = np.float32(np.inf)  # the `loss_ceiling` that disables spike skipping

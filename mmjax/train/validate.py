@@ -7,7 +7,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mmjax import losses, sharded_losses
+from mmjax import losses
 from mmjax.data import preprocess
 from mmjax.models.layers import ACTIVATIONS, REMAT_POLICIES
 from mmjax.train import guard
@@ -27,11 +27,11 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
             f"microbatches={c.microbatches}: task={c.task!r} does not support GradCache; "
             "set microbatches=1"
         )
-    if c.loss not in losses.LOSSES:
-        raise ConfigError(f"loss={c.loss!r} is unknown; use one of {', '.join(losses.LOSSES)}")
-    if c.loss_impl not in sharded_losses.IMPLS:
+    if c.loss not in losses.KINDS:
+        raise ConfigError(f"loss={c.loss!r} is unknown; use one of {', '.join(losses.KINDS)}")
+    if c.loss_impl not in losses.IMPLS:
         raise ConfigError(
-            f"loss_impl={c.loss_impl!r} is unknown; use one of {', '.join(sharded_losses.IMPLS)}"
+            f"loss_impl={c.loss_impl!r} is unknown; use one of {', '.join(losses.IMPLS)}"
         )
     if c.model.remat not in REMAT_POLICIES:
         raise ConfigError(

@@ -32,7 +32,8 @@ import grain
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.data import moving_shapes, pipeline, preprocess, tokenizers
+from mmjax.data import pipeline, preprocess, tokenizers
+from mmjax.data.builtin import moving_shapes
 from mmjax.eval import retrieval, zeroshot
 from mmjax.eval.embed import Embedder
 from mmjax.models.video import KINDS, VideoTower

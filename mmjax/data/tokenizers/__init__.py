@@ -89,18 +89,18 @@ def build_tokenizer(kind: str, max_len: int, path: str | None = None) -> Any:
     if kind == "bytes":
         return ByteTokenizer(max_len)
     if kind == "clip_bpe":
-        from mmjax.data.clip_bpe import ClipBpeTokenizer
+        from mmjax.data.tokenizers.clip_bpe import ClipBpeTokenizer
 
         return ClipBpeTokenizer(path, max_len=max_len)
     if kind == "wordpiece":
-        from mmjax.data.wordpiece import WordPieceTokenizer
+        from mmjax.data.tokenizers.wordpiece import WordPieceTokenizer
 
         if path is None:
             raise ValueError("the wordpiece tokenizer needs path=<vocab.txt or its folder>")
         vocab = Path(path) / "vocab.txt" if Path(path).is_dir() else Path(path)
         return WordPieceTokenizer(vocab, max_len=max_len)
     if kind == "sentencepiece":
-        from mmjax.data.sentencepiece_tokenizer import SentencePieceTokenizer
+        from mmjax.data.tokenizers.sentencepiece import SentencePieceTokenizer
 
         if path is None:
             raise ValueError("the sentencepiece tokenizer needs path=<file.model>")

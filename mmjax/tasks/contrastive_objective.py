@@ -1,5 +1,5 @@
 """The two-tower training objective: contrastive loss plus optional metric, adversarial and
-distillation terms, combined by `objectives.weighted_sum`.
+distillation terms, combined by `losses.weighted_sum`.
 
 Terms (weights from `config.objective`, see `mmjax.tasks.contrastive`; a term with weight 0 is
 not built, not computed and not logged):
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from mmjax import losses, objectives, sharded_losses
+from mmjax import losses
 from mmjax.train.gradcache import PER_EXAMPLE
 
 TERMS = ("contrastive", "triplet", "adversarial", "distill_logits", "distill_embed")
@@ -41,8 +41,8 @@ class ContrastiveObjective:
     `weights` holds the enabled terms only (name → weight > 0, names from `TERMS`). The model
     must carry the parts its terms read: `model.discriminator` for "adversarial",
     `model.teacher` for the distillation terms (see `TwoTower`). `loss_impl` picks how the
-    contrastive loss is distributed over the batch axes of `mesh` (see `sharded_losses`); every
-    choice gives the same values and gradients.
+    contrastive loss is distributed over the batch axes of `mesh` (see
+    `losses.contrastive_sharded`); every choice gives the same values and gradients.
     """
 
     # The step feeds the adversarial λ schedule; `train_step` passes it to objectives with this.
@@ -61,12 +61,10 @@ class ContrastiveObjective:
     distill_embed_kind: str = "cosine"
 
     def __post_init__(self):
-        if self.loss_kind not in losses.LOSSES:
-            raise ValueError(f"unknown loss {self.loss_kind!r}; choose one of {losses.LOSSES}")
-        if self.loss_impl not in sharded_losses.IMPLS:
-            raise ValueError(
-                f"unknown loss_impl {self.loss_impl!r}; choose one of {sharded_losses.IMPLS}"
-            )
+        if self.loss_kind not in losses.KINDS:
+            raise ValueError(f"unknown loss {self.loss_kind!r}; choose one of {losses.KINDS}")
+        if self.loss_impl not in losses.IMPLS:
+            raise ValueError(f"unknown loss_impl {self.loss_impl!r}; choose one of {losses.IMPLS}")
         unknown = sorted(set(self.weights) - set(TERMS))
         if unknown or not self.weights:
             raise ValueError(f"weights {dict(self.weights)}: name one or more of {TERMS}")
@@ -103,9 +101,9 @@ class ContrastiveObjective:
         if self.adversarial:
             if step is None:
                 raise ValueError("the adversarial term needs the step (its λ schedule)")
-            lam = objectives.dann_lambda(step / self.total_steps, self.adversarial_gamma)
+            lam = losses.dann_lambda(step / self.total_steps, self.adversarial_gamma)
             # Identity forward; backward the towers get -λ times the discriminator's gradient.
-            rev_img_BE, rev_txt_BE = objectives.gradient_reversal((img_BE, txt_BE), lam)
+            rev_img_BE, rev_txt_BE = losses.gradient_reversal((img_BE, txt_BE), lam)
             discriminate = lambda x: self.model.discriminator.apply(
                 {"params": params["discriminator"]}, x
             )
@@ -126,7 +124,7 @@ class ContrastiveObjective:
             "train/text_norm": aux["text_norm"],
         }
         if "contrastive" in self.weights:
-            per_example_B = sharded_losses.contrastive_loss_sharded(
+            per_example_B = losses.contrastive_loss_sharded(
                 self.loss_kind,
                 self.loss_impl,
                 img_BE,
@@ -138,12 +136,12 @@ class ContrastiveObjective:
             )
             terms["contrastive"] = jnp.mean(per_example_B)
         if "triplet" in self.weights:
-            triplet_B = objectives.bidirectional_triplet(img_BE, txt_BE, self.triplet_margin)
+            triplet_B = losses.bidirectional_triplet(img_BE, txt_BE, self.triplet_margin)
             terms["triplet"] = jnp.mean(triplet_B)
         if self.adversarial:
             z_img_B = per_example["modality_logits_image"]
             z_txt_B = per_example["modality_logits_text"]
-            bce_B = objectives.modality_discriminator_loss(z_img_B, z_txt_B)
+            bce_B = losses.modality_discriminator_loss(z_img_B, z_txt_B)
             terms["adversarial"] = jnp.mean(bce_B)
             # 0.5 = the towers won: the discriminator cannot tell the modalities apart.
             correct_B = 0.5 * ((z_img_B > 0).astype(jnp.float32) + (z_txt_B < 0))
@@ -156,14 +154,14 @@ class ContrastiveObjective:
             # alike and leaves the softmax unchanged, so only the scales enter.
             student_BB = losses.pairwise_logits(img_BE, txt_BE, aux["logit_scale"])
             teacher_BB = losses.pairwise_logits(t_img_BE, t_txt_BE, aux["teacher_logit_scale"])
-            kd_B = objectives.similarity_kd_loss(student_BB, teacher_BB, self.distill_temperature)
+            kd_B = losses.similarity_kd_loss(student_BB, teacher_BB, self.distill_temperature)
             terms["distill_logits"] = jnp.mean(kd_B)
         if "distill_embed" in self.weights:
             kind = self.distill_embed_kind
-            img_B = objectives.embedding_distill_loss(img_BE, t_img_BE, kind)
-            txt_B = objectives.embedding_distill_loss(txt_BE, t_txt_BE, kind)
+            img_B = losses.embedding_distill_loss(img_BE, t_img_BE, kind)
+            txt_B = losses.embedding_distill_loss(txt_BE, t_txt_BE, kind)
             terms["distill_embed"] = jnp.mean(0.5 * (img_B + txt_B))
-        total, term_logs = objectives.weighted_sum(terms, self.weights)
+        total, term_logs = losses.weighted_sum(terms, self.weights)
         # weighted_sum logs "loss/<name>"; the run's metrics are flat "train/loss_<name>".
         logs.update({f"train/{k.replace('/', '_')}": v for k, v in term_logs.items()})
         return total, logs

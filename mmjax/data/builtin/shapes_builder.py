@@ -20,10 +20,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from mmjax.data import builtin_build, shapes
+from mmjax.data.builtin import common as builtin_build
+from mmjax.data.builtin import shapes
 
 # Shared with the other built-in datasets; re-exported because callers import them from here.
-from mmjax.data.builtin_build import DATA_DIR_ENV, DEFAULT_DATA_DIR, encode_png, resolve_data_dir
+from mmjax.data.builtin.common import DATA_DIR_ENV, DEFAULT_DATA_DIR, encode_png, resolve_data_dir
 
 __all__ = [
     "DATASET_NAME",

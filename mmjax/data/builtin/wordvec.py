@@ -6,9 +6,9 @@ with a "COUNT DIM" header line, GloVe files do not (both are read). Lines whose 
 differs from the first vector's, or that do not parse, are skipped and counted; a repeated word
 keeps its first vector.
 
-Offline vectors: `python -m mmjax.data.wordvec export-minilm OUT.txt` writes the whole-word rows
-of the input embedding table of the all-MiniLM-L6-v2 model packaged on PyPI (the `interop`
-extra), 384-d: pretrained vectors without a download.
+Offline vectors: `python -m mmjax.data.builtin.wordvec export-minilm OUT.txt` writes the
+whole-word rows of the input embedding table of the all-MiniLM-L6-v2 model packaged on PyPI (the
+`interop` extra), 384-d: pretrained vectors without a download.
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def export_minilm(out_path: str, words=None) -> int:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] != "export-minilm":
-        print("usage: python -m mmjax.data.wordvec export-minilm OUT.txt", file=sys.stderr)
+        print("usage: python -m mmjax.data.builtin.wordvec export-minilm OUT.txt", file=sys.stderr)
         return 2
     print(f"wrote {export_minilm(argv[1])} word vectors to {argv[1]}")
     return 0

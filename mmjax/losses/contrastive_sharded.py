@@ -1,6 +1,6 @@
 """Contrastive losses over a batch sharded across devices, with `jax.shard_map`.
 
-The naive losses in `mmjax.losses` let GSPMD partition a global B×B logits matrix; how much of it
+The naive losses in `contrastive.py` let GSPMD partition a global B×B logits matrix; how much of it
 lands on one device is up to the partitioner. The variants here fix the per-device memory by
 construction, for local batch b = B / N on N data-parallel devices:
 
@@ -11,7 +11,7 @@ construction, for local batch b = B / N on N data-parallel devices:
   forward and, through a `custom_vjp` that runs the ring again and recomputes each block (as flash
   attention does), in the backward too.
 
-All three give the same per-example float32 losses `[B]` (and gradients) as `mmjax.losses`.
+All three give the same per-example float32 losses `[B]` (and gradients) as `contrastive.py`.
 """
 
 import functools
@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from mmjax import losses
+from mmjax.losses import contrastive
+from mmjax.losses.contrastive import KINDS
 
-KINDS = ("softmax", "sigmoid")
 IMPLS = ("naive", "gathered", "chunked")
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -35,7 +35,7 @@ def _similarity(a_bE, b_cE):
 def _block_logits(img_bE, txt_cE, scale_b, bias_b=None):
     """Similarities and logits of local images against one chunk of texts, in float32. The
     arithmetic is the naive code's (dot, times scale, plus bias), so every logit is the same
-    float32 number as in `losses.pairwise_logits` and the results agree to rounding of the sums."""
+    float32 number as in `contrastive.pairwise_logits`; results agree to rounding of the sums."""
     sim_bc = _similarity(img_bE, txt_cE)
     logits_bc = scale_b[:, None] * sim_bc
     if bias_b is not None:
@@ -277,7 +277,7 @@ def contrastive_loss_sharded(
     batch_axes=("data", "fsdp"),
 ) -> jax.Array:
     """Per-example float32 contrastive losses `[B]` of the global batch, equal (values and
-    gradients) to `mmjax.losses` whatever `impl`.
+    gradients) to `mmjax.losses.contrastive` whatever `impl`.
 
     `img_BE`, `txt_BE`: L2-normalised global embeddings, row i of each a matching pair, with the
     batch dimension sharded over `batch_axes`. `scale`: the (already exponentiated) logit scale;
@@ -292,8 +292,8 @@ def contrastive_loss_sharded(
         raise ValueError(f"unknown loss impl {impl!r}; choose one of {IMPLS}")
     if impl == "naive":
         if kind == "softmax":
-            return losses.softmax_contrastive(img_BE, txt_BE, scale)
-        return losses.sigmoid_contrastive(img_BE, txt_BE, scale, bias)
+            return contrastive.softmax_contrastive(img_BE, txt_BE, scale)
+        return contrastive.sigmoid_contrastive(img_BE, txt_BE, scale, bias)
 
     ring_mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     if ring_mesh is None or ring_mesh.empty:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.objectives.reduce import masked_mean
+from mmjax.losses.reduce import masked_mean
 
 
 def _random_regular_tokens(

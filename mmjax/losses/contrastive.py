@@ -43,13 +43,4 @@ def sigmoid_contrastive(
     return -jnp.sum(jax.nn.log_sigmoid(labels_BB * logits_BB), axis=1)
 
 
-def contrastive_loss(kind: str, img_BE: jax.Array, txt_BE: jax.Array, aux: dict) -> jax.Array:
-    """Per-example losses of the loss named by `config.loss`."""
-    if kind == "softmax":
-        return softmax_contrastive(img_BE, txt_BE, aux["logit_scale"])
-    if kind == "sigmoid":
-        return sigmoid_contrastive(img_BE, txt_BE, aux["logit_scale"], aux["logit_bias"])
-    raise ValueError(f"unknown loss {kind!r}; use 'softmax' or 'sigmoid'")
-
-
-LOSSES = ("softmax", "sigmoid")
+KINDS = ("softmax", "sigmoid")

@@ -1,6 +1,6 @@
 """Text classification with pretrained word vectors and a CNN (Kim 2014) on the built-in
-`reviews` sentiment data (`mmjax.data.reviews`): the validation sentences use adjectives never
-seen in training, so the score measures what the word vectors bring.
+`reviews` sentiment data (`mmjax.data.builtin.reviews`): the validation sentences use
+adjectives never seen in training, so the score measures what the word vectors bring.
 
 Vectors: `text_cnn.vectors`, a Word2Vec/GloVe text file; "" exports the packaged MiniLM's
 whole-word embeddings for the dataset's words to `<data_dir>/word_vectors/` once (needs the
@@ -21,8 +21,9 @@ import grain
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.data import pipeline, reviews, wordvec
-from mmjax.data.builtin_build import resolve_data_dir
+from mmjax.data import pipeline
+from mmjax.data.builtin import reviews, wordvec
+from mmjax.data.builtin.common import resolve_data_dir
 from mmjax.eval.embed import jit_encoder, predict_all
 from mmjax.models.text_cnn import TextCNN
 from mmjax.tasks.base import Task, headline

@@ -19,7 +19,8 @@ import numpy as np
 import optax
 
 from mmjax import losses
-from mmjax.data import pipeline, shapes, sources
+from mmjax.data import pipeline, sources
+from mmjax.data.builtin import shapes
 from mmjax.eval.bleu import corpus_bleu
 from mmjax.eval.embed import jit_encoder, predict_all
 from mmjax.models.coca import beam_search, build_coca

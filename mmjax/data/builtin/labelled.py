@@ -18,8 +18,8 @@ import functools
 
 import numpy as np
 
-from mmjax.data import shapes
-from mmjax.data.shapes import COLORS, SHAPES, SHAPES_ZH, Attributes
+from mmjax.data.builtin import shapes
+from mmjax.data.builtin.shapes import COLORS, SHAPES, SHAPES_ZH, Attributes
 
 DATASETS = ("shapes_mmc", "shapes_vqa")
 

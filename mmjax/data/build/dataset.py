@@ -71,7 +71,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from mmjax.data.build_sources import (
+from mmjax.data.build.image_check import check_image
+from mmjax.data.build.inputs import (
     MAX_EXAMPLES_PER_REASON,
     BuildError,
     Tally,
@@ -81,8 +82,7 @@ from mmjax.data.build_sources import (
     validate_args,
     wds_candidates,
 )
-from mmjax.data.image_check import check_image
-from mmjax.data.shapes_builder import resolve_data_dir
+from mmjax.data.builtin.shapes_builder import resolve_data_dir
 
 __all__ = ["BuildError", "build_dataset", "features", "main", "split_validation"]
 
@@ -129,8 +129,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     VERSION = tfds.core.Version(VERSION)
     # See shapes_builder.py: tfds' own lookup of the source file fails on Python >= 3.9.
     code_path = epath.Path(__file__)
-    # Under `python -m` this module is `__main__`, and tfds would derive its metadata folder
-    # (README, CITATIONS) from that name.
+    # tfds would otherwise derive its metadata folder (README, CITATIONS) from the module name.
     pkg_dir_path = epath.Path(__file__).parent
 
     def __init__(self, *, name: str, splits: dict[str, list], spool: _Spool, **kwargs) -> None:
@@ -339,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         "(--webdataset) into a tfds ArrayRecord dataset at DATA_DIR/NAME/1.0.0, readable with "
         "tfds.builder_from_directory; a report goes to DATA_DIR/NAME/build_report.json.",
         epilog="Exit status 2 on bad arguments or too many bad images (no dataset is written). "
-        "What is kept, normalised and skipped: the docstring of mmjax/data/build.py.",
+        "What is kept, normalised and skipped: the docstring of mmjax/data/build/dataset.py.",
     )
     source = parser.add_argument_group("input (--images and --captions, or --webdataset)")
     source.add_argument("--images", dest="images_dir", metavar="DIR", help="the image folder")
@@ -389,7 +388,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

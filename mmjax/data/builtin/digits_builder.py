@@ -16,7 +16,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from mmjax.data import builtin_build, digits
+from mmjax.data.builtin import common as builtin_build
+from mmjax.data.builtin import digits
 
 DATASET_NAME = "mmjax_digits"
 

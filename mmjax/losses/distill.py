@@ -7,7 +7,7 @@ student (an EMA copy, the same tower on another view) is never trained by these 
 import jax
 import jax.numpy as jnp
 
-from mmjax.objectives.metric import l2_normalize
+from mmjax.losses.triplet import l2_normalize
 
 # Masked logits become this rather than -inf: a fully masked row then gives a uniform softmax
 # instead of NaN, and the masked KL terms are zeroed explicitly anyway.

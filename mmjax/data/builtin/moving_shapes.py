@@ -18,8 +18,8 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mmjax.data import shapes
-from mmjax.data.shapes import COLORS, COLORS_ZH, SHAPES, SHAPES_ZH
+from mmjax.data.builtin import shapes
+from mmjax.data.builtin.shapes import COLORS, COLORS_ZH, SHAPES, SHAPES_ZH
 
 # Index = class label. Unit steps (dx, dy) in image coordinates: y grows downwards.
 DIRECTIONS = ("left", "right", "up", "down", "up-left", "up-right", "down-left", "down-right")

@@ -1,4 +1,4 @@
-"""Validation and normalisation of one image for `mmjax.data.build` (policy: see build.py).
+"""Validation and normalisation of one image for `mmjax.data.build` (policy: see dataset.py).
 
 `check_image(data, max_side=...)` decodes the bytes with PIL and returns either the bytes to
 store (the original file when it already is an 8-bit RGB JPEG/PNG that needs no change, else a
