@@ -4,7 +4,8 @@ Compiles (never runs) `jax.value_and_grad` of the mean loss w.r.t. images, texts
 for `--devices` fake CPU devices on a `data`-only mesh, with `--local-batch` examples of
 `--dim`-wide embeddings per device, and reads XLA's per-device memory analysis. That
 is how the three implementations of `losses.contrastive_loss_sharded` scale with the device
-count at a fixed local batch: the naive global-logits loss and `gathered` grow with it, the `chunked` ring must not.
+count at a fixed local batch: the naive global-logits loss and `gathered` grow with it, the
+`chunked` ring must not.
 
 Returned (and, with `--json`, printed) keys:
   devices, local_batch, global_batch (= devices × local_batch), dim, impl, kind: the setting;
