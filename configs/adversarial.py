@@ -8,11 +8,11 @@ with DANN's λ (0 at the start, above 0.9 after a third of the run with adversar
 `train/modality_accuracy` is the discriminator's accuracy: 0.5 = the modalities are aligned.
 """
 
-from configs import default
+from mmjax import config as base
 
 
 def get_config():
-    c = default.get_config()
+    c = base.get_config()
     c.objective.adversarial = 0.1
     c.objective.adversarial_gamma = 10.0
     return c

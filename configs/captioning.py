@@ -8,11 +8,11 @@ Run: python train.py --config configs/captioning.py
 
 import ml_collections
 
-from configs import default
+from mmjax import config as base
 
 
 def get_config():
-    c = default.get_config()
+    c = base.get_config()
     c.task = "captioning"
     c.total_steps = 600
     c.eval_every = 300  # decoding is the expensive part of an evaluation

@@ -6,11 +6,11 @@ Evaluates zero-shot digit classification from prompt templates, image↔text ret
 all 7 captions of each image, and a 10-shot linear probe on the frozen image features.
 """
 
-from configs import default
+from mmjax import config as base
 
 
 def get_config():
-    c = default.get_config()
+    c = base.get_config()
     c.data.name = "digits"
     c.data.image_size = 32
     c.data.text_length = 40  # longest caption: 27 bytes ("the digit 7 written by hand")

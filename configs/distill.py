@@ -13,13 +13,13 @@ teacher's in-batch retrieval distributions (distill_logits, temperature distill_
 and from the teacher's embeddings themselves (distill_embed, cosine).
 """
 
-from configs import default
+from mmjax import config as base
 
 
 def get_config():
-    c = default.get_config()
+    c = base.get_config()
     c.distill.teacher = "workdirs/default"  # train.py's workdir for the default recipe
-    c.distill.teacher_model = default.get_config().model
+    c.distill.teacher_model = base.get_config().model
     for tower in (c.model.image, c.model.text):
         tower.update(width=64, depth=2, num_heads=4, mlp_dim=256)
     c.objective.distill_logits = 1.0

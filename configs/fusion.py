@@ -7,11 +7,11 @@ configs/mm_classification.py does).
 
 import ml_collections
 
-from configs import default
+from mmjax import config as base
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = default.get_config()
+    c = base.get_config()
     c.task = "classification"
     c.data.name = "shapes_mmc"
     c.data.num_train = 6000

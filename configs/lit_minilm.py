@@ -7,13 +7,13 @@ optimizer state and no backward pass runs through it. Only the image tower, the 
 and the temperature train. Captions are tokenized with MiniLM's own WordPiece vocabulary.
 """
 
-from configs import default
+from mmjax import config as base
 
 
 def get_config():
     from mmjax.interop import hf
 
-    c = default.get_config()
+    c = base.get_config()
     c.model.text.kind = "hf_bert"
     c.model.text.hf_dir = ""  # "" = the packaged all-MiniLM-L6-v2
     c.model.text.frozen = True

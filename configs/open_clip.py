@@ -6,12 +6,8 @@ The argument after ':' is an open_clip model-config JSON path or model name. Cap
 tokenized with CLIP's BPE (the vocabulary file of the installed open_clip package).
 """
 
-from mmjax.interop.open_clip_config import load_open_clip_config, mmjax_config_from_open_clip
+from mmjax.interop.open_clip_config import finetune_config
 
 
 def get_config(model: str = "ViT-B-32"):
-    config, _ = mmjax_config_from_open_clip(load_open_clip_config(model))
-    config.data.tokenizer = "clip_bpe"
-    config.optim.learning_rate = 1e-5  # fine-tuning pretrained weights
-    config.optim.warmup_steps = 20
-    return config
+    return finetune_config(model)

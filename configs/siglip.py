@@ -1,9 +1,9 @@
 """The default recipe trained with the SigLIP sigmoid loss instead of the softmax InfoNCE loss."""
 
-from configs import default
+from mmjax import config as base
 
 
 def get_config():
-    c = default.get_config()
+    c = base.get_config()
     c.loss = "sigmoid"
     return c

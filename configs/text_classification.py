@@ -9,11 +9,11 @@ Run: python train.py --config configs/text_classification.py
 
 import ml_collections
 
-from configs import default
+from mmjax import config as base
 
 
 def get_config():
-    c = default.get_config()
+    c = base.get_config()
     c.task = "text_classification"
     c.data.name = "reviews"
     c.data.num_train = 4000

@@ -6,11 +6,11 @@ the hardest in-batch negative of every image and every caption: a hinge that onl
 the one most confusable pair, where InfoNCE spreads its gradient over all negatives.
 """
 
-from configs import default
+from mmjax import config as base
 
 
 def get_config():
-    c = default.get_config()
+    c = base.get_config()
     c.objective.triplet = 1.0
     c.objective.triplet_margin = 0.2
     return c

@@ -9,7 +9,7 @@ Run: python train.py --config configs/video_contrastive.py
 
 import ml_collections
 
-from configs import default
+from mmjax import config as base
 
 
 def video_settings() -> ml_collections.ConfigDict:
@@ -34,7 +34,7 @@ def video_settings() -> ml_collections.ConfigDict:
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = default.get_config()
+    c = base.get_config()
     c.task = "video_contrastive"
     c.data.name = "moving_shapes"
     c.data.image_size = 32

@@ -5,7 +5,7 @@
 
 DIR is a training workdir (`config.json` + `checkpoints/`, evaluated at its newest checkpoint
 or `--step`), or a directory written by `python -m mmjax.interop.open_clip` (`params/` +
-`open_clip_config.json`; run from the repo root, where `configs` imports). Without --tasks, the
+`open_clip_config.json`). Without --tasks, the
 workdir config's `eval.tasks`, else the defaults of `tasks.default_tasks`.
 
 Writes `DIR/eval/<spec>.json` per task (spec with ':' and '/' as '_': task, dataset, split,
@@ -31,6 +31,8 @@ import ml_collections
 from mmjax import checkpoint, parallel
 from mmjax.data import pipeline
 from mmjax.eval import evaluators as eval_tasks
+from mmjax.interop import open_clip_config
+from mmjax.tasks import get_task
 from mmjax.train.trainer import build_trainer
 
 _COMMA_OUTSIDE_BRACKETS = re.compile(r",(?![^\[]*\])")  # keeps "test[:10%]"-style splits whole
@@ -82,20 +84,11 @@ def _read_classnames(values: Sequence[str]) -> dict[str, list[str]]:
     return out
 
 
-def _open_clip_config(path: str) -> ml_collections.ConfigDict:
-    try:
-        from configs import open_clip as recipe
-    except ImportError:  # run from elsewhere: the recipes sit next to the package in the repo
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        from configs import open_clip as recipe
-    return recipe.get_config(path)
-
-
 def load_config(workdir: str) -> tuple[ml_collections.ConfigDict, str]:
     """(config, "train" | "open_clip") of a workdir; UsageError if it is neither kind."""
     oc_json = os.path.join(workdir, "open_clip_config.json")
     if os.path.isdir(os.path.join(workdir, "params")) and os.path.exists(oc_json):
-        return _open_clip_config(oc_json), "open_clip"
+        return open_clip_config.finetune_config(oc_json), "open_clip"
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise UsageError(
@@ -176,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config.eval.batch_size = args.batch_size
         mesh = parallel.make_mesh(config.mesh)
         tokenizer = pipeline.tokenizer_for(config.data)
-        trainer = build_trainer(config, mesh, tokenizer.vocab_size)
+        trainer = build_trainer(get_task(config.task), config, mesh, tokenizer.vocab_size)
         with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
             evaluator = eval_tasks.build_evaluator(
                 config,
@@ -193,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 path = os.path.join(workdir, "params")
                 params = checkpoint.restore_params(path, trainer.abstract_state.params)
                 source = {"kind": "open_clip", "path": path, "step": None}
-    except (ValueError, OSError, ImportError) as e:  # TaskError and DataError are ValueErrors
+    except (ValueError, OSError, ImportError) as e:  # EvalSpecError and DataError are ValueErrors
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
     with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):

@@ -45,6 +45,7 @@ from mmjax.data import pipeline, preprocess, tokenizers
 from mmjax.evaluate import UsageError, _open_checkpoint, load_config
 from mmjax.models.layers import dense
 from mmjax.models.matching_model import MatchingModel
+from mmjax.tasks import get_task
 from mmjax.train.trainer import build_trainer
 
 SUPPORTED_TASKS = ("classification", "contrastive", "matching")
@@ -141,7 +142,7 @@ def build_run(workdir: str, config, ckpt, step: int | None, newest: bool = True)
     config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
     mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
     tokenizer = pipeline.tokenizer_for(config.data)
-    trainer = build_trainer(config, mesh, tokenizer.vocab_size)
+    trainer = build_trainer(get_task(config.task), config, mesh, tokenizer.vocab_size)
     with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
         if ckpt is None:
             path = os.path.join(workdir, "params")

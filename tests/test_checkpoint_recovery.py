@@ -8,12 +8,13 @@ import jax
 import numpy as np
 import pytest
 
-from mmjax import evaluate, parallel
+from mmjax import evaluate, main, parallel
 from mmjax.checkpoint import Checkpointer
 from mmjax.data import pipeline
+from mmjax.main import train as run
 from mmjax.metrics import read_metrics
+from mmjax.tasks import get_task
 from mmjax.train import loop
-from mmjax.train.loop import run
 from mmjax.train.preemption import PreemptionGuard
 from mmjax.train.trainer import build_trainer
 from tests.test_eval_tasks import tiny_config
@@ -42,7 +43,7 @@ def run_until(monkeypatch, config, workdir, stop_after):
 
     with monkeypatch.context() as patch:
         patch.setattr(loop, "PreemptionGuard", StopAfter)
-        summary = loop.run(config, workdir)
+        summary = main.train(config, workdir)
     assert summary.get("preempted") and summary["steps"] == stop_after
 
 
@@ -50,7 +51,9 @@ def final_params(workdir):
     """(step, host params) of the newest checkpoint of a training workdir."""
     config, _ = evaluate.load_config(str(workdir))
     mesh = parallel.make_mesh(config.mesh)
-    trainer = build_trainer(config, mesh, pipeline.tokenizer_for(config.data).vocab_size)
+    trainer = build_trainer(
+        get_task(config.task), config, mesh, pipeline.tokenizer_for(config.data).vocab_size
+    )
     checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"))
     step, state = checkpoints.restore_state(trainer.abstract_state)
     return step, jax.device_get(state.params)

@@ -16,12 +16,13 @@ from PIL import Image
 from tensorflow_datasets.testing import mocking
 
 from configs import default
-from mmjax import evaluate, parallel
+from mmjax import errors, evaluate, parallel
 from mmjax.data import pipeline, preprocess, sources, tokenizers
 from mmjax.data.build import dataset as build
 from mmjax.eval import embed, probe, retrieval
 from mmjax.eval import evaluators as tasks
-from mmjax.train.loop import run
+from mmjax.main import train as run
+from mmjax.tasks import get_task
 from mmjax.train.trainer import build_trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,7 +50,9 @@ def host_params(data_dir):
     """Random tiny-model parameters on the host, placed onto each test's mesh."""
     config = tiny_config(data_dir)
     mesh = make_mesh(1, 1, 1)
-    trainer = build_trainer(config, mesh, pipeline.tokenizer_for(config.data).vocab_size)
+    trainer = build_trainer(
+        get_task(config.task), config, mesh, pipeline.tokenizer_for(config.data).vocab_size
+    )
     with jax.set_mesh(mesh):
         return jax.device_get(trainer.init(jax.random.key(0)).params)
 
@@ -61,7 +64,9 @@ def make_mesh(data: int, fsdp: int, devices: int):
 
 def evaluator_on(config, mesh, params_host, specs):
     """(evaluator, the parameters on `mesh`, trainer) of a model built for `mesh`."""
-    trainer = build_trainer(config, mesh, pipeline.tokenizer_for(config.data).vocab_size)
+    trainer = build_trainer(
+        get_task(config.task), config, mesh, pipeline.tokenizer_for(config.data).vocab_size
+    )
     shardings = jax.tree.map(lambda x: x.sharding, trainer.abstract_state.params)
     evaluator = tasks.build_evaluator(config, trainer.model, trainer.batch_sharding, specs)
     return evaluator, jax.device_put(params_host, shardings), trainer
@@ -82,9 +87,9 @@ def test_parse_task():
     assert spec.prefix == "linear_probe/ds_cfg_1.2.0"
     bad = {"bogus:x": "unknown kind 'bogus'", "zeroshot:": "no dataset", "shapes:x": "shapes:sh"}
     for spec, says in bad.items():
-        with pytest.raises(tasks.TaskError, match=says):
+        with pytest.raises(errors.EvalSpecError, match=says):
             tasks.parse_task(spec)
-    with pytest.raises(tasks.TaskError, match="zeroshot/digits"):  # same metric names
+    with pytest.raises(errors.EvalSpecError, match="zeroshot/digits"):  # same metric names
         tasks.build_evaluator(None, None, None, ["zeroshot:digits", "zeroshot:digits:train"])
 
 
@@ -233,7 +238,7 @@ def test_zeroshot_cifar10_mocked(tmp_path, data_dir, host_params):
             ("retrieval:cifar10", "'retrieval:cifar10': cifar10 has no captions"),
             ("linear_probe:cifar10:validation", "has no split 'validation'"),
         ):
-            with pytest.raises(tasks.TaskError, match=says):
+            with pytest.raises(errors.EvalSpecError, match=says):
                 evaluator_on(config, mesh, host_params, ["zeroshot:cifar10", bad])
         metrics, evaluator, _ = evaluate_on(config, mesh, host_params, ["zeroshot:cifar10"])
     result = evaluator.results["zeroshot:cifar10"]
@@ -245,7 +250,9 @@ def test_zeroshot_cifar10_mocked(tmp_path, data_dir, host_params):
 
     # The same numbers from one plain, unsharded, unpadded forward pass of every image.
     tokenizer = pipeline.tokenizer_for(config.data)
-    model = build_trainer(config, make_mesh(1, 1, 1), tokenizer.vocab_size).model
+    model = build_trainer(
+        get_task(config.task), config, make_mesh(1, 1, 1), tokenizer.vocab_size
+    ).model
     x = preprocess.normalize(
         np.stack([preprocess.resize_center_crop(ex["image"], 16) for ex in examples])
     )
@@ -303,7 +310,7 @@ def test_built_folder_tasks(tmp_path, data_dir, host_params):
     argv = ["--images", str(images), "--captions", str(tmp_path / "captions.jsonl")]
     assert build.main([*argv, "--name", "tiny", "--data-dir", out, "--val-fraction", "0.5"]) == 0
     config, mesh = tiny_config(out), make_mesh(8, 1, 8)
-    with pytest.raises(tasks.TaskError, match="'zeroshot:tiny': tiny has no class labels"):
+    with pytest.raises(errors.EvalSpecError, match="'zeroshot:tiny': tiny has no class labels"):
         evaluator_on(config, mesh, host_params, ["retrieval:tiny", "zeroshot:tiny"])
     metrics, evaluator, _ = evaluate_on(config, mesh, host_params, ["retrieval:tiny"])
     source = sources.open_source(config.data, "tiny", "validation")
@@ -330,14 +337,14 @@ def test_class_names(tmp_path, monkeypatch):
     (tmp_path / "names.json").write_text(json.dumps([f"thing {i}" for i in range(1000)]))
     override = evaluate._read_classnames([f"imagenet2012={tmp_path / 'names.json'}"])
     assert tasks.class_names(spec, wordnet, override)[1] == "thing 1"
-    with pytest.raises(tasks.TaskError, match="1000 labels"):
+    with pytest.raises(errors.EvalSpecError, match="1000 labels"):
         tasks.class_names(spec, wordnet, {"*": ["a", "b"]})
     monkeypatch.setitem(sys.modules, "open_clip", None)  # as if the interop extra were missing
-    with pytest.raises(tasks.TaskError, match=r"pip install -e '.\[interop\]'.*--classnames"):
+    with pytest.raises(errors.EvalSpecError, match=r"pip install -e '.\[interop\]'.*--classnames"):
         tasks.class_names(spec, wordnet, None)
     other = tasks.parse_task("zeroshot:my_set")  # no prompts file: ClassLabel names, cleaned
     assert tasks.class_names(other, fake(("sea_lion", "cat")), None) == ("sea lion", "cat")
-    with pytest.raises(tasks.TaskError, match="WordNet ids; pass --classnames"):
+    with pytest.raises(errors.EvalSpecError, match="WordNet ids; pass --classnames"):
         tasks.class_names(other, wordnet, None)
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mmjax import parallel
+from mmjax.tasks import get_task
 from mmjax.train import gradcache
 from mmjax.train.step import NO_CEILING
 from mmjax.train.trainer import build_trainer
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.multidevice
 
 def run_steps(config, steps=2):
     mesh = parallel.make_mesh(config.mesh)
-    trainer = build_trainer(config, mesh, VOCAB)
+    trainer = build_trainer(get_task(config.task), config, mesh, VOCAB)
     state = trainer.init(jax.random.key(0))
     losses = []
     with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
@@ -61,7 +62,7 @@ def test_split_and_merge_are_inverse_and_strided():
 
 def step_temp_bytes(config, devices=None):
     mesh = parallel.make_mesh(config.mesh, devices)
-    trainer = build_trainer(config, mesh, VOCAB)
+    trainer = build_trainer(get_task(config.task), config, mesh, VOCAB)
     batch = next(synthetic_batches(1, config.batch_size))
     batch = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=trainer.batch_sharding), batch

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mmjax import parallel
+from mmjax.tasks import get_task
 from mmjax.train import guard
 from mmjax.train.step import NO_CEILING
 from mmjax.train.trainer import build_trainer
@@ -25,7 +26,7 @@ def _leaves_equal(a, b) -> bool:
 def setup():
     config = config_for(dict(data=2, fsdp=2, tensor=1))
     mesh = parallel.make_mesh(config.mesh, jax.devices()[:4])
-    trainer = build_trainer(config, mesh, VOCAB)
+    trainer = build_trainer(get_task(config.task), config, mesh, VOCAB)
     return config, mesh, trainer
 
 
@@ -125,8 +126,8 @@ def _poison_step(monkeypatch, bad_steps):
 
 @pytest.mark.slow
 def test_loop_skip_policy_counts_and_finishes(tmp_path, monkeypatch, capsys):
+    from mmjax.main import train as run
     from mmjax.metrics import read_metrics
-    from mmjax.train.loop import run
 
     _poison_step(monkeypatch, {4})
     summary = run(_loop_config(str(tmp_path / "data"), "skip"), str(tmp_path / "run"))
@@ -141,7 +142,7 @@ def test_loop_skip_policy_counts_and_finishes(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_loop_stop_policy_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     from mmjax.checkpoint import Checkpointer
-    from mmjax.train.loop import run
+    from mmjax.main import train as run
 
     _poison_step(monkeypatch, {5})
     workdir = str(tmp_path / "run")

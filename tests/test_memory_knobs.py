@@ -8,8 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mmjax.errors import ConfigError
 from mmjax.models.two_tower import build_two_tower
-from mmjax.train.validate import ConfigError, validate_config
+from mmjax.tasks import get_task
+from mmjax.train.validate import validate_config
 from tests.test_gradcache import step_temp_bytes
 from tests.test_models import VOCAB, example_inputs, tiny_config
 from tests.test_sharding import config_for
@@ -96,4 +98,4 @@ def test_scale_knobs_are_validated(field, value, message):
     config = tiny_config()
     config.update_from_flattened_dict({field: value})
     with pytest.raises(ConfigError, match=re.escape(message)):
-        validate_config(config)
+        validate_config(config, get_task(config.task))

@@ -12,12 +12,12 @@ import optax
 import pytest
 
 from mmjax import checkpoint, losses
+from mmjax.errors import ConfigError
 from mmjax.models.two_tower import TRAINING_PARTS
 from mmjax.tasks import get_task
 from mmjax.tasks.contrastive import validate_objective
 from mmjax.train import gradcache
 from mmjax.train.pretrained import read_teacher
-from mmjax.train.validate import ConfigError
 from tests.test_models import VOCAB, example_inputs, tiny_config
 from tests.test_sharding import config_for, train_losses
 

@@ -131,7 +131,7 @@ def test_import_finetune_export_round_trip(tmp_path):
     from safetensors.numpy import load_file, save_file
 
     from configs import open_clip as recipe
-    from mmjax.train.loop import run
+    from mmjax.main import train as run
 
     cfg = {
         "embed_dim": 32,

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mmjax import parallel
+from mmjax.tasks import get_task
 from mmjax.train.step import NO_CEILING
 from mmjax.train.trainer import build_trainer
 from tests.test_models import VOCAB, tiny_config
@@ -34,7 +35,7 @@ def synthetic_batches(steps, batch, seed=0):
 def train_losses(config, devices, steps=20):
     """train/loss of `steps` steps on a mesh over `devices`, plus the final state."""
     mesh = parallel.make_mesh(config.mesh, devices)
-    trainer = build_trainer(config, mesh, VOCAB)
+    trainer = build_trainer(get_task(config.task), config, mesh, VOCAB)
     state = trainer.init(jax.random.key(0))
     with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
         out = []

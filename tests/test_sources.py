@@ -7,6 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import default as default_config
+from mmjax import errors
 from mmjax.data import pipeline, preprocess, sources
 
 
@@ -112,12 +113,12 @@ def test_builtin_and_prepared_directory_give_the_same_examples(data_cfg):
 
 
 def test_unknown_names_and_splits_say_what_to_do(data_cfg):
-    with pytest.raises(sources.DataError, match="unknown dataset 'no_such_dataset_xyz'"):
+    with pytest.raises(errors.DataError, match="unknown dataset 'no_such_dataset_xyz'"):
         sources.open_source(data_cfg, "no_such_dataset_xyz", "train")
-    with pytest.raises(sources.DataError, match="has no split 'test'; it has"):
+    with pytest.raises(errors.DataError, match="has no split 'test'; it has"):
         sources.open_source(data_cfg, "shapes", "test")
     # A catalog dataset that is not prepared here names the extra and the tfds command.
-    with pytest.raises(sources.DataError, match=r"pip install -e '\.\[tf\]' && tfds build"):
+    with pytest.raises(errors.DataError, match=r"pip install -e '\.\[tf\]' && tfds build"):
         sources.open_source(data_cfg, "cifar10", "test")
 
 
@@ -135,7 +136,7 @@ def test_catalog_classification_set_through_mock_data(data_cfg):
         # Training needs captions: refused before anything is loaded, with the fix.
         cfg = data_cfg.copy_and_resolve_references()
         cfg.name, cfg.split = "cifar10", "train"
-        with pytest.raises(sources.DataError, match="no captions"):
+        with pytest.raises(errors.DataError, match="no captions"):
             pipeline.train_source(cfg)
 
 
@@ -171,7 +172,7 @@ def test_train_on_a_built_folder_reports_skipped_items(tmp_path):
     from PIL import Image
 
     from mmjax.data.build import dataset as build
-    from mmjax.train.loop import run
+    from mmjax.main import train as run
     from tests.test_eval_tasks import tiny_config
 
     images = tmp_path / "images"

@@ -16,12 +16,12 @@ from configs import matching as matching_config
 from mmjax import losses, parallel
 from mmjax.data import tokenizers
 from mmjax.data.builtin import labelled, shapes
+from mmjax.main import train as run
 from mmjax.metrics import read_metrics
 from mmjax.models.fusion import FUSIONS
 from mmjax.models.fusion_classifier import build_fusion_classifier
 from mmjax.tasks import get_task
 from mmjax.tasks.matching import MatchingEvaluator, mask_id_of
-from mmjax.train.loop import run
 
 
 def tiny(config, data_dir=None, **data):
@@ -227,9 +227,9 @@ def test_whole_word_masking_chooses_words_not_tokens():
 
 def test_fusion_task_starts_from_contrastively_pretrained_towers(tmp_path):
     from configs import default
+    from mmjax.errors import ConfigError
     from mmjax.train.pretrained import read_towers, with_pretrained
     from mmjax.train.trainer import build_trainer
-    from mmjax.train.validate import ConfigError
 
     data_dir = str(tmp_path / "data")
     pre = default.get_config()
@@ -245,7 +245,7 @@ def test_fusion_task_starts_from_contrastively_pretrained_towers(tmp_path):
     config.init_towers_from, config.init_towers = str(tmp_path / "pretrained"), ("image",)
     towers = read_towers(config)
     mesh = parallel.make_mesh(config.mesh)
-    trainer = build_trainer(config, mesh, 264)
+    trainer = build_trainer(get_task(config.task), config, mesh, 264)
     with jax.set_mesh(mesh):
         state = trainer.init(jax.random.key(config.seed))
         state = with_pretrained(config, state, trainer.abstract_state, None, towers)
@@ -255,7 +255,7 @@ def test_fusion_task_starts_from_contrastively_pretrained_towers(tmp_path):
         np.testing.assert_array_equal(np.asarray(got), want)
 
     config.model.image.depth = 2  # a tower of another shape is refused, naming the mismatch
-    trainer = build_trainer(config, mesh, 264)
+    trainer = build_trainer(get_task(config.task), config, mesh, 264)
     with jax.set_mesh(mesh), pytest.raises(ConfigError, match=r"does not fit model\.image"):
         state = trainer.init(jax.random.key(config.seed))
         with_pretrained(config, state, trainer.abstract_state, None, towers)

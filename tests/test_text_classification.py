@@ -11,10 +11,10 @@ import pytest
 
 from configs import text_classification
 from mmjax.data.builtin import reviews, wordvec
+from mmjax.errors import ConfigError
+from mmjax.main import train as run
 from mmjax.models.text_cnn import TextCNN
 from mmjax.tasks import get_task
-from mmjax.train.loop import run
-from mmjax.train.validate import ConfigError
 
 
 def tiny_config(tmp_path, **text_cnn):

@@ -79,7 +79,7 @@ def test_pretrained_table_is_loaded_and_stays_frozen(tmp_path):
 
     task = get_task(config.task)
     mesh = parallel.make_mesh(config.mesh)
-    trainer = build_trainer(config, mesh, task.tokenizer(config).vocab_size)
+    trainer = build_trainer(get_task(config.task), config, mesh, task.tokenizer(config).vocab_size)
     with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
         state = trainer.init(jax.random.key(0))
         loaded = wordvec.load_word_vectors(str(path)).vectors

@@ -14,8 +14,8 @@ import jax
 import numpy as np
 import pytest
 
+from mmjax.main import train as run
 from mmjax.metrics import read_metrics
-from mmjax.train.loop import run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))

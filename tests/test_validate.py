@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from configs import default as default_config
+from mmjax.errors import ConfigError
+from mmjax.tasks import get_task
 from mmjax.train import validate
-from mmjax.train.validate import ConfigError
 
 Usage = collections.namedtuple("Usage", "total used free")
 
@@ -66,4 +67,4 @@ def test_bad_settings_are_refused(edit, message):
     config = default_config.get_config()
     edit(config)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        validate.validate_config(config)
+        validate.validate_config(config, get_task(config.task))

@@ -13,12 +13,12 @@ from configs import video_qa as qa_config
 from mmjax import parallel
 from mmjax.data import preprocess, tokenizers
 from mmjax.data.builtin import moving_shapes as ms
+from mmjax.errors import ConfigError
 from mmjax.eval import retrieval, zeroshot
+from mmjax.main import train as run
 from mmjax.tasks import get_task
 from mmjax.tasks.video_contrastive import ZEROSHOT, load_clips
 from mmjax.tasks.video_qa import QUESTION_TYPES, load_qa
-from mmjax.train.loop import run
-from mmjax.train.validate import ConfigError
 
 RECIPES = {"video_contrastive": contrastive_config, "video_qa": qa_config}
 

@@ -14,8 +14,9 @@ from configs import default, matching, mm_classification
 from mmjax import parallel, visualize
 from mmjax.data import pipeline, preprocess, tokenizers
 from mmjax.data.builtin import labelled
+from mmjax.main import train as run
 from mmjax.models.two_tower import TwoTower
-from mmjax.train.loop import run
+from mmjax.tasks import get_task
 from mmjax.train.trainer import build_trainer
 
 
@@ -61,7 +62,7 @@ def initialised(config):
     one_device = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
     mesh = parallel.make_mesh(one_device, jax.devices()[:1])
     tokenizer = pipeline.tokenizer_for(config.data)
-    trainer = build_trainer(config, mesh, tokenizer.vocab_size)
+    trainer = build_trainer(get_task(config.task), config, mesh, tokenizer.vocab_size)
     with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
         params = trainer.init(jax.random.key(0)).params
     model, rules = trainer.model, trainer.rules

@@ -25,6 +25,7 @@ import numpy as np
 from mmjax import parallel
 from mmjax.bench import common, flops
 from mmjax.bench.train import load_config
+from mmjax.tasks import get_task
 from mmjax.train.step import NO_CEILING
 from mmjax.train.trainer import build_trainer
 
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> dict:
         config.batch_size = args.global_batch
     mesh = parallel.make_mesh(config.mesh)
     parallel.check_batch_size(config.batch_size, mesh, config.microbatches)
-    trainer = build_trainer(config, mesh, vocab)
+    trainer = build_trainer(get_task(config.task), config, mesh, vocab)
     size, length = config.data.image_size, config.data.text_length
     batch = {
         "image": jax.ShapeDtypeStruct(

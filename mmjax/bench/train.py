@@ -56,6 +56,7 @@ import numpy as np
 from mmjax import parallel
 from mmjax.bench import common, flops
 from mmjax.data import pipeline
+from mmjax.tasks import get_task
 from mmjax.train.step import NO_CEILING
 
 DTYPES = ("float32", "bfloat16")
@@ -127,7 +128,7 @@ def build_mmjax_variant(config, vocab: int, dtype: str, devices: list, batch_np:
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     mesh = parallel.make_mesh(c.mesh, devices)
     parallel.check_batch_size(c.batch_size, mesh)
-    trainer = build_trainer(c, mesh, vocab)
+    trainer = build_trainer(get_task(c.task), c, mesh, vocab)
     with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
         state = trainer.init(jax.random.key(c.seed))
         batch = parallel.global_batch(batch_np, trainer.batch_sharding)

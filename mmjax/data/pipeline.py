@@ -32,6 +32,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from mmjax import errors
 from mmjax.data import preprocess, sources, tokenizers
 
 # Kept here for callers that normalise images themselves.
@@ -50,7 +51,7 @@ def train_source(data_cfg: ml_collections.ConfigDict) -> sources.Source:
     """The training split of `data.name`; it must have captions."""
     source = sources.open_source(data_cfg, data_cfg.name, data_cfg.split)
     if not source.info.has_captions:
-        raise sources.DataError(
+        raise errors.DataError(
             f"data.name={data_cfg.name!r} has no captions to train a contrastive model on; "
             "train on an image–text dataset (shapes, digits, coco_captions, a folder built "
             "with `python -m mmjax.data.build`) and evaluate on this one"

@@ -31,16 +31,9 @@ import ml_collections
 import tensorflow_datasets as tfds
 
 from mmjax.data.builtin import common as builtin_build
+from mmjax.errors import DataError, NotPreparedError
 
 BUILTIN = ("shapes", "digits")
-
-
-class DataError(ValueError):
-    """A dataset that cannot be opened as asked; the message says what to do."""
-
-
-class NotPreparedError(DataError):
-    """A catalog dataset whose files are not under the data dir."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,7 +26,9 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 
+from mmjax import errors
 from mmjax.data import sources
+from mmjax.errors import EvalSpecError
 from mmjax.eval import embed, retrieval, zeroshot
 from mmjax.eval.shapes_eval import ShapesEvaluator
 
@@ -47,10 +49,6 @@ _WORDNET_ID = re.compile(r"n\d{8}")
 _CLASSNAMES_FIX = "pass --classnames FILE (a JSON list of names, one per label)"
 
 
-class TaskError(ValueError):
-    """A task that cannot run as asked; the message names the spec and says what to do."""
-
-
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
     spec: str  # as written
@@ -65,10 +63,10 @@ class TaskSpec:
 
 
 def parse_task(spec: str) -> TaskSpec:
-    """`KIND:DATASET[:SPLIT]` -> TaskSpec; raises TaskError on a malformed spec."""
+    """`KIND:DATASET[:SPLIT]` -> TaskSpec; raises EvalSpecError on a malformed spec."""
     kind, _, rest = spec.strip().partition(":")
     if kind not in KINDS:
-        raise TaskError(
+        raise EvalSpecError(
             f"task {spec!r}: unknown kind {kind!r}; write KIND:DATASET[:SPLIT] with KIND one of "
             f"{', '.join(KINDS)} (e.g. zeroshot:cifar10)"
         )
@@ -78,9 +76,9 @@ def parse_task(spec: str) -> TaskSpec:
         dataset += ":" + parts.pop(0)
     split = ":".join(parts) or None
     if not dataset:
-        raise TaskError(f"task {spec!r} names no dataset; write {kind}:DATASET[:SPLIT]")
+        raise EvalSpecError(f"task {spec!r} names no dataset; write {kind}:DATASET[:SPLIT]")
     if kind == "shapes" and (dataset != "shapes" or split not in (None, "validation")):
-        raise TaskError(
+        raise EvalSpecError(
             f"task {spec!r}: the shapes evaluation runs on the shapes validation split only; "
             "write shapes:shapes"
         )
@@ -115,7 +113,7 @@ def open_split(data_cfg, spec: TaskSpec) -> sources.Source:
     for split in DEFAULT_SPLITS:
         try:
             source = sources.open_source(data_cfg, spec.dataset, split)
-        except sources.DataError as e:
+        except errors.DataError as e:
             if "has no split" not in str(e):  # not prepared, unknown, ...: no other split helps
                 raise
             continue
@@ -123,7 +121,7 @@ def open_split(data_cfg, spec: TaskSpec) -> sources.Source:
         if spec.kind in ("zeroshot", "linear_probe") and label is not None and label < 0:
             continue
         return source
-    raise sources.DataError(
+    raise errors.DataError(
         f"dataset {spec.dataset!r} has no labelled {'/'.join(DEFAULT_SPLITS)} split; name one: "
         f"{spec.kind}:{spec.dataset}:SPLIT"
     )
@@ -143,11 +141,11 @@ def class_names(
     elif names is None and "classnames_from" in prompts:
         module, _, attribute = prompts["classnames_from"].partition(":")
         if module != "open_clip":
-            raise TaskError(f"prompts of {spec.dataset!r}: unknown classnames_from {module!r}")
+            raise EvalSpecError(f"prompts of {spec.dataset!r}: unknown classnames_from {module!r}")
         try:
             from open_clip import zero_shot_metadata  # optional: the interop extra
         except ImportError as e:
-            raise TaskError(
+            raise EvalSpecError(
                 f"task {spec.spec!r}: {spec.dataset} labels are WordNet ids; readable class "
                 "names come with open_clip: pip install -e '.[interop]', or " + _CLASSNAMES_FIX
             ) from e
@@ -155,17 +153,17 @@ def class_names(
     elif names is None and source.info.class_names is not None:
         names = [n.replace("_", " ") for n in source.info.class_names]
         if all(_WORDNET_ID.fullmatch(n) for n in names):
-            raise TaskError(
+            raise EvalSpecError(
                 f"task {spec.spec!r}: the class names are WordNet ids; {_CLASSNAMES_FIX}"
             )
     if names is None:
-        raise TaskError(
+        raise EvalSpecError(
             f"task {spec.spec!r}: {spec.dataset} has no class labels (no ClassLabel 'label'); "
             f"{spec.kind} needs a classification dataset, or {_CLASSNAMES_FIX}"
         )
     expected = source.info.class_names
     if expected is not None and len(names) != len(expected):
-        raise TaskError(
+        raise EvalSpecError(
             f"task {spec.spec!r}: {len(names)} class names for {len(expected)} labels; "
             "give one name per label, in label order"
         )
@@ -184,7 +182,7 @@ def per_class_top1(names: Sequence[str], labels: np.ndarray, hits: np.ndarray) -
 def check_labels(spec: TaskSpec, labels: np.ndarray, num_classes: int) -> None:
     bad = (labels < 0) | (labels >= num_classes)
     if bad.any():
-        raise TaskError(
+        raise EvalSpecError(
             f"task {spec.spec!r}: {int(bad.sum())} examples have labels outside "
             f"[0, {num_classes}) (unlabelled split?); name a labelled split"
         )
@@ -209,7 +207,7 @@ class _ZeroShot:
         templates = sources.read_prompts(spec.dataset.partition(":")[0]).get("templates")
         self.templates = tuple(templates or GENERIC_TEMPLATES)
         if first_label(source) is None:
-            raise TaskError(f"task {spec.spec!r}: the examples have no 'label'")
+            raise EvalSpecError(f"task {spec.spec!r}: the examples have no 'label'")
 
     def __call__(self, emb: embed.Embedder, params) -> TaskResult:
         view = embed.EvalImages(self.source, emb.image_size)
@@ -231,7 +229,7 @@ class _Retrieval:
     def __init__(self, spec: TaskSpec, source, config, classnames_override):
         self.spec, self.source = spec, source
         if not source.info.has_captions:
-            raise TaskError(
+            raise EvalSpecError(
                 f"task {spec.spec!r}: {spec.dataset} has no captions; retrieval needs an "
                 "image–text dataset (coco_captions, digits, a folder built with "
                 "`python -m mmjax.data.build`); for labels use zeroshot or linear_probe"
@@ -243,7 +241,7 @@ class _Retrieval:
         texts = [c for captions in view.captions for c in captions]
         owner_M = np.repeat(np.arange(len(view)), [len(c) for c in view.captions])
         if not texts:
-            raise TaskError(f"task {self.spec.spec!r}: the split has no captions")
+            raise EvalSpecError(f"task {self.spec.spec!r}: the split has no captions")
         # The same words under several images are one caption text that matches them all.
         _, text_id_M = np.unique(np.array(texts, dtype=object), return_inverse=True)
         metrics = retrieval.multi_caption_recall(
@@ -295,7 +293,7 @@ def default_tasks(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     try:
         class_names(parse_task(f"zeroshot:{name}"), source, None)
         out.append(f"zeroshot:{name}")
-    except TaskError:
+    except EvalSpecError:
         pass
     if source.info.has_captions:
         out.append(f"retrieval:{name}")
@@ -331,23 +329,25 @@ def build_evaluator(
     """An `Evaluator` (params -> flat metrics) of `tasks` (specs; empty: `default_tasks`).
 
     Every spec is parsed and its dataset opened and checked here, before anything is embedded;
-    the first problem raises a TaskError (a ValueError) naming the spec and the fix.
+    the first problem raises a EvalSpecError (a ValueError) naming the spec and the fix.
     `classnames`: {dataset: names} overriding the class names ("*": any dataset).
     """
     specs = [parse_task(t) for t in (tuple(tasks) or default_tasks(config))]
     prefixes = [s.prefix for s in specs]
     if twice := sorted({p for p in prefixes if prefixes.count(p) > 1}):
-        raise TaskError(f"two tasks would report as {twice[0]}/...; run one per kind and dataset")
+        raise EvalSpecError(
+            f"two tasks would report as {twice[0]}/...; run one per kind and dataset"
+        )
     prepared: dict[int, object] = {}
     for i, spec in enumerate(specs):
         if spec.kind == "shapes":
             continue
         try:
             source = open_split(config.data, spec)
-        except sources.DataError as e:
-            raise TaskError(f"task {spec.spec!r}: {e}") from e
+        except errors.DataError as e:
+            raise EvalSpecError(f"task {spec.spec!r}: {e}") from e
         if len(source) == 0:
-            raise TaskError(f"task {spec.spec!r}: split {source.info.split!r} is empty")
+            raise EvalSpecError(f"task {spec.spec!r}: split {source.info.split!r} is empty")
         prepared[i] = _task_class(spec.kind)(spec, source, config, classnames)
     # After every check: ShapesEvaluator loads (and may first generate) its split, the slow part.
     ordered = [prepared.get(i) or _Shapes(s, config, model, sharding) for i, s in enumerate(specs)]

@@ -20,6 +20,7 @@ import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
+from mmjax import errors
 from mmjax.data import sources
 from mmjax.eval import embed
 from mmjax.eval import evaluators as tasks
@@ -133,18 +134,20 @@ class LinearProbeTask:
         self.shots = int(config.eval.get("probe_shots", 10))
         self.seed = int(config.seed)
         if self.shots < 1:
-            raise tasks.TaskError(f"eval.probe_shots={self.shots} must be >= 1")
+            raise errors.EvalSpecError(f"eval.probe_shots={self.shots} must be >= 1")
         try:
             self.train = sources.open_source(config.data, spec.dataset, "train")
-        except sources.DataError as e:
-            raise tasks.TaskError(
+        except errors.DataError as e:
+            raise errors.EvalSpecError(
                 f"task {spec.spec!r}: shots come from the train split: {e}"
             ) from e
         if tasks.first_label(source) is None or tasks.first_label(self.train) is None:
-            raise tasks.TaskError(f"task {spec.spec!r}: a linear probe needs labelled examples")
+            raise errors.EvalSpecError(
+                f"task {spec.spec!r}: a linear probe needs labelled examples"
+            )
         try:
             self.names = tasks.class_names(spec, source, classnames_override)
-        except tasks.TaskError:  # names only label the per-class report here
+        except errors.EvalSpecError:  # names only label the per-class report here
             self.names = None
         self._draw: FewShotDraw | None = None
 

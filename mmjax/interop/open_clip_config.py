@@ -1,7 +1,7 @@
 """open_clip model configs (`model_configs/*.json`) as mmjax configs.
 
 An open_clip config names the architecture only; everything else (optimizer, dtype, mesh) comes
-from `configs/default.py`. The mapped model computes what open_clip's does (class token with its
+from `mmjax/config.py`. The mapped model computes what open_clip's does (class token with its
 own position, `ln_pre`, bias-free patch embedding, exact or quick GELU, EOT pooling), so open_clip
 weights load into it (`mmjax.interop.open_clip`) and benchmarks compare the same model.
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import ml_collections
 
-from configs import default
+from mmjax import config as base_config
 
 _INSTALL_HINT = "pass a path to a JSON file, or install open_clip: pip install -e '.[interop]'"
 
@@ -167,7 +167,7 @@ def mmjax_config_from_open_clip(
 ) -> tuple[ml_collections.ConfigDict, int]:
     """(config, vocab_size) of the mmjax model with the matmul shapes of open_clip config `cfg`.
 
-    `base` supplies everything but the model (default: `configs/default.py` with the text tower
+    `base` supplies everything but the model (default: `mmjax.config` with the text tower
     never frozen, since open_clip trains both towers from step 0). The loss is sigmoid when the
     config sets `init_logit_bias` (open_clip's SigLIP configs), softmax otherwise.
     """
@@ -212,7 +212,7 @@ def mmjax_config_from_open_clip(
         raise ValueError(f"text_cfg.width={t_width} is not divisible by text_cfg.heads={t_heads}")
 
     if base is None:
-        c = default.get_config()
+        c = base_config.get_config()
         c.optim.text_frozen_steps = 0
     else:
         c = base.copy_and_resolve_references()  # never edit the caller's base in place
@@ -244,6 +244,17 @@ def mmjax_config_from_open_clip(
     )
     c.model.activation = "quick_gelu" if cfg.get("quick_gelu") else "gelu"
     return c, int(text.get("vocab_size", 49408))
+
+
+def finetune_config(model: str = "ViT-B-32") -> ml_collections.ConfigDict:
+    """The config to fine-tune open_clip model `model` (a model-config name or JSON path) on the
+    built-in data: its architecture, CLIP's BPE tokenizer and a fine-tuning learning rate. The
+    recipe `configs/open_clip.py` and `mmjax.evaluate` (for imported open_clip weights) use it."""
+    config, _ = mmjax_config_from_open_clip(load_open_clip_config(model))
+    config.data.tokenizer = "clip_bpe"
+    config.optim.learning_rate = 1e-5  # fine-tuning pretrained weights
+    config.optim.warmup_steps = 20
+    return config
 
 
 def open_clip_config_from_mmjax(config: ml_collections.ConfigDict, vocab_size: int) -> dict:

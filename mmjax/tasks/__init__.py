@@ -1,10 +1,16 @@
-"""Tasks by name (`config.task`): each module defines `TASK`, a `mmjax.tasks.base.Task`."""
+"""Tasks by name (`config.task`): each module defines `TASK`, a `mmjax.train.task.Task`.
+
+Only entry points (`mmjax.main`, `mmjax.evaluate`, `mmjax.visualize`, `mmjax.bench`) look tasks up
+by name; the trainer is handed a Task object, so a user's own Task trains the same way:
+`mmjax.train.loop.run(MyTask(), config, workdir)`.
+"""
 
 from __future__ import annotations
 
 import importlib
 
-from mmjax.tasks.base import Task, headline
+from mmjax.errors import ConfigError
+from mmjax.train.task import Task
 
 # name -> module; imported on first use so a run loads only what its task needs.
 TASKS = {
@@ -19,9 +25,10 @@ TASKS = {
 
 
 def get_task(name: str) -> Task:
+    """The task registered as `name`; ConfigError naming the known ones otherwise."""
     if name not in TASKS:
-        raise ValueError(f"task={name!r} is unknown; use one of {', '.join(sorted(TASKS))}")
+        raise ConfigError(f"task={name!r} is unknown; use one of {', '.join(sorted(TASKS))}")
     return importlib.import_module(TASKS[name]).TASK
 
 
-__all__ = ["TASKS", "Task", "get_task", "headline"]
+__all__ = ["TASKS", "get_task"]

@@ -24,8 +24,8 @@ from mmjax.data.builtin import shapes
 from mmjax.eval.bleu import corpus_bleu
 from mmjax.eval.embed import jit_encoder, predict_all
 from mmjax.models.coca import beam_search, build_coca
-from mmjax.tasks.base import headline
 from mmjax.tasks.contrastive import ContrastiveTask
+from mmjax.train.task import headline
 
 _ATTRIBUTE_WORDS = {
     "color": shapes.COLORS,
@@ -41,7 +41,7 @@ class CaptioningObjective:
         self.weights = (contrastive_weight, caption_weight)
         self.pad_id = pad_id
 
-    def __call__(self, params, batch):
+    def __call__(self, params, batch, step=None):
         tokens_BL = batch["tokens"]
         img_BE, txt_BE, aux, logits_BLV = self.model.apply(
             {"params": params}, batch["image"], tokens_BL

@@ -17,7 +17,7 @@ from mmjax.data import pipeline, preprocess, tokenizers
 from mmjax.data.builtin import labelled
 from mmjax.eval.embed import jit_encoder, predict_all
 from mmjax.models.fusion_classifier import build_fusion_classifier
-from mmjax.tasks.base import Task, headline
+from mmjax.train.task import Task, headline
 
 
 class _Tokenize(grain.transforms.Map):
@@ -40,7 +40,7 @@ class ClassificationObjective:
         self.model = model
         self.inputs = inputs  # the batch fields the model takes, in order
 
-    def __call__(self, params: dict, batch: dict):
+    def __call__(self, params: dict, batch: dict, step=None):
         logits_BC = self.model.apply({"params": params}, *(batch[k] for k in self.inputs))
         labels_B = batch["label"]
         loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits_BC, labels_B))
@@ -68,7 +68,7 @@ class ClassificationTask(Task):
     metric_name = "accuracy"
 
     def validate(self, config):
-        from mmjax.train.validate import ConfigError
+        from mmjax.errors import ConfigError
 
         if config.data.name not in labelled.DATASETS:
             raise ConfigError(

@@ -15,15 +15,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mmjax import parallel
+from mmjax import losses, parallel
 from mmjax.data import pipeline
+from mmjax.errors import ConfigError
 from mmjax.eval.evaluators import build_evaluator
 from mmjax.losses.distill import EMBEDDING_KINDS
 from mmjax.models.discriminator import ModalityDiscriminator
 from mmjax.models.two_tower import build_two_tower
-from mmjax.tasks.base import Task
 from mmjax.tasks.contrastive_objective import DISTILL_TERMS, TERMS, ContrastiveObjective
-from mmjax.train.validate import ConfigError
+from mmjax.train.task import Task
 
 
 def enabled_terms(config: ml_collections.ConfigDict) -> dict[str, float]:
@@ -48,6 +48,14 @@ def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 
 def validate_objective(config: ml_collections.ConfigDict) -> None:
+    """ConfigError for contrastive settings (`loss`, `loss_impl`, `objective`, `distill`) that
+    cannot run, for every task with a contrastive term."""
+    if config.loss not in losses.KINDS:
+        raise ConfigError(f"loss={config.loss!r} is unknown; use one of {', '.join(losses.KINDS)}")
+    if config.loss_impl not in losses.IMPLS:
+        raise ConfigError(
+            f"loss_impl={config.loss_impl!r} is unknown; use one of {', '.join(losses.IMPLS)}"
+        )
     o = config.objective
     weights = {t: o[t] for t in TERMS}
     if not all(w >= 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):

@@ -20,7 +20,6 @@ discriminator logits included, is produced in `embed`, per example, under `aux[P
 
 import dataclasses
 from collections.abc import Mapping
-from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -44,9 +43,6 @@ class ContrastiveObjective:
     contrastive loss is distributed over the batch axes of `mesh` (see
     `losses.contrastive_sharded`); every choice gives the same values and gradients.
     """
-
-    # The step feeds the adversarial λ schedule; `train_step` passes it to objectives with this.
-    takes_step: ClassVar[bool] = True
 
     model: nn.Module
     loss_kind: str

@@ -30,8 +30,8 @@ from mmjax.data import pipeline, tokenizers
 from mmjax.data.builtin import shapes
 from mmjax.eval.embed import jit_encoder, predict_all
 from mmjax.models.matching_model import build_matching_model
-from mmjax.tasks.base import headline
 from mmjax.tasks.contrastive import ContrastiveTask
+from mmjax.train.task import headline
 
 _ATTRIBUTES = ("color", "shape", "size", "position")
 _VALUES = {"color": shapes.COLORS, "shape": shapes.SHAPES, "size": shapes.SIZES}
@@ -79,7 +79,7 @@ class MatchingObjective:
             return None
         return jnp.cumsum(tokens_BL == self.space_id, axis=1)
 
-    def __call__(self, params: dict, batch: dict):
+    def __call__(self, params: dict, batch: dict, step=None):
         m = self.model
 
         def apply(method, *args):
@@ -143,7 +143,7 @@ class MatchingTask(ContrastiveTask):
     supports_microbatches = False
 
     def validate(self, config):
-        from mmjax.train.validate import ConfigError
+        from mmjax.errors import ConfigError
 
         weights = {k: config.matching[k] for k in ("itc", "itm", "mlm")}
         if not any(float(w) for w in weights.values()) or config.matching.hardness < 0:
@@ -187,12 +187,12 @@ class MatchingTask(ContrastiveTask):
 
 class MatchingEvaluator:
     def __init__(self, config, model, sharding, tokenizer):
-        from mmjax.eval.evaluators import TaskError
+        from mmjax.errors import EvalSpecError
 
         val = pipeline.eval_arrays(config.data)
         fields = shapes.Attributes._fields
         if not set(fields) <= set(val):
-            raise TaskError(
+            raise EvalSpecError(
                 f"task=matching evaluates on attribute-labelled data (shapes); "
                 f"data.name={config.data.name!r} has fields {sorted(val)}"
             )

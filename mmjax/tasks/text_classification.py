@@ -26,8 +26,8 @@ from mmjax.data.builtin import reviews, wordvec
 from mmjax.data.builtin.common import resolve_data_dir
 from mmjax.eval.embed import jit_encoder, predict_all
 from mmjax.models.text_cnn import TextCNN
-from mmjax.tasks.base import Task, headline
 from mmjax.tasks.classification import ClassificationObjective
+from mmjax.train.task import Task, headline
 
 
 @functools.lru_cache(maxsize=4)
@@ -61,7 +61,7 @@ class TextClassificationTask(Task):
     metric_name = "accuracy"
 
     def validate(self, config):
-        from mmjax.train.validate import ConfigError
+        from mmjax.errors import ConfigError
 
         if config.data.name != "reviews":
             raise ConfigError(

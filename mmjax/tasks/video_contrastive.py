@@ -37,8 +37,8 @@ from mmjax.data.builtin import moving_shapes
 from mmjax.eval import retrieval, zeroshot
 from mmjax.eval.embed import Embedder
 from mmjax.models.video import KINDS, VideoTower
-from mmjax.tasks.base import headline
 from mmjax.tasks.contrastive import ContrastiveTask
+from mmjax.train.task import headline
 
 DATASET = "moving_shapes"
 
@@ -110,7 +110,7 @@ class NormalizedClips:
 
 def validate_video(config, task: str) -> None:
     """ConfigError for settings the video tower or the moving-shapes data cannot run with."""
-    from mmjax.train.validate import ConfigError  # (validate imports the task registry)
+    from mmjax.errors import ConfigError
 
     v = config.video
     if config.data.name != DATASET:
@@ -183,7 +183,7 @@ class VideoContrastiveTask(ContrastiveTask):
     metric_name = "zeroshot_direction_top1"
 
     def validate(self, config):
-        from mmjax.train.validate import ConfigError
+        from mmjax.errors import ConfigError
 
         o = config.objective
         if o.distill_logits > 0 or o.distill_embed > 0:

@@ -30,8 +30,8 @@ from mmjax.data.builtin import labelled, moving_shapes
 from mmjax.eval.embed import jit_encoder, predict_all
 from mmjax.models.fusion_classifier import build_fusion_classifier
 from mmjax.tasks import video_contrastive as video
-from mmjax.tasks.base import headline
 from mmjax.tasks.classification import ClassificationTask, accuracy_by_group
+from mmjax.train.task import headline
 
 QUESTION_TYPES = (
     "direction",

@@ -10,25 +10,23 @@ import ml_collections
 
 from mmjax import checkpoint, metrics, parallel
 from mmjax.data import sources
-from mmjax.data.sources import DataError
-from mmjax.eval.evaluators import TaskError
-from mmjax.tasks import get_task
+from mmjax.errors import ConfigError, DataError, EvalSpecError
 from mmjax.train.guard import BadStepsError, SpikeDetector, StepGuard
 from mmjax.train.preemption import PreemptionGuard
 from mmjax.train.pretrained import read_teacher, read_text_tower, read_towers, with_pretrained
+from mmjax.train.task import Task
 from mmjax.train.trainer import build_trainer
 from mmjax.train.validate import (
-    ConfigError,
     validate_config,
     validate_disk_space,
     validate_workdir,
 )
 
 
-def _preflight(config: ml_collections.ConfigDict, workdir: str):
+def _preflight(task: Task, config: ml_collections.ConfigDict, workdir: str):
     """Every check that can fail on a bad setting, before anything compiles or trains:
     returns (mesh, trainer, evaluator, train iterator, checkpointer), or raises ConfigError."""
-    validate_config(config)
+    validate_config(config, task)
     is_main = jax.process_index() == 0
     if is_main:
         validate_workdir(workdir)
@@ -41,8 +39,6 @@ def _preflight(config: ml_collections.ConfigDict, workdir: str):
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=2, sort_keys=True))
 
-    task = get_task(config.task)
-    task.validate(config)
     try:
         tokenizer = task.tokenizer(config)
     except (ValueError, FileNotFoundError, ImportError) as e:
@@ -55,7 +51,7 @@ def _preflight(config: ml_collections.ConfigDict, workdir: str):
             f"{tokenizer.pad_id}, but model.text.eot_id={text.eot_id} and pad_id={text.pad_id}; "
             "set them to the tokenizer's"
         )
-    trainer = build_trainer(config, mesh, tokenizer.vocab_size)  # traces shapes, no compile
+    trainer = build_trainer(task, config, mesh, tokenizer.vocab_size)  # traces shapes, no compile
     ckpt = checkpoint.Checkpointer(
         os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints
     )
@@ -66,13 +62,14 @@ def _preflight(config: ml_collections.ConfigDict, workdir: str):
     try:
         train_iter = task.train_iterator(config, jax.process_index(), jax.process_count())
         evaluator = task.evaluator(config, trainer.model, trainer.batch_sharding)
-    except (DataError, TaskError) as e:
+    except (DataError, EvalSpecError) as e:
         raise ConfigError(str(e)) from e
     return mesh, trainer, evaluator, train_iter, ckpt
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns the summary.
+def run(task: Task, config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains `task` under `config` in `workdir`, resuming from its newest checkpoint. Returns
+    the summary. (`mmjax.main.train(config, workdir)` looks the task up by `config.task`.)
 
     Raises ConfigError (before compiling anything) for settings that cannot work, and
     `guard.BadStepsError` when bad steps end the run (see `mmjax.train.guard`).
@@ -80,7 +77,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     t_start = time.time()
     workdir = os.path.abspath(workdir)
     is_main = jax.process_index() == 0
-    mesh, trainer, evaluator, train_iter, ckpt = _preflight(config, workdir)
+    mesh, trainer, evaluator, train_iter, ckpt = _preflight(task, config, workdir)
     pretrained_text = read_text_tower(config)
     pretrained_towers = read_towers(config)
     teacher = read_teacher(config, trainer.abstract_state.params)

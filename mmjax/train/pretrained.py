@@ -6,9 +6,9 @@ import jax
 import ml_collections
 
 from mmjax import checkpoint
+from mmjax.errors import ConfigError
 from mmjax.models.two_tower import TRAINING_PARTS
 from mmjax.train.state import TrainState
-from mmjax.train.validate import ConfigError
 
 
 def read_text_tower(config: ml_collections.ConfigDict) -> dict | None:

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mmjax.tasks.contrastive_objective import ContrastiveObjective
 from mmjax.train import gradcache
 from mmjax.train.state import TrainState
+from mmjax.train.task import Objective
 
 NO_CEILING = np.float32(np.inf)  # the `loss_ceiling` that disables spike skipping
 
@@ -19,7 +19,7 @@ def train_step(
     batch: dict,
     loss_ceiling: jax.Array,
     *,
-    objective: ContrastiveObjective,
+    objective: Objective,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     microbatches: int = 1,
@@ -29,15 +29,17 @@ def train_step(
     otherwise parameters and optimizer state stay as they were, the step still counts (the
     batch is consumed) and `skipped` records it. So a non-finite value never enters the
     state, and never a checkpoint."""
-    takes_step = getattr(objective, "takes_step", False)  # a schedule inside (DANN's λ)
-    with_step = lambda f: functools.partial(f, step=state.step) if takes_step else f
     if microbatches == 1:
-        (loss, logs), grads = jax.value_and_grad(with_step(objective), has_aux=True)(
-            state.params, batch
+        (loss, logs), grads = jax.value_and_grad(objective, has_aux=True)(
+            state.params, batch, state.step
         )
-    else:
+    else:  # a SplitObjective (validated before compiling)
         (loss, logs), grads = gradcache.value_and_grad(
-            with_step(objective.embed), objective.loss, state.params, batch, microbatches
+            functools.partial(objective.embed, step=state.step),
+            objective.loss,
+            state.params,
+            batch,
+            microbatches,
         )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

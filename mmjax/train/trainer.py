@@ -9,10 +9,10 @@ import ml_collections
 from jax.sharding import Mesh, NamedSharding
 
 from mmjax import parallel
-from mmjax.tasks import Task, get_task
 from mmjax.train import optimizer
 from mmjax.train import state as train_state
 from mmjax.train import step as train_step
+from mmjax.train.task import Task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,9 +26,10 @@ class Trainer:
     step: Callable  # jitted (state, batch) -> (state, metrics); trace under `rules` and `mesh`
 
 
-def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh, vocab_size: int) -> Trainer:
-    """Model, optimizer, sharded initialiser and jitted step of `config` (its `task`) on `mesh`."""
-    task = get_task(config.task)
+def build_trainer(
+    task: Task, config: ml_collections.ConfigDict, mesh: Mesh, vocab_size: int
+) -> Trainer:
+    """Model, optimizer, sharded initialiser and jitted step of `task` under `config` on `mesh`."""
     model = task.build_model(config, vocab_size)
     tx, schedule = optimizer.build_optimizer(config, task.frozen_prefixes(config))
     rules = tuple(config.rules)

@@ -7,31 +7,20 @@ import jax
 import ml_collections
 import numpy as np
 
-from mmjax import losses
 from mmjax.data import preprocess
+from mmjax.errors import ConfigError
 from mmjax.models.layers import ACTIVATIONS, REMAT_POLICIES
 from mmjax.train import guard
+from mmjax.train.task import Task
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message says how to fix it."""
-
-
-def validate_config(c: ml_collections.ConfigDict) -> None:
-    from mmjax.tasks import TASKS, get_task  # (tasks import the trainer's modules)
-
-    if c.task not in TASKS:
-        raise ConfigError(f"task={c.task!r} is unknown; use one of {', '.join(sorted(TASKS))}")
-    if int(c.microbatches) > 1 and not get_task(c.task).supports_microbatches:
+def validate_config(c: ml_collections.ConfigDict, task: Task) -> None:
+    """The settings every task shares (steps, batch, dtype, mesh-independent model fields,
+    data, guard), then `task.validate` for the task's own."""
+    if int(c.microbatches) > 1 and not task.supports_microbatches:
         raise ConfigError(
-            f"microbatches={c.microbatches}: task={c.task!r} does not support GradCache; "
+            f"microbatches={c.microbatches}: task={task.name!r} does not support GradCache; "
             "set microbatches=1"
-        )
-    if c.loss not in losses.KINDS:
-        raise ConfigError(f"loss={c.loss!r} is unknown; use one of {', '.join(losses.KINDS)}")
-    if c.loss_impl not in losses.IMPLS:
-        raise ConfigError(
-            f"loss_impl={c.loss_impl!r} is unknown; use one of {', '.join(losses.IMPLS)}"
         )
     if c.model.remat not in REMAT_POLICIES:
         raise ConfigError(
@@ -89,6 +78,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         )
     if c.data.text_length < 4:
         raise ConfigError(f"data.text_length={c.data.text_length} is too short (min 4)")
+    task.validate(c)
 
 
 def validate_workdir(workdir: str) -> None:

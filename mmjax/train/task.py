@@ -1,26 +1,30 @@
-"""What a task supplies to the one trainer: a model, its objective, its data and its evaluation.
+"""What the one trainer needs from a task: the `Task` contract and the `Objective` protocol.
 
-`config.task` names a `Task` (see `mmjax.tasks.TASKS`). The trainer (`train/trainer.py`), the
-loop (`train/loop.py`), checkpointing, sharding, the bad-step guard and preemption are shared by
-all tasks; a task only says what is specific to it:
+A `Task` (one per file in `mmjax/tasks/`, or a user's own subclass) is passed to
+`mmjax.train.loop.run(task, config, workdir)`. The trainer (`trainer.py`), the loop, checkpointing,
+sharding, the bad-step guard and preemption are shared by all tasks; a task only says what is
+specific to it:
 
-  - `tokenizer(config)`: turns text into ids (`vocab_size`, `pad_id`, ...);
+  - `tokenizer(config)`: turns text into ids (see `mmjax.data.tokenizers.Tokenizer`);
   - `build_model(config, vocab_size)` and `example_batch(config)`: a batch of zeros (numpy,
     batch size 1) with the keys and shapes the objective reads: it initialises the model;
-  - `objective(model, config, mesh, rules)`: `(params, batch) -> (loss, logs)`, pure and
-    jittable; objectives with `embed` and `loss` methods also support GradCache microbatches,
-    and those that declare `takes_step = True` are called with `step=` (the steps done so far);
+  - `objective(model, config, mesh, rules)`: an `Objective`, `(params, batch, step) -> (loss,
+    logs)`, pure and jittable; a `SplitObjective` (`embed` + `loss`) also supports GradCache
+    microbatches;
   - `train_iterator(config, process_index, process_count)`: a checkpointable iterator of
     host-local batches (build it with `pipeline.batched_stream`);
   - `evaluator(config, model, batch_sharding)`: `params -> {metric: float}`; task runs report
     their headline as `task/score` and the score of guessing as `task/chance`, named by
     `metric_name` (written as `task/metric_name` into summary.json).
+
+This module imports no task and no model: dependencies point from tasks to the trainer.
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 import flax.linen as nn
 import jax
@@ -32,13 +36,33 @@ from mmjax import parallel
 from mmjax.data import pipeline
 
 
+class Objective(Protocol):
+    """`(params, batch, step) -> (scalar float32 loss, {metric name: scalar})`, pure and
+    jittable. `step` (an int32 scalar: steps done so far) feeds schedules inside the loss (DANN's
+    λ); objectives without one ignore it. Log names are `train/...` (see the README table)."""
+
+    def __call__(self, params: dict, batch: dict, step: jax.Array) -> tuple[jax.Array, dict]: ...
+
+
+@runtime_checkable
+class SplitObjective(Objective, Protocol):
+    """An objective in two parts, so GradCache can run the towers per microbatch while the loss
+    sees the whole global batch: `embed(params, batch, step) -> (img_BE, txt_BE, aux)` per
+    example (arrays of shape [B, ...] under `aux[gradcache.PER_EXAMPLE]`, scalars elsewhere) and
+    `loss(img_BE, txt_BE, aux) -> (loss, logs)` over the global batch."""
+
+    def embed(self, params: dict, batch: dict, step: jax.Array) -> tuple: ...
+
+    def loss(self, img_BE: jax.Array, txt_BE: jax.Array, aux: dict) -> tuple[jax.Array, dict]: ...
+
+
 class Task(abc.ABC):
     name: str = ""
     metric_name: str | None = None  # the headline metric (None: no task/* entries)
-    supports_microbatches = False  # GradCache needs an objective with `embed` and `loss`
+    supports_microbatches = False  # GradCache needs a `SplitObjective`
 
     def validate(self, config: ml_collections.ConfigDict) -> None:
-        """Raises `train.validate.ConfigError` for settings this task cannot run with (the
+        """Raises `mmjax.errors.ConfigError` for settings this task cannot run with (the
         default accepts every setting the shared validation accepted)."""
         return None
 
@@ -76,8 +100,8 @@ class Task(abc.ABC):
         config: ml_collections.ConfigDict,
         mesh: Mesh,
         rules: parallel.Rules,
-    ) -> Callable:
-        """`(params, batch) -> (scalar loss, logs)`, pure and jittable."""
+    ) -> Objective:
+        """The training loss of `model` under `config`."""
 
     @abc.abstractmethod
     def train_iterator(
