@@ -136,16 +136,20 @@ def mismatches(saved: dict[str, tuple], wanted: dict[str, tuple]) -> list[str]:
     return problems
 
 
+def saved_shapes(directory: str) -> dict[str, tuple]:
+    """path -> shape of every parameter of a parameters-only checkpoint, read from its metadata
+    (no array is read). ValueError if `directory` is not such a checkpoint."""
+    try:
+        return shapes_of(ocp.StandardCheckpointer().metadata(directory).item_metadata)
+    except Exception as e:  # not a checkpoint at all: say which path
+        raise ValueError(f"{directory} is not a readable parameters checkpoint ({e})") from e
+
+
 def restore_params(directory: str, target):
     """Restores a parameters-only checkpoint into `target`'s shapes, dtypes and shardings
     (ShapeDtypeStructs). Raises ValueError listing every missing, unexpected or mis-shaped
     parameter before reading any array."""
-    checkpointer = ocp.StandardCheckpointer()
-    try:
-        saved = shapes_of(checkpointer.metadata(directory).item_metadata)
-    except Exception as e:  # not a checkpoint at all: say which path
-        raise ValueError(f"{directory} is not a readable parameters checkpoint ({e})") from e
-    problems = mismatches(saved, shapes_of(target))
+    problems = mismatches(saved_shapes(directory), shapes_of(target))
     if problems:
         raise ValueError(f"parameters in {directory} do not fit the model: " + "; ".join(problems))
-    return checkpointer.restore(directory, target)
+    return ocp.StandardCheckpointer().restore(directory, target)

@@ -16,8 +16,7 @@ from mmjax.errors import ConfigError
 from mmjax.models.two_tower import TRAINING_PARTS
 from mmjax.tasks import get_task
 from mmjax.tasks.contrastive import validate_objective
-from mmjax.train import gradcache
-from mmjax.train.pretrained import read_teacher
+from mmjax.train import gradcache, pretrained
 from tests.test_models import VOCAB, example_inputs, tiny_config
 from tests.test_sharding import config_for, train_losses
 
@@ -253,6 +252,7 @@ def test_teacher_must_exist_and_fit(tmp_path):
     saved = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract_params(other))
     checkpoint.save_params(str(tmp_path / "teacher"), saved)
     config.distill.teacher = str(tmp_path / "teacher")
+    abstract = abstract_params(config)
     with pytest.raises(ConfigError, match=r"does not fit distill.teacher_model.*image") as e:
-        read_teacher(config, abstract_params(config))
+        pretrained.check(TASK.pretrained(config, abstract), abstract)
     assert "\n" not in str(e.value)

@@ -228,7 +228,7 @@ def test_whole_word_masking_chooses_words_not_tokens():
 def test_fusion_task_starts_from_contrastively_pretrained_towers(tmp_path):
     from configs import default
     from mmjax.errors import ConfigError
-    from mmjax.train.pretrained import read_towers, with_pretrained
+    from mmjax.train import pretrained
     from mmjax.train.trainer import build_trainer
 
     data_dir = str(tmp_path / "data")
@@ -243,19 +243,22 @@ def test_fusion_task_starts_from_contrastively_pretrained_towers(tmp_path):
 
     config = tiny(fusion_config.get_config(), data_dir)
     config.init_towers_from, config.init_towers = str(tmp_path / "pretrained"), ("image",)
-    towers = read_towers(config)
+    task = get_task(config.task)
     mesh = parallel.make_mesh(config.mesh)
-    trainer = build_trainer(get_task(config.task), config, mesh, 264)
+    trainer = build_trainer(task, config, mesh, 264)
+    abstract = trainer.abstract_state.params
+    sources = task.pretrained(config, abstract)
+    _, saved = pretrained.read_params(str(tmp_path / "pretrained"), "init_towers_from")
+    assert [s.path for s in sources] == [("image",)]
     with jax.set_mesh(mesh):
         state = trainer.init(jax.random.key(config.seed))
-        state = with_pretrained(config, state, trainer.abstract_state, None, towers)
+        params = pretrained.merge(state.params, abstract, sources)
     for got, want in zip(
-        jax.tree.leaves(state.params["image"]), jax.tree.leaves(towers["image"]), strict=True
+        jax.tree.leaves(params["image"]), jax.tree.leaves(saved["image"]), strict=True
     ):
         np.testing.assert_array_equal(np.asarray(got), want)
 
     config.model.image.depth = 2  # a tower of another shape is refused, naming the mismatch
-    trainer = build_trainer(get_task(config.task), config, mesh, 264)
-    with jax.set_mesh(mesh), pytest.raises(ConfigError, match=r"does not fit model\.image"):
-        state = trainer.init(jax.random.key(config.seed))
-        with_pretrained(config, state, trainer.abstract_state, None, towers)
+    abstract = build_trainer(task, config, mesh, 264).abstract_state.params
+    with pytest.raises(ConfigError, match=r"does not fit model\.image"):
+        pretrained.check(task.pretrained(config, abstract), abstract)

@@ -17,6 +17,7 @@ from mmjax.data import pipeline, preprocess, tokenizers
 from mmjax.data.builtin import labelled
 from mmjax.eval.embed import jit_encoder, predict_all
 from mmjax.models.fusion_classifier import build_fusion_classifier
+from mmjax.tasks.weights import hf_text_tower
 from mmjax.train.task import Task, headline
 
 
@@ -90,6 +91,9 @@ class ClassificationTask(Task):
 
     def model_inputs(self, batch):
         return batch["image"], batch["tokens"]
+
+    def pretrained(self, config, abstract_params):
+        return super().pretrained(config, abstract_params) + hf_text_tower(config)
 
     def objective(self, model, config, mesh, rules):
         return ClassificationObjective(model)

@@ -21,8 +21,10 @@ from mmjax.errors import ConfigError
 from mmjax.eval.evaluators import build_evaluator
 from mmjax.losses.distill import EMBEDDING_KINDS
 from mmjax.models.discriminator import ModalityDiscriminator
-from mmjax.models.two_tower import build_two_tower
+from mmjax.models.two_tower import TRAINING_PARTS, build_two_tower
 from mmjax.tasks.contrastive_objective import DISTILL_TERMS, TERMS, ContrastiveObjective
+from mmjax.tasks.weights import hf_text_tower
+from mmjax.train import pretrained
 from mmjax.train.task import Task
 
 
@@ -114,6 +116,23 @@ class ContrastiveTask(Task):
 
     def frozen_prefixes(self, config):
         return ("teacher/",) if distills(config) else ()
+
+    def pretrained(self, config, abstract_params):
+        # `init_from` holds a model's own parameters: the objective's parts keep theirs.
+        parts = tuple(p for p in TRAINING_PARTS if p in abstract_params)
+        sources = pretrained.from_settings(config, keep=parts) + hf_text_tower(config)
+        if "teacher" in abstract_params:
+            path, params = pretrained.read_params(config.distill.teacher, "distill.teacher")
+            sources.append(
+                pretrained.Pretrained(
+                    path=("teacher",),
+                    params=params,
+                    misfit=f"distill.teacher={os.path.abspath(config.distill.teacher)!r} "
+                    "does not fit distill.teacher_model (empty: model)",
+                    loaded=f"Distillation teacher loaded from {path}",
+                )
+            )
+        return sources
 
     def example_batch(self, config):
         size = config.data.image_size

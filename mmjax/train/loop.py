@@ -11,9 +11,9 @@ import ml_collections
 from mmjax import checkpoint, metrics, parallel
 from mmjax.data import sources
 from mmjax.errors import ConfigError, DataError, EvalSpecError
+from mmjax.train import pretrained
 from mmjax.train.guard import BadStepsError, SpikeDetector, StepGuard
 from mmjax.train.preemption import PreemptionGuard
-from mmjax.train.pretrained import read_teacher, read_text_tower, read_towers, with_pretrained
 from mmjax.train.task import Task
 from mmjax.train.trainer import build_trainer
 from mmjax.train.validate import (
@@ -78,16 +78,16 @@ def run(task: Task, config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir = os.path.abspath(workdir)
     is_main = jax.process_index() == 0
     mesh, trainer, evaluator, train_iter, ckpt = _preflight(task, config, workdir)
-    pretrained_text = read_text_tower(config)
-    pretrained_towers = read_towers(config)
-    teacher = read_teacher(config, trainer.abstract_state.params)
+    # Read on the host outside any mesh context, and checked before anything trains.
+    abstract_params = trainer.abstract_state.params
+    start_from = task.pretrained(config, abstract_params)
+    pretrained.check(start_from, abstract_params)
     with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
         restored = ckpt.restore(trainer.abstract_state, train_iter)
-        if restored is None:
+        if restored is None:  # a fresh run: initialised, then the saved parameters placed
             start, state = 0, trainer.init(jax.random.key(config.seed))
-            state = with_pretrained(
-                config, state, trainer.abstract_state, pretrained_text, pretrained_towers, teacher
-            )
+            params = pretrained.merge(state.params, abstract_params, start_from)
+            state = state.replace(params=params)
         else:
             start, state = restored
             print(f"Resumed from step {start} in {workdir}")

@@ -1,5 +1,18 @@
-"""Pretrained weights for a fresh run (no checkpoint in the workdir yet)."""
+"""Saved parameters a fresh run starts from (no checkpoint in its workdir yet).
 
+The task says what to load (`Task.pretrained`: a list of `Pretrained`, each a subtree of the
+model's parameters and where its values come from); `check` compares every one with the model
+before anything trains, and `merge` places them into the initialised parameters, in list order
+(a later one overrides an earlier one). Both fail with one ConfigError naming every missing,
+unexpected or mis-shaped parameter (`checkpoint.mismatches`). This module knows no task and no
+model: which subtrees exist (towers, a pretrained text encoder, a distillation teacher) is the
+task's business; the settings every task shares (`init_towers_from`, `init_from`) are read by
+`from_settings`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
 import os
 
 import jax
@@ -7,26 +20,36 @@ import ml_collections
 
 from mmjax import checkpoint
 from mmjax.errors import ConfigError
-from mmjax.models.two_tower import TRAINING_PARTS
-from mmjax.train.state import TrainState
 
 
-def read_text_tower(config: ml_collections.ConfigDict) -> dict | None:
-    """Host (numpy) parameters of a pretrained Hugging Face text tower, if the config uses one
-    and does not start from a whole-model checkpoint. Call outside any mesh context."""
-    if config.model.text.kind != "hf_bert" or config.init_from:
-        return None
-    from mmjax.interop import hf
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+    """Saved values for the subtree at `path` of the model's parameters.
 
-    model_dir = config.model.text.hf_dir or hf.minilm_dir()
-    _, variables = hf.load_bert_model(model_dir)
-    print(f"Text tower initialised from {model_dir}")
-    return variables["params"]
+    Exactly one of `params` (host arrays, read outside any mesh context) and `directory` (a
+    parameters-only checkpoint, restored straight into the parameters' shardings: no host copy
+    of a large model) holds them. `keep` names keys of the subtree the saved values do not
+    hold: they keep their initial values (e.g. a teacher next to a model loaded with
+    `init_from`). `misfit` starts the error when they do not fit the model, saying what was
+    set and what to change.
+    """
+
+    path: tuple[str, ...]  # () = every parameter
+    misfit: str
+    params: dict | None = None
+    directory: str = ""
+    keep: tuple[str, ...] = ()
+    loaded: str = ""  # printed once placed, e.g. "Towers image, text initialised from <path>"
+
+    def __post_init__(self):
+        if (self.params is None) == (not self.directory):
+            raise ValueError("Pretrained needs exactly one of params and directory")
 
 
-def _read_params(source: str, setting: str) -> tuple[str, dict]:
+def read_params(source: str, setting: str) -> tuple[str, dict]:
     """(checkpoint path, host parameters) of `source`: a run directory (its newest checkpoint)
     or a parameters-only checkpoint. `setting` names the config field in errors."""
+    source = os.path.abspath(source)
     run_checkpoints = os.path.join(source, "checkpoints")
     path = source
     if os.path.isdir(run_checkpoints):
@@ -42,92 +65,104 @@ def _read_params(source: str, setting: str) -> tuple[str, dict]:
     import orbax.checkpoint as ocp
 
     tree = ocp.StandardCheckpointer().restore(path)
-    return path, tree.get("params", tree)
+    return path, jax.device_get(tree.get("params", tree))
 
 
-def read_teacher(config: ml_collections.ConfigDict, abstract_params: dict) -> dict | None:
-    """Host parameters of the distillation teacher (`distill.teacher`), if the model has one,
-    checked against its `teacher` parameters so that a mismatch fails before anything
-    compiles. Call outside any mesh context."""
-    if "teacher" not in abstract_params:
-        return None
-    source = os.path.abspath(config.distill.teacher)
-    path, params = _read_params(source, "distill.teacher")
-    wanted = checkpoint.shapes_of(abstract_params["teacher"])
-    problems = checkpoint.mismatches(checkpoint.shapes_of(params), wanted)
-    if problems:
-        raise ConfigError(
-            f"distill.teacher={source!r} does not fit distill.teacher_model (empty: model): "
-            f"{'; '.join(problems[:6])}"
-        )
-    print(f"Distillation teacher loaded from {path}")
-    return jax.device_get(params)
-
-
-def read_towers(config: ml_collections.ConfigDict) -> dict | None:
-    """Host parameters of the towers named by `init_towers` from `init_towers_from`: a run
-    directory (its newest checkpoint) or a parameters-only checkpoint. For fine-tuning a fusion
-    task on contrastively pretrained towers. Call outside any mesh context."""
+def from_settings(
+    config: ml_collections.ConfigDict, keep: tuple[str, ...] = ()
+) -> list[Pretrained]:
+    """What the settings every task shares ask for: the `init_towers` subtrees of another run
+    (`init_towers_from`, e.g. fine-tuning a fusion task on contrastively pretrained towers),
+    then every parameter but `keep` from a parameters checkpoint (`init_from`, e.g. imported
+    open_clip weights)."""
+    out = []
     source = config.get("init_towers_from", "")
-    if not source:
-        return None
-    source = os.path.abspath(source)
-    path, params = _read_params(source, "init_towers_from")
-    missing = [t for t in config.init_towers if t not in params]
-    if missing:
-        raise ConfigError(
-            f"init_towers_from={source!r} has no {', '.join(missing)} tower "
-            f"(it has: {', '.join(sorted(params))})"
-        )
-    print(f"Towers {', '.join(config.init_towers)} initialised from {path}")
-    return {t: jax.device_get(params[t]) for t in config.init_towers}
-
-
-def _fit_tower(name: str, saved: dict, target: dict) -> dict:
-    """`saved` placed into `target`'s shardings; a ConfigError names every mismatch."""
-    problems = checkpoint.mismatches(checkpoint.shapes_of(saved), checkpoint.shapes_of(target))
-    if problems:
-        raise ConfigError(
-            f"init_towers_from: the saved {name} tower does not fit model.{name} "
-            f"(make the tower configs equal): {'; '.join(problems[:6])}"
-        )
-    return jax.tree.map(lambda x, t: jax.device_put(x.astype(t.dtype), t.sharding), saved, target)
-
-
-def with_pretrained(
-    config: ml_collections.ConfigDict,
-    state: TrainState,
-    abstract: TrainState,
-    text_tower: dict | None = None,
-    towers: dict | None = None,
-    teacher: dict | None = None,
-) -> TrainState:
-    """`state` with the parameters the config asks to start from: a whole-model parameters
-    checkpoint (`init_from`, e.g. imported open_clip weights) and/or a pretrained text tower
-    (from `read_text_tower`). Optimizer state stays fresh. Arrays go straight into the state's
-    shardings. `towers` (from `read_towers`) replaces whole towers, `teacher` (from
-    `read_teacher`) the distillation teacher. `init_from` holds the model's own parameters: the
-    objective's parts (`TRAINING_PARTS`: teacher, discriminator) keep theirs."""
-    params = state.params
-    for name, saved in (towers or {}).items():
-        params = {**params, name: _fit_tower(name, saved, abstract.params[name])}
+    if source:
+        source = os.path.abspath(source)
+        path, params = read_params(source, "init_towers_from")
+        missing = [t for t in config.init_towers if t not in params]
+        if missing:
+            raise ConfigError(
+                f"init_towers_from={source!r} has no {', '.join(missing)} tower "
+                f"(it has: {', '.join(sorted(params))})"
+            )
+        for tower in config.init_towers:
+            out.append(
+                Pretrained(
+                    path=(tower,),
+                    params=params[tower],
+                    misfit=f"init_towers_from: the saved {tower} tower does not fit "
+                    f"model.{tower} (make the tower configs equal)",
+                    loaded=f"Tower {tower} initialised from {path}",
+                )
+            )
     if config.init_from:
-        try:
-            own = {k: v for k, v in abstract.params.items() if k not in TRAINING_PARTS}
-            own = checkpoint.restore_params(os.path.abspath(config.init_from), own)
-            params = {**params, **own}
-        except ValueError as e:
-            raise ConfigError(f"init_from={config.init_from!r}: {e}") from e
-        print(f"Initialised parameters from {config.init_from}")
-    if text_tower is not None:
-        target = abstract.params["text"]["bert"]
-        if jax.tree.structure(text_tower) != jax.tree.structure(target):
-            raise ConfigError("the pretrained text-tower weights do not fit model.text")
-        bert = jax.tree.map(
-            lambda x, t: jax.device_put(x.astype(t.dtype), t.sharding), text_tower, target
+        out.append(
+            Pretrained(
+                path=(),
+                directory=os.path.abspath(config.init_from),
+                keep=keep,
+                misfit=f"init_from={config.init_from!r}: its parameters do not fit the model",
+                loaded=f"Initialised parameters from {config.init_from}",
+            )
         )
-        params = {**params, "text": {**params["text"], "bert": bert}}
-    if teacher is not None:
-        place = lambda x, t: jax.device_put(x.astype(t.dtype), t.sharding)
-        params = {**params, "teacher": jax.tree.map(place, teacher, abstract.params["teacher"])}
-    return state.replace(params=params)
+    return out
+
+
+def _subtree(tree: dict, path: tuple[str, ...]) -> dict:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _replaced(tree: dict, path: tuple[str, ...], values: dict) -> dict:
+    """`tree` with the subtree at `path` updated by `values` (keys it lacks stay as they are)."""
+    if not path:
+        return {**tree, **values}
+    head, *rest = path
+    return {**tree, head: _replaced(tree[head], tuple(rest), values)}
+
+
+def _target(abstract_params: dict, source: Pretrained):
+    """The part of the model's (abstract) parameters that `source` fills."""
+    try:
+        subtree = _subtree(abstract_params, source.path)
+    except (KeyError, TypeError):
+        raise ConfigError(
+            f"{source.misfit}: the model has no parameters {'/'.join(source.path)}"
+        ) from None
+    return {k: v for k, v in subtree.items() if k not in source.keep}
+
+
+def check(sources: list[Pretrained], abstract_params: dict) -> None:
+    """ConfigError, before anything is placed, if any source does not fit the model."""
+    for source in sources:
+        if source.params is not None:
+            saved = checkpoint.shapes_of(source.params)
+        else:
+            try:
+                saved = checkpoint.saved_shapes(source.directory)
+            except ValueError as e:
+                raise ConfigError(f"{source.misfit}: {e}") from e
+        problems = checkpoint.mismatches(
+            saved, checkpoint.shapes_of(_target(abstract_params, source))
+        )
+        if problems:
+            raise ConfigError(f"{source.misfit}: {'; '.join(problems[:6])}")
+
+
+def merge(params: dict, abstract_params: dict, sources: list[Pretrained]) -> dict:
+    """`params` with every source placed, in order, into the shardings and dtypes of
+    `abstract_params` (ShapeDtypeStructs with shardings). Checks first (see `check`)."""
+    check(sources, abstract_params)
+    for source in sources:
+        target = _target(abstract_params, source)
+        if source.params is not None:
+            place = lambda x, t: jax.device_put(x.astype(t.dtype), t.sharding)
+            values = jax.tree.map(place, source.params, target)
+        else:
+            values = checkpoint.restore_params(source.directory, target)
+        params = _replaced(params, source.path, values)
+        if source.loaded and jax.process_index() == 0:
+            print(source.loaded)
+    return params

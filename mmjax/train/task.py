@@ -15,7 +15,9 @@ specific to it:
     host-local batches (build it with `pipeline.batched_stream`);
   - `evaluator(config, model, batch_sharding)`: `params -> {metric: float}`; task runs report
     their headline as `task/score` and the score of guessing as `task/chance`, named by
-    `metric_name` (written as `task/metric_name` into summary.json).
+    `metric_name` (written as `task/metric_name` into summary.json);
+  - `pretrained(config, abstract_params)`: the saved parameters a fresh run starts from (a list
+    of `mmjax.train.pretrained.Pretrained`; by default `init_towers_from` and `init_from`).
 
 This module imports no task and no model: dependencies point from tasks to the trainer.
 """
@@ -34,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from mmjax import parallel
 from mmjax.data import pipeline
+from mmjax.train import pretrained
 
 
 class Objective(Protocol):
@@ -92,6 +95,14 @@ class Task(abc.ABC):
         """Parameter path prefixes (e.g. "teacher/") that are never updated besides
         `optim.frozen_prefixes`: parts of the model the objective only reads."""
         return ()
+
+    def pretrained(
+        self, config: ml_collections.ConfigDict, abstract_params: dict
+    ) -> list[pretrained.Pretrained]:
+        """The saved parameters a fresh run starts from, read here (outside any mesh context)
+        and checked against `abstract_params` before anything trains: by default what
+        `init_towers_from` and `init_from` ask for."""
+        return pretrained.from_settings(config)
 
     @abc.abstractmethod
     def objective(
