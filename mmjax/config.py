@@ -151,8 +151,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.tasks = ()
     c.eval.probe_shots = 10  # linear_probe: labelled train examples per class
 
-    # Two-tower objective (task=contrastive, see mmjax/train/objective.py): the weighted sum of
-    # these terms; weight 0 = the term is not built nor computed. contrastive: `loss` above.
+    # Two-tower objective of every task with a contrastive term (contrastive, video_contrastive,
+    # captioning, matching; see mmjax/tasks/contrastive_objective.py): the weighted sum of these
+    # terms and the task's own; weight 0 = the term is not built nor computed. contrastive:
+    # `loss` above (captioning and matching weigh it with their own captioning.contrastive_weight
+    # and matching.itc). Tasks without a contrastive term refuse changes to these, `loss`,
+    # `loss_impl` and `distill`.
     # triplet: VSE++ hinge with the hardest in-batch negative, both directions, on cosine
     # similarity. adversarial: a modality discriminator (an MLP on the embeddings, trained with
     # the model) behind a gradient reversal layer whose λ ramps 0 → 1 as 2/(1+exp(-gamma·p))-1

@@ -90,7 +90,7 @@ def test_zero_weight_terms_change_nothing(full):
     wired = functools.partial(objective, batch=batch, step=jnp.int32(7))
     (loss, logs), grads = jax.jit(jax.value_and_grad(wired, has_aux=True))(params)
     ref_loss, ref_grads = jax.jit(jax.value_and_grad(plain))(params)
-    assert set(k for k in logs if k.startswith("train/loss_")) == {"train/loss_contrastive"}
+    assert set(k for k in logs if k.startswith("train/loss/")) == {"train/loss/contrastive"}
     np.testing.assert_array_equal(loss, ref_loss)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -106,8 +106,8 @@ def test_distilling_from_an_identical_teacher_is_a_no_op(full, kind):
     grad_fn = jax.jit(jax.value_and_grad(objective, has_aux=True))
 
     (_, logs), grads = grad_fn({**params, "teacher": towers(params)}, batch)
-    assert abs(float(logs["train/loss_distill_logits"])) < 1e-6
-    assert abs(float(logs["train/loss_distill_embed"])) < 1e-6
+    assert abs(float(logs["train/loss/distill_logits"])) < 1e-6
+    assert abs(float(logs["train/loss/distill_embed"])) < 1e-6
     for g in jax.tree.leaves(grads):
         np.testing.assert_allclose(g, 0.0, atol=1e-5)
 
@@ -184,7 +184,7 @@ def test_gradcache_gives_the_big_batch_gradient_of_every_term(full):
     (loss_micro, logs_micro), grads_micro = micro(params, batch)
     np.testing.assert_allclose(loss_micro, loss_big, rtol=1e-6)
     for name in ALL_TERMS:
-        key = f"train/loss_{name}"
+        key = f"train/loss/{name}"
         np.testing.assert_allclose(logs_micro[key], logs_big[key], rtol=1e-5, atol=1e-7)
     # fp32 sums in another order: errors scale with a leaf's largest entries, not each entry.
     for a, b in zip(jax.tree.leaves(grads_micro), jax.tree.leaves(grads_big), strict=True):

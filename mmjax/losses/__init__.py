@@ -1,6 +1,6 @@
 """Every loss, as pure JAX functions on global arrays (jit/grad friendly, static shapes):
 contrastive (`contrastive.py` naive, `contrastive_sharded.py` gathered / ring-chunked), triplet,
-adversarial, distillation, image–text matching, masked LM, and their weighted sum.
+adversarial, distillation, image–text matching, masked LM, captioning, and their weighted sum.
 
 Per-example losses come back as `[B]` (reduce with `jnp.mean` or `masked_mean`), math in float32;
 `multitask.weighted_sum` combines named scalar losses into the optimised total.
@@ -11,6 +11,7 @@ from mmjax.losses.adversarial import (
     gradient_reversal,
     modality_discriminator_loss,
 )
+from mmjax.losses.captioning import caption_nll, mean_caption_loss
 from mmjax.losses.contrastive import (
     KINDS,
     pairwise_logits,
@@ -40,6 +41,7 @@ __all__ = [
     "IMPLS",
     "KINDS",
     "bidirectional_triplet",
+    "caption_nll",
     "contrastive_loss_sharded",
     "cosine_similarity",
     "dann_lambda",
@@ -50,6 +52,7 @@ __all__ = [
     "l2_normalize",
     "mask_tokens",
     "masked_mean",
+    "mean_caption_loss",
     "mine_hard_negatives",
     "mlm_loss",
     "modality_discriminator_loss",

@@ -1,9 +1,8 @@
-"""CoCa-style captioner: contrastive towers plus a causal text decoder that cross-attends to the
-image tokens (Yu et al. 2022), and greedy / beam-search decoding with static shapes."""
+"""CoCa-style captioner: a two-tower contrastive model plus a causal text decoder that
+cross-attends to the image tokens (Yu et al. 2022), and greedy / beam-search decoding with static
+shapes."""
 
 from __future__ import annotations
-
-import math
 
 import flax.linen as nn
 import jax
@@ -12,18 +11,24 @@ import ml_collections
 
 from mmjax.models.fusion_attention import CrossAttentionFusion
 from mmjax.models.layers import Dtype, LayerNorm, dense, param
-from mmjax.models.two_tower import build_towers
+from mmjax.models.two_tower import TwoTower, build_two_tower
 
 
 class CoCa(nn.Module):
-    """`__call__(images, tokens)` -> (img_emb_BE, txt_emb_BE, aux, logits_BLV): L2-normalised
-    contrastive embeddings (aux: logit_scale, logit_bias) and teacher-forced next-token logits
-    (position t predicts token t + 1). `decoder_logits(img_BND, tokens_BL)` runs the decoder
-    alone on precomputed image tokens (`image_tokens(images)`), for decoding."""
+    """A `TwoTower` (towers, projections, temperature and bias, and the parts its objective terms
+    need) and a causal decoder on its image tokens.
 
-    image: nn.Module
-    text: nn.Module
-    embed_dim: int
+    The two-tower model shares this module's scope (`nn.share_scope`), so its parameters keep
+    their paths (`image/...`, `text/...`, `logit_scale`, `teacher/...`) next to the decoder's:
+    towers from a contrastive run load as they are (`init_towers_from`) and the contrastive
+    objective applies `two_tower` to these parameters directly.
+
+    `__call__(images, tokens)` -> (img_emb_BE, txt_emb_BE, aux, logits_BLV): the two-tower
+    outputs and teacher-forced next-token logits (position t predicts token t + 1); it creates
+    every parameter at init. `decoder_logits(img_BND, tokens_BL)` runs the decoder alone on
+    precomputed image tokens (`image_tokens(images)`), for decoding."""
+
+    two_tower: TwoTower
     vocab_size: int
     max_len: int
     decoder_depth: int
@@ -34,19 +39,13 @@ class CoCa(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
-        width = self.text.width
+        nn.share_scope(self, self.two_tower)
+        width = self.two_tower.text.width
 
         def weight(name, shape, axes, init=None):
             init = nn.initializers.lecun_normal() if init is None else init
             return param(self, name, init, shape, axes, self.param_dtype)
 
-        self.image_projection = weight(
-            "image_projection", (self.image.width, self.embed_dim), ("embed", "proj")
-        )
-        self.text_projection = weight("text_projection", (width, self.embed_dim), ("embed", "proj"))
-        self.logit_scale = param(
-            self, "logit_scale", nn.initializers.constant(math.log(1 / 0.07)), (), (), jnp.float32
-        )
         self.token_embedding = weight(
             "decoder_token_embedding",
             (self.vocab_size, width),
@@ -73,7 +72,8 @@ class CoCa(nn.Module):
         )
 
     def image_tokens(self, images):
-        return self.image(images)
+        """(pooled_BD, img_BND): the image tower's outputs."""
+        return self.two_tower.image(images)
 
     def decoder_logits(self, img_BND, tokens_BL):
         """float32 [B, L, V]: logits of the token after each position (causal: position t sees
@@ -91,28 +91,29 @@ class CoCa(nn.Module):
         return logits.reshape(b, n, self.vocab_size)
 
     def __call__(self, images, tokens_BL):
-        img_pooled_BD, img_BND = self.image(images)
-        txt_pooled_BD, _ = self.text(tokens_BL)
-        img_BE = dense(img_pooled_BD, self.image_projection, self.dtype, out_dtype=jnp.float32)
-        txt_BE = dense(txt_pooled_BD, self.text_projection, self.dtype, out_dtype=jnp.float32)
-        unit = lambda x: x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-6)
-        aux = {"logit_scale": jnp.exp(self.logit_scale), "logit_bias": jnp.zeros((), jnp.float32)}
-        return unit(img_BE), unit(txt_BE), aux, self.decoder_logits(img_BND, tokens_BL)
+        img_BE, txt_BE, aux = self.two_tower(images, tokens_BL, return_tokens=True)
+        img_BND = aux.pop("image_tokens_BND")
+        del aux["text_tokens_BLD"]  # the decoder reads the tokens, not the text tower's output
+        return img_BE, txt_BE, aux, self.decoder_logits(img_BND, tokens_BL)
 
 
-def build_coca(config: ml_collections.ConfigDict, vocab_size: int) -> CoCa:
-    image, text = build_towers(config, vocab_size)
-    cap = config.captioning
+def build_coca(
+    config: ml_collections.ConfigDict, vocab_size: int, two_tower: TwoTower | None = None
+) -> CoCa:
+    """The captioner of `config`: `two_tower` (default: the plain two-tower model of `config`,
+    with the loss-specific temperature and bias initialisation) and a decoder of
+    `config.captioning.decoder_depth` blocks as wide as the text tower."""
+    if two_tower is None:
+        two_tower = build_two_tower(config, vocab_size)
+    text = config.model.text
     return CoCa(
-        image=image,
-        text=text,
-        embed_dim=config.model.embed_dim,
+        two_tower=two_tower,
         vocab_size=vocab_size,
         max_len=config.data.text_length,
-        decoder_depth=cap.decoder_depth,
-        decoder_heads=config.model.text.num_heads,
-        decoder_mlp=config.model.text.mlp_dim,
-        pad_id=config.model.text.pad_id,
+        decoder_depth=config.captioning.decoder_depth,
+        decoder_heads=text.num_heads,
+        decoder_mlp=text.mlp_dim,
+        pad_id=text.pad_id,
         dtype=jnp.dtype(config.dtype),
     )
 

@@ -1,10 +1,8 @@
-"""ALBEF-style image–text model: contrastive towers, a cross-attention fusion over their tokens,
-and two heads on the fused text stream: image–text matching (match / no match) and masked
-language modelling conditioned on the image."""
+"""ALBEF-style image–text model: a two-tower contrastive model, a cross-attention fusion over its
+towers' tokens, and two heads on the fused text stream: image–text matching (match / no match)
+and masked language modelling conditioned on the image."""
 
 from __future__ import annotations
-
-import math
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -13,11 +11,14 @@ import ml_collections
 from mmjax.models.fusion import build_fusion
 from mmjax.models.fusion_classifier import fusion_kwargs
 from mmjax.models.layers import Dtype, LayerNorm, dense, param
-from mmjax.models.two_tower import build_towers
+from mmjax.models.two_tower import TwoTower, build_two_tower
 
 
 class MatchingModel(nn.Module):
-    """Methods (call through `model.apply(..., method=...)`):
+    """A `TwoTower` that shares this module's scope (`nn.share_scope`: its parameters keep a
+    two-tower model's paths, see `coca.CoCa`), a fusion and the ITM and MLM heads.
+
+    Methods (call through `model.apply(..., method=...)`):
 
     embed(images, tokens) -> (img_emb_BE, txt_emb_BE, img_BND, txt_BLD, logit_scale):
         L2-normalised float32 contrastive embeddings, the towers' token streams and exp(scale);
@@ -27,51 +28,35 @@ class MatchingModel(nn.Module):
     mlm_logits(fused_BLD) -> [B, L, V] float32.
     """
 
-    image: nn.Module
-    text: nn.Module
+    two_tower: TwoTower
     fusion: nn.Module
-    embed_dim: int
     vocab_size: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
+        nn.share_scope(self, self.two_tower)
+        width = self.two_tower.text.width
+
         def weight(name, shape, axes, init=None):
             init = nn.initializers.lecun_normal() if init is None else init
             return param(self, name, init, shape, axes, self.param_dtype)
 
         zeros = nn.initializers.zeros
-        self.image_projection = weight(
-            "image_projection", (self.image.width, self.embed_dim), ("embed", "proj")
-        )
-        self.text_projection = weight(
-            "text_projection", (self.text.width, self.embed_dim), ("embed", "proj")
-        )
-        self.logit_scale = param(
-            self,
-            "logit_scale",
-            nn.initializers.constant(math.log(1 / 0.07)),
-            (),
-            (),
-            jnp.float32,
-        )
         self.ln_itm = LayerNorm(self.dtype, self.param_dtype)
-        self.itm_kernel = weight("itm_kernel", (self.text.width, 2), ("embed", None), zeros)
+        self.itm_kernel = weight("itm_kernel", (width, 2), ("embed", None), zeros)
         self.itm_bias = weight("itm_bias", (2,), (None,), zeros)
         self.ln_mlm = LayerNorm(self.dtype, self.param_dtype)
-        self.mlm_kernel = weight("mlm_kernel", (self.text.width, self.vocab_size), ("embed", None))
+        self.mlm_kernel = weight("mlm_kernel", (width, self.vocab_size), ("embed", None))
         self.mlm_bias = weight("mlm_bias", (self.vocab_size,), (None,), zeros)
 
     def embed(self, images, tokens_BL):
-        img_pooled_BD, img_BND = self.image(images)
-        txt_pooled_BD, txt_BLD = self.text(tokens_BL)
-        img_BE = dense(img_pooled_BD, self.image_projection, self.dtype, out_dtype=jnp.float32)
-        txt_BE = dense(txt_pooled_BD, self.text_projection, self.dtype, out_dtype=jnp.float32)
-        unit = lambda x: x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-6)
-        return unit(img_BE), unit(txt_BE), img_BND, txt_BLD, jnp.exp(self.logit_scale)
+        img_BE, txt_BE, aux = self.two_tower(images, tokens_BL, return_tokens=True)
+        img_BND, txt_BLD = aux["image_tokens_BND"], aux["text_tokens_BLD"]
+        return img_BE, txt_BE, img_BND, txt_BLD, aux["logit_scale"]
 
     def text_tokens(self, tokens_BL):
-        return self.text(tokens_BL)[1]
+        return self.two_tower.text(tokens_BL)[1]
 
     def fuse(self, img_BND, txt_BLD, text_valid_BL, return_attention: bool = False):
         return self.fusion(
@@ -106,21 +91,23 @@ class MatchingModel(nn.Module):
         )
 
 
-def build_matching_model(config: ml_collections.ConfigDict, vocab_size: int) -> MatchingModel:
-    """Towers of `config.model`, a cross-attention fusion (`config.model.fusion`: text layers
-    attending to image patches, whose fused text stream feeds both heads), ITM and MLM heads."""
-    image, text = build_towers(config, vocab_size)
+def build_matching_model(
+    config: ml_collections.ConfigDict, vocab_size: int, two_tower: TwoTower | None = None
+) -> MatchingModel:
+    """`two_tower` (default: the plain two-tower model of `config`), a cross-attention fusion
+    (`config.model.fusion`: text layers attending to image patches, whose fused text stream
+    feeds both heads), ITM and MLM heads."""
     kind = config.model.fusion.kind
     if kind != "cross_attention":
         raise ValueError(
             "task=matching needs model.fusion.kind='cross_attention' (its fused text stream "
             f"feeds the ITM and MLM heads), got {kind!r}"
         )
+    if two_tower is None:
+        two_tower = build_two_tower(config, vocab_size)
     return MatchingModel(
-        image=image,
-        text=text,
+        two_tower=two_tower,
         fusion=build_fusion(kind, **fusion_kwargs(config)),
-        embed_dim=config.model.embed_dim,
         vocab_size=vocab_size,
         dtype=jnp.dtype(config.dtype),
     )

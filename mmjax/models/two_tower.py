@@ -20,7 +20,9 @@ class TwoTower(nn.Module):
 
     `__call__` returns `(img_emb_BE, txt_emb_BE, aux)`: L2-normalised float32 embeddings and an aux
     dict with `logit_scale` (exp of the learned log-scale, float32), `logit_bias` (float32, used by
-    the sigmoid loss) and the pre-normalisation embedding norms.
+    the sigmoid loss), the pre-normalisation embedding norms and, with `return_tokens=True`, the
+    towers' token streams `image_tokens_BND` and `text_tokens_BLD` (for the decoder or fusion of
+    a model that holds this one: `coca.CoCa`, `matching_model.MatchingModel`).
 
     `discriminator` and `teacher` are parts only some training objectives read (adversarial
     alignment, distillation; see `mmjax.tasks.contrastive`). They live in the model's parameters
@@ -66,27 +68,35 @@ class TwoTower(nn.Module):
             self, "logit_bias", nn.initializers.constant(self.logit_bias_init), (), (), jnp.float32
         )
 
+    def project(self, pooled_BD: jax.Array, kernel: jax.Array) -> jax.Array:
+        """A tower's pooled output in the shared embedding space (float32, unnormalised)."""
+        return dense(pooled_BD, kernel, self.dtype).astype(jnp.float32)
+
     def encode_image(self, images_BHWC: jax.Array) -> jax.Array:
         """Unnormalised float32 image embeddings."""
         pooled_BD, _ = self.image(images_BHWC)
-        return dense(pooled_BD, self.image_projection, self.dtype).astype(jnp.float32)
+        return self.project(pooled_BD, self.image_projection)
 
     def encode_text(self, tokens_BL: jax.Array) -> jax.Array:
         """Unnormalised float32 text embeddings."""
         pooled_BD, _ = self.text(tokens_BL)
-        return dense(pooled_BD, self.text_projection, self.dtype).astype(jnp.float32)
+        return self.project(pooled_BD, self.text_projection)
 
     def __call__(
-        self, images_BHWC: jax.Array, tokens_BL: jax.Array
+        self, images_BHWC: jax.Array, tokens_BL: jax.Array, return_tokens: bool = False
     ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-        img_BE = self.encode_image(images_BHWC)
-        txt_BE = self.encode_text(tokens_BL)
+        img_pooled_BD, img_BND = self.image(images_BHWC)
+        txt_pooled_BD, txt_BLD = self.text(tokens_BL)
+        img_BE = self.project(img_pooled_BD, self.image_projection)
+        txt_BE = self.project(txt_pooled_BD, self.text_projection)
         img_norm_B = jnp.linalg.norm(img_BE, axis=-1, keepdims=True)
         txt_norm_B = jnp.linalg.norm(txt_BE, axis=-1, keepdims=True)
         aux = {"logit_scale": jnp.exp(self.logit_scale), "logit_bias": self.logit_bias}
         aux["image_norm"] = jnp.mean(img_norm_B)
         aux["text_norm"] = jnp.mean(txt_norm_B)
         img_BE, txt_BE = img_BE / (img_norm_B + 1e-6), txt_BE / (txt_norm_B + 1e-6)
+        if return_tokens:
+            aux["image_tokens_BND"], aux["text_tokens_BLD"] = img_BND, txt_BLD
         if self.is_initializing():
             if self.discriminator is not None:
                 self.discriminator(img_BE)
@@ -132,11 +142,11 @@ def build_towers(config: ml_collections.ConfigDict, vocab_size: int) -> tuple[Vi
             eot_id=m.text.eot_id,
             **shared,
         )
-    elif m.text.kind == "hf_bert":  # a pretrained Hugging Face BERT (weights: see train.loop)
-        from mmjax.interop import hf
-        from mmjax.models.bert import BertTextTower
+    elif m.text.kind == "hf_bert":  # a pretrained Hugging Face BERT (weights: interop.hf)
+        from mmjax.extras import minilm_dir
+        from mmjax.models.bert import BertTextTower, bert_from_config, read_config
 
-        bert = hf.bert_from_config(hf.read_config(m.text.hf_dir or hf.minilm_dir()), dtype=dtype)
+        bert = bert_from_config(read_config(m.text.hf_dir or minilm_dir()), dtype=dtype)
         text = BertTextTower(bert, pad_id=m.text.pad_id, frozen=m.text.frozen)
     else:
         raise ValueError(f"model.text.kind={m.text.kind!r}; use 'transformer' or 'hf_bert'")

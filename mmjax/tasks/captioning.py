@@ -1,6 +1,8 @@
-"""Captioning, CoCa-style: contrastive loss + next-token cross-entropy of a causal decoder that
-cross-attends to the image tokens, trained together on image–caption data; greedy and
-beam-search decoding at evaluation.
+"""Captioning, CoCa-style: the two-tower contrastive objective (every setting of it: `loss`,
+`loss_impl`, `microbatches`, `objective.*`, `distill`) plus the next-token cross-entropy of a
+causal decoder that cross-attends to the image tokens, one weighted sum (contrastive term:
+`captioning.contrastive_weight`, caption term: `captioning.caption_weight`, logged as
+`train/loss/caption`); greedy and beam-search decoding at evaluation.
 
 Reported on the first `captioning.eval_examples` validation images: `captioning/bleu4_greedy`,
 `captioning/bleu4_beam` (corpus BLEU-4 against every English caption of the image), and for
@@ -13,19 +15,22 @@ caption for every image.
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from mmjax import losses
 from mmjax.data import pipeline, sources
 from mmjax.data.builtin import shapes
 from mmjax.eval.bleu import corpus_bleu
 from mmjax.eval.embed import jit_encoder, predict_all
-from mmjax.models.coca import beam_search, build_coca
-from mmjax.tasks.contrastive import ContrastiveTask
+from mmjax.models.coca import CoCa, beam_search, build_coca
+from mmjax.tasks.contrastive import EVAL_SETTINGS, ContrastiveTask
+from mmjax.tasks.contrastive_objective import ContrastiveObjective, weigh
+from mmjax.train.gradcache import PER_EXAMPLE
 from mmjax.train.task import headline
+from mmjax.train.validate import refuse_overrides
 
 _ATTRIBUTE_WORDS = {
     "color": shapes.COLORS,
@@ -35,45 +40,71 @@ _ATTRIBUTE_WORDS = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
 class CaptioningObjective:
-    def __init__(self, model, contrastive_weight: float, caption_weight: float, pad_id: int):
-        self.model = model
-        self.weights = (contrastive_weight, caption_weight)
-        self.pad_id = pad_id
+    """The contrastive objective's terms on the CoCa model's two towers plus the caption loss.
+
+    A `SplitObjective`: `embed` runs the towers once (the decoder reads the image tokens of the
+    same pass) and sums each example's caption loss and token count into `aux[PER_EXAMPLE]`,
+    so with GradCache microbatches the caption term is still the mean over the global batch's
+    tokens. A caption weight of 0 runs no decoder.
+    """
+
+    contrastive: ContrastiveObjective
+    model: CoCa
+    caption_weight: float
+    pad_id: int
+
+    @property
+    def weights(self) -> dict[str, float]:
+        caption = {"caption": self.caption_weight} if self.caption_weight > 0 else {}
+        return {**self.contrastive.weights, **caption}
+
+    def embed(self, params, batch, step=None):
+        img_BE, txt_BE, aux, img_BND, _ = self.contrastive.embed_with_tokens(params, batch, step)
+        if self.caption_weight > 0:
+            tokens_BL = batch["tokens"]
+            logits_BLV = self.model.apply(
+                {"params": params}, img_BND, tokens_BL, method=CoCa.decoder_logits
+            )
+            nll_B, count_B = losses.caption_nll(logits_BLV, tokens_BL, self.pad_id)
+            per_example = {**aux.get(PER_EXAMPLE, {}), "caption_nll": nll_B}
+            aux = {**aux, PER_EXAMPLE: {**per_example, "caption_tokens": count_B}}
+        return img_BE, txt_BE, aux
+
+    def loss(self, img_BE, txt_BE, aux):
+        terms, logs = self.contrastive.terms(img_BE, txt_BE, aux)
+        if self.caption_weight > 0:
+            per_example = aux[PER_EXAMPLE]
+            nll_B, count_B = per_example["caption_nll"], per_example["caption_tokens"]
+            terms["caption"] = losses.mean_caption_loss(nll_B, count_B)
+        return weigh(terms, self.weights, logs)
 
     def __call__(self, params, batch, step=None):
-        tokens_BL = batch["tokens"]
-        img_BE, txt_BE, aux, logits_BLV = self.model.apply(
-            {"params": params}, batch["image"], tokens_BL
-        )
-        contrastive = jnp.mean(losses.softmax_contrastive(img_BE, txt_BE, aux["logit_scale"]))
-        # Position t predicts token t + 1; padding targets are ignored, EOT is learned (to stop).
-        targets_BL = tokens_BL[:, 1:]
-        weights_BL = (targets_BL != self.pad_id).astype(jnp.float32)
-        nll_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV[:, :-1], targets_BL)
-        caption = jnp.sum(nll_BL * weights_BL) / jnp.maximum(jnp.sum(weights_BL), 1.0)
-        w_con, w_cap = self.weights
-        total = w_con * contrastive + w_cap * caption
-        logs = {
-            "train/loss/contrastive": contrastive,
-            "train/loss/caption": caption,
-            "train/logit_scale": aux["logit_scale"],
-        }
-        return total, logs
+        return self.loss(*self.embed(params, batch, step))
 
 
 class CaptioningTask(ContrastiveTask):
     name = "captioning"
     metric_name = "bleu4"
-    supports_microbatches = False
+    contrastive_weight_setting = "captioning.contrastive_weight"
+
+    def validate(self, config):
+        refuse_overrides(config, EVAL_SETTINGS, f"task={self.name} evaluates by captioning")
+        super().validate(config)
+
+    def own_terms(self, config):
+        return {"caption": float(config.captioning.caption_weight)}
 
     def build_model(self, config, vocab_size):
-        return build_coca(config, vocab_size)
+        return build_coca(config, vocab_size, two_tower=super().build_model(config, vocab_size))
 
     def objective(self, model, config, mesh, rules):
-        cap = config.captioning
         return CaptioningObjective(
-            model, cap.contrastive_weight, cap.caption_weight, config.model.text.pad_id
+            self.contrastive_objective(model.two_tower, config, mesh, rules),
+            model,
+            self.own_terms(config)["caption"],
+            config.model.text.pad_id,
         )
 
     def evaluator(self, config, model, batch_sharding):

@@ -1,6 +1,7 @@
 """Two-tower contrastive pretraining (CLIP softmax / SigLIP sigmoid / LiT) on image–caption data,
 with optional triplet, adversarial-alignment and distillation terms weighted by
-`config.objective` (see `mmjax.tasks.contrastive_objective`).
+`config.objective` (see `mmjax.tasks.contrastive_objective`); and `ContrastiveTask`, the base of
+every task with a contrastive term (video_contrastive, captioning, matching).
 
 The parts those terms need are added to the model only when their weight is > 0: a modality
 discriminator (trained with everything else) and a distillation teacher (`config.distill`: its
@@ -21,19 +22,29 @@ from mmjax.errors import ConfigError
 from mmjax.eval.evaluators import build_evaluator
 from mmjax.losses.distill import EMBEDDING_KINDS
 from mmjax.models.discriminator import ModalityDiscriminator
-from mmjax.models.two_tower import TRAINING_PARTS, build_two_tower
+from mmjax.models.two_tower import TRAINING_PARTS, TwoTower, build_two_tower
 from mmjax.tasks.contrastive_objective import DISTILL_TERMS, TERMS, ContrastiveObjective
 from mmjax.tasks.weights import hf_text_tower
 from mmjax.train import pretrained
 from mmjax.train.task import Task
+from mmjax.train.validate import refuse_overrides
+
+# The settings of the contrastive evaluator (`build_evaluator`): a task with its own evaluator
+# refuses them (they would do nothing).
+EVAL_SETTINGS = ("eval.tasks", "eval.probe_shots")
+
+
+def objective_weights(config: ml_collections.ConfigDict) -> dict[str, float]:
+    """Every two-tower objective term's weight from `config.objective`, 0 included."""
+    o = config.get("objective")
+    if o is None:  # a config saved before `objective` existed (evaluating an old workdir)
+        return {t: float(t == "contrastive") for t in TERMS}
+    return {t: float(o[t]) for t in TERMS}
 
 
 def enabled_terms(config: ml_collections.ConfigDict) -> dict[str, float]:
     """The objective's terms with weight > 0 (name → weight)."""
-    o = config.get("objective")
-    if o is None:  # a config saved before `objective` existed (evaluating an old workdir)
-        return {"contrastive": 1.0}
-    return {t: float(o[t]) for t in TERMS if float(o[t]) > 0}
+    return {t: w for t, w in objective_weights(config).items() if w > 0}
 
 
 def distills(config: ml_collections.ConfigDict) -> bool:
@@ -49,9 +60,12 @@ def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     return teacher
 
 
-def validate_objective(config: ml_collections.ConfigDict) -> None:
+def validate_objective(
+    config: ml_collections.ConfigDict, weights: dict[str, float] | None = None
+) -> None:
     """ConfigError for contrastive settings (`loss`, `loss_impl`, `objective`, `distill`) that
-    cannot run, for every task with a contrastive term."""
+    cannot run, for every task with a contrastive term. `weights`: every term's weight, the
+    task's own terms included (default: `objective_weights`)."""
     if config.loss not in losses.KINDS:
         raise ConfigError(f"loss={config.loss!r} is unknown; use one of {', '.join(losses.KINDS)}")
     if config.loss_impl not in losses.IMPLS:
@@ -59,7 +73,7 @@ def validate_objective(config: ml_collections.ConfigDict) -> None:
             f"loss_impl={config.loss_impl!r} is unknown; use one of {', '.join(losses.IMPLS)}"
         )
     o = config.objective
-    weights = {t: o[t] for t in TERMS}
+    weights = objective_weights(config) if weights is None else weights
     if not all(w >= 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
         raise ConfigError(
             f"objective weights {weights}: each must be >= 0 (0 = off) and one at least > 0"
@@ -97,21 +111,55 @@ def validate_objective(config: ml_collections.ConfigDict) -> None:
 
 
 class ContrastiveTask(Task):
+    """A task whose objective is the two-tower `ContrastiveObjective`, alone (here) or composed
+    with the task's own terms (`own_terms`, `objective`): every contrastive setting applies."""
+
     name = "contrastive"
     supports_microbatches = True
+    has_contrastive_term = True
+    # The config field weighing the contrastive term. A task that names its own (captioning,
+    # matching) refuses a changed objective.contrastive: it would do nothing.
+    contrastive_weight_setting = "objective.contrastive"
+
+    def own_terms(self, config) -> dict[str, float]:
+        """The weights (0 included) of the task's terms besides the two-tower objective's."""
+        return {}
+
+    def term_weights(self, config) -> dict[str, float]:
+        """Every term's weight, 0 included: the two-tower objective's (the contrastive one
+        from `contrastive_weight_setting`), then the task's own."""
+        weights = objective_weights(config)
+        section, field = self.contrastive_weight_setting.split(".")
+        if section in config:  # (not in a config saved before `objective` existed)
+            weights["contrastive"] = float(config[section][field])
+        return {**weights, **self.own_terms(config)}
 
     def validate(self, config):
-        validate_objective(config)
+        if self.contrastive_weight_setting != "objective.contrastive":
+            refuse_overrides(
+                config,
+                ("objective.contrastive",),
+                f"task={self.name} weighs its contrastive term with "
+                f"{self.contrastive_weight_setting}",
+            )
+        validate_objective(config, self.term_weights(config))
+
+    def two_tower(self, config, vocab_size) -> TwoTower:
+        """The plain two-tower model of `config` (the student; the teacher's architecture with
+        the teacher's config). A task with other towers (video) replaces one here."""
+        return build_two_tower(config, vocab_size)
 
     def build_model(self, config, vocab_size):
-        model = build_two_tower(config, vocab_size)
+        """The two-tower model with the parts its objective terms need (tasks that add a
+        decoder or fusion hold this model: see `CaptioningTask`, `MatchingTask`)."""
+        model = self.two_tower(config, vocab_size)
         terms, parts = enabled_terms(config), {}
         if "adversarial" in terms:
             parts["discriminator"] = ModalityDiscriminator(
                 hidden=config.model.embed_dim, dtype=jnp.dtype(config.dtype)
             )
         if distills(config):
-            parts["teacher"] = build_two_tower(teacher_config(config), vocab_size)
+            parts["teacher"] = self.two_tower(teacher_config(config), vocab_size)
         return model.clone(**parts) if parts else model
 
     def frozen_prefixes(self, config):
@@ -145,10 +193,16 @@ class ContrastiveTask(Task):
         return batch["image"], batch["tokens"]
 
     def objective(self, model, config, mesh, rules):
-        terms = enabled_terms(config)
-        # Subclasses with their own `build_model` (video) may not add the parts.
-        if ("adversarial" in terms and model.discriminator is None) or (
-            distills(config) and model.teacher is None
+        return self.contrastive_objective(model, config, mesh, rules)
+
+    def contrastive_objective(self, two_tower, config, mesh, rules) -> ContrastiveObjective:
+        """The two-tower objective's terms on `two_tower` (the model, or the `TwoTower` a
+        composed task's model holds) with their weights, settings and the loss distribution
+        over `mesh`."""
+        terms = {t: w for t, w in self.term_weights(config).items() if t in TERMS and w > 0}
+        # A subclass with its own `build_model` may not add the parts.
+        if ("adversarial" in terms and two_tower.discriminator is None) or (
+            distills(config) and two_tower.teacher is None
         ):
             raise ConfigError(
                 f"task={self.name} builds no modality discriminator / teacher for objective "
@@ -165,7 +219,7 @@ class ContrastiveTask(Task):
                 distill_embed_kind=o.distill_embed_kind,
             )
         return ContrastiveObjective(
-            model,
+            two_tower,
             config.loss,
             config.loss_impl,
             mesh,

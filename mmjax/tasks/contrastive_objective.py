@@ -16,6 +16,12 @@ not built, not computed and not logged):
 The towers (`embed`) and the loss over the whole batch (`loss`) are separate so that GradCache
 can run `embed` per microbatch. So everything computed from parameters, teacher embeddings and
 discriminator logits included, is produced in `embed`, per example, under `aux[PER_EXAMPLE]`.
+
+Tasks whose model holds a `TwoTower` (captioning, matching) compose this objective rather than
+copy it: they run `embed_with_tokens` (the towers once, their token streams kept for a decoder or
+fusion), add their own terms to those of `terms`, and weigh everything with `weigh`. So every
+setting here (loss kind, `loss_impl`, GradCache, objective terms, distillation) applies to them.
+Each term is logged as `train/loss/<term>`, unweighted.
 """
 
 import dataclasses
@@ -37,11 +43,14 @@ DISTILL_TERMS = ("distill_logits", "distill_embed")
 class ContrastiveObjective:
     """Two-tower objective over the global batch: `(params, batch, step) -> (loss, logs)`.
 
-    `weights` holds the enabled terms only (name → weight > 0, names from `TERMS`). The model
-    must carry the parts its terms read: `model.discriminator` for "adversarial",
-    `model.teacher` for the distillation terms (see `TwoTower`). `loss_impl` picks how the
-    contrastive loss is distributed over the batch axes of `mesh` (see
-    `losses.contrastive_sharded`); every choice gives the same values and gradients.
+    `model` is a `TwoTower`, applied to the task's whole parameters (a model that holds one
+    shares its scope, so the two-tower parameters are at the top level there too). `weights`
+    holds the enabled terms only (name → weight > 0, names from `TERMS`; empty when a composed
+    objective uses only the towers). The model must carry the parts its terms read:
+    `model.discriminator` for "adversarial", `model.teacher` for the distillation terms (see
+    `TwoTower`). `loss_impl` picks how the contrastive loss is distributed over the batch axes
+    of `mesh` (see `losses.contrastive_sharded`); every choice gives the same values and
+    gradients.
     """
 
     model: nn.Module
@@ -62,8 +71,8 @@ class ContrastiveObjective:
         if self.loss_impl not in losses.IMPLS:
             raise ValueError(f"unknown loss_impl {self.loss_impl!r}; choose one of {losses.IMPLS}")
         unknown = sorted(set(self.weights) - set(TERMS))
-        if unknown or not self.weights:
-            raise ValueError(f"weights {dict(self.weights)}: name one or more of {TERMS}")
+        if unknown:
+            raise ValueError(f"weights {dict(self.weights)}: name only terms of {TERMS}")
         if self.adversarial and self.model.discriminator is None:
             raise ValueError("the adversarial term needs a model with a discriminator")
         if self.distills and self.model.teacher is None:
@@ -82,9 +91,25 @@ class ContrastiveObjective:
     ) -> tuple[jax.Array, jax.Array, dict]:
         """Embeddings `[B, E]` and aux: per-batch scalars, and per-example arrays under
         `aux[PER_EXAMPLE]` for the terms that need more than the student's embeddings."""
+        return self._embed(params, batch, step, return_tokens=False)[:3]
+
+    def embed_with_tokens(
+        self, params: dict, batch: dict, step: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array, dict, jax.Array, jax.Array]:
+        """`embed`, and the towers' token streams `img_BND`, `txt_BLD` (from the same pass) for
+        the terms of a composed objective. They are not part of `aux`: GradCache averages aux
+        entries other than `aux[PER_EXAMPLE]` over microbatches."""
+        return self._embed(params, batch, step, return_tokens=True)
+
+    def _embed(self, params: dict, batch: dict, step: jax.Array | None, return_tokens: bool):
         images, tokens = batch["image"], batch["tokens"]
-        # Flax ignores the parameters of parts a method does not run (teacher, discriminator).
-        img_BE, txt_BE, aux = self.model.apply({"params": params}, images, tokens)
+        # Flax ignores the parameters of parts a method does not run (teacher, discriminator,
+        # and the decoder or fusion of a model that holds this two-tower one).
+        img_BE, txt_BE, aux = self.model.apply(
+            {"params": params}, images, tokens, return_tokens=return_tokens
+        )
+        img_BND = aux.pop("image_tokens_BND", None)
+        txt_BLD = aux.pop("text_tokens_BLD", None)
         per_example = {}
         if self.distills:
             # Frozen twice over: no gradient reaches the teacher's parameters (so autodiff does
@@ -108,9 +133,16 @@ class ContrastiveObjective:
             aux = {**aux, "adversarial_lambda": lam}
         if per_example:
             aux = {**aux, PER_EXAMPLE: per_example}
-        return img_BE, txt_BE, aux
+        return img_BE, txt_BE, aux, img_BND, txt_BLD
 
     def loss(self, img_BE: jax.Array, txt_BE: jax.Array, aux: dict) -> tuple[jax.Array, dict]:
+        terms, logs = self.terms(img_BE, txt_BE, aux)
+        return weigh(terms, self.weights, logs)
+
+    def terms(
+        self, img_BE: jax.Array, txt_BE: jax.Array, aux: dict
+    ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+        """(the enabled terms' scalar losses over the global batch, the logs besides them)."""
         terms = {}
         per_example = aux.get(PER_EXAMPLE, {})
         logs = {
@@ -157,12 +189,19 @@ class ContrastiveObjective:
             img_B = losses.embedding_distill_loss(img_BE, t_img_BE, kind)
             txt_B = losses.embedding_distill_loss(txt_BE, t_txt_BE, kind)
             terms["distill_embed"] = jnp.mean(0.5 * (img_B + txt_B))
-        total, term_logs = losses.weighted_sum(terms, self.weights)
-        # weighted_sum logs "loss/<name>"; the run's metrics are flat "train/loss_<name>".
-        logs.update({f"train/{k.replace('/', '_')}": v for k, v in term_logs.items()})
-        return total, logs
+        return terms, logs
 
     def __call__(
         self, params: dict, batch: dict, step: jax.Array | None = None
     ) -> tuple[jax.Array, dict]:
         return self.loss(*self.embed(params, batch, step))
+
+
+def weigh(
+    terms: Mapping[str, jax.Array], weights: Mapping[str, float], logs: Mapping[str, jax.Array]
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(Σ weight · term, `logs` with each term as `train/loss/<name>`): the one way every task
+    with several terms combines them (`losses.weighted_sum`, which refuses a term without a
+    weight and a weight without a term)."""
+    total, term_logs = losses.weighted_sum(terms, weights)
+    return total, {**logs, **{f"train/{name}": v for name, v in term_logs.items()}}

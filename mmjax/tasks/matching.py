@@ -1,16 +1,20 @@
-"""Image–text matching pretraining (ALBEF-style) as a weighted multi-task sum of three
-objectives on image–caption data:
+"""Image–text matching pretraining (ALBEF-style) as a weighted multi-task sum on image–caption
+data, logged as `train/loss/<term>`:
 
-  itc  contrastive loss of the two towers' embeddings (softmax InfoNCE);
-  itm  match / no-match of the fusion's pooled text stream on the positive pairs plus one hard
-       negative text per image and one hard negative image per text, sampled in proportion to
-       the contrastive similarity (identical captions never count as negatives);
-  mlm  masked language modelling of the caption by the fused text stream, i.e. conditioned on
-       the image (bytes tokenizer: the unused id `vocab_size - 1` is the mask token).
+  contrastive  the two-tower contrastive objective (weight `matching.itc`; every setting of it
+               applies: `loss`, `loss_impl`, `objective.*` terms, `distill`);
+  itm          match / no-match of the fusion's pooled text stream on the positive pairs plus
+               one hard negative text per image and one hard negative image per text, sampled
+               in proportion to the contrastive similarity (identical captions never count as
+               negatives);
+  mlm          masked language modelling of the caption by the fused text stream, i.e.
+               conditioned on the image (bytes tokenizer: the unused id `vocab_size - 1` is the
+               mask token).
 
 Weights: `config.matching.{itc,itm,mlm}`. The randomness (negatives, masks) comes from a seed
 drawn per example by the data pipeline, so it is deterministic, resumes exactly and is the same
-on any mesh.
+on any mesh. GradCache (`microbatches` > 1) is refused: the ITM negatives of an example come
+from the whole batch, through the fusion, so the loss does not split into per-example parts.
 
 Evaluation on the validation split of a shapes-like dataset with attribute labels: every image
 with its canonical caption (match) and with the caption of the same image with one attribute
@@ -28,10 +32,13 @@ import numpy as np
 from mmjax import losses
 from mmjax.data import pipeline, tokenizers
 from mmjax.data.builtin import shapes
+from mmjax.errors import ConfigError, EvalSpecError
 from mmjax.eval.embed import jit_encoder, predict_all
 from mmjax.models.matching_model import build_matching_model
-from mmjax.tasks.contrastive import ContrastiveTask
+from mmjax.tasks.contrastive import EVAL_SETTINGS, ContrastiveTask
+from mmjax.tasks.contrastive_objective import ContrastiveObjective, weigh
 from mmjax.train.task import headline
+from mmjax.train.validate import refuse_overrides
 
 _ATTRIBUTES = ("color", "shape", "size", "position")
 _VALUES = {"color": shapes.COLORS, "shape": shapes.SHAPES, "size": shapes.SIZES}
@@ -54,9 +61,22 @@ def mask_id_of(tokenizer) -> int:
 
 
 class MatchingObjective:
-    def __init__(self, model, weights: dict, tokenizer, pad_id: int, hardness: float = 1.0):
+    """The contrastive objective's terms on the matching model's two towers plus ITM and MLM
+    (weights > 0 only), one weighted sum. Not a `SplitObjective` (see the module docstring)."""
+
+    def __init__(
+        self,
+        contrastive: ContrastiveObjective,
+        model,
+        weights: dict,
+        tokenizer,
+        pad_id: int,
+        hardness: float = 1.0,
+    ):
+        self.contrastive = contrastive
         self.model = model
-        self.weights = {k: float(v) for k, v in weights.items() if float(v) != 0.0}
+        own = {k: float(weights[k]) for k in ("itm", "mlm") if float(weights[k]) > 0}
+        self.weights = {**contrastive.weights, **own}
         self.hardness = hardness
         self.pad_id = pad_id
         self.vocab_size = tokenizer.vocab_size
@@ -87,20 +107,19 @@ class MatchingObjective:
 
         tokens_BL = batch["tokens"]
         valid_BL = tokens_BL != self.pad_id
-        img_BE, txt_BE, img_BND, txt_BLD, scale = apply(m.embed, batch["image"], tokens_BL)
+        img_BE, txt_BE, aux, img_BND, txt_BLD = self.contrastive.embed_with_tokens(
+            params, batch, step
+        )
+        terms, logs = self.contrastive.terms(img_BE, txt_BE, aux)
         k_negatives, k_mask = jax.random.split(jax.random.key(batch["seed"][0]))
-        terms, logs = {}, {"train/logit_scale": scale}
-        if "itc" in self.weights:
-            terms["itc"] = jnp.mean(losses.softmax_contrastive(img_BE, txt_BE, scale))
         if "itm" in self.weights:
             sim_BB = img_BE @ txt_BE.T
             same_text_BB = jnp.all(tokens_BL[:, None, :] == tokens_BL[None, :, :], axis=-1)
             # Negatives drawn ∝ exp(hardness · scale · cosine): 1 = the contrastive model's
             # own distribution (ALBEF), 0 = uniform over the other captions.
+            scale = jax.lax.stop_gradient(aux["logit_scale"])
             neg_txt_B, neg_img_B = losses.mine_hard_negatives(
-                sim_BB * (self.hardness * jax.lax.stop_gradient(scale)),
-                k_negatives,
-                positive_BB=same_text_BB,
+                sim_BB * (self.hardness * scale), k_negatives, positive_BB=same_text_BB
             )
             img_idx_N, txt_idx_N, labels_N, weights_N = losses.itm_batch_indices(
                 neg_txt_B, neg_img_B
@@ -125,8 +144,7 @@ class MatchingObjective:
             fused = apply(m.fuse, img_BND, apply(m.text_tokens, inputs_BL), valid_BL)
             logits_BLV = apply(m.mlm_logits, fused.text_tokens_BLD)
             terms["mlm"] = losses.mlm_loss(logits_BLV, targets_BL, weights_BL)
-        total, term_logs = losses.weighted_sum(terms, self.weights)
-        return total, {**logs, **{f"train/{k}": v for k, v in term_logs.items()}}
+        return weigh(terms, self.weights, logs)
 
 
 def _changed(attrs: shapes.Attributes, i: int) -> tuple[shapes.Attributes, str]:
@@ -141,19 +159,26 @@ class MatchingTask(ContrastiveTask):
     name = "matching"
     metric_name = "itm_accuracy"
     supports_microbatches = False
+    contrastive_weight_setting = "matching.itc"
 
     def validate(self, config):
-        from mmjax.errors import ConfigError
-
-        weights = {k: config.matching[k] for k in ("itc", "itm", "mlm")}
-        if not any(float(w) for w in weights.values()) or config.matching.hardness < 0:
+        if int(config.microbatches) > 1:
             raise ConfigError(
-                f"matching={dict(config.matching)}: the itc/itm/mlm weights must not all be 0 "
-                "and hardness must be >= 0"
+                f"microbatches={config.microbatches}: task=matching cannot use GradCache (ITM "
+                "draws each example's hard negatives from the whole batch and fuses them, so "
+                "its loss does not split into microbatches); set microbatches=1"
             )
+        if config.matching.hardness < 0:
+            raise ConfigError(f"matching.hardness={config.matching.hardness} must be >= 0")
+        refuse_overrides(config, EVAL_SETTINGS, f"task={self.name} evaluates ITM and MLM")
+        super().validate(config)  # every term's weight, and the contrastive settings
+
+    def own_terms(self, config):
+        return {k: float(config.matching[k]) for k in ("itm", "mlm")}
 
     def build_model(self, config, vocab_size):
-        return build_matching_model(config, vocab_size)
+        two_tower = super().build_model(config, vocab_size)
+        return build_matching_model(config, vocab_size, two_tower=two_tower)
 
     def example_batch(self, config):
         batch = super().example_batch(config)
@@ -163,10 +188,13 @@ class MatchingTask(ContrastiveTask):
         return batch["image"], batch["tokens"], batch["tokens"] != 0
 
     def objective(self, model, config, mesh, rules):
-        tokenizer = self.tokenizer(config)
-        weights = {k: config.matching[k] for k in ("itc", "itm", "mlm")}
         return MatchingObjective(
-            model, weights, tokenizer, config.model.text.pad_id, config.matching.hardness
+            self.contrastive_objective(model.two_tower, config, mesh, rules),
+            model,
+            self.own_terms(config),
+            self.tokenizer(config),
+            config.model.text.pad_id,
+            config.matching.hardness,
         )
 
     def train_iterator(self, config, process_index, process_count):
@@ -187,8 +215,6 @@ class MatchingTask(ContrastiveTask):
 
 class MatchingEvaluator:
     def __init__(self, config, model, sharding, tokenizer):
-        from mmjax.errors import EvalSpecError
-
         val = pipeline.eval_arrays(config.data)
         fields = shapes.Attributes._fields
         if not set(fields) <= set(val):

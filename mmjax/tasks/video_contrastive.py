@@ -37,8 +37,9 @@ from mmjax.data.builtin import moving_shapes
 from mmjax.eval import retrieval, zeroshot
 from mmjax.eval.embed import Embedder
 from mmjax.models.video import KINDS, VideoTower
-from mmjax.tasks.contrastive import ContrastiveTask
+from mmjax.tasks.contrastive import EVAL_SETTINGS, ContrastiveTask
 from mmjax.train.task import headline
+from mmjax.train.validate import refuse_overrides
 
 DATASET = "moving_shapes"
 
@@ -183,23 +184,15 @@ class VideoContrastiveTask(ContrastiveTask):
     metric_name = "zeroshot_direction_top1"
 
     def validate(self, config):
-        from mmjax.errors import ConfigError
-
-        o = config.objective
-        if o.distill_logits > 0 or o.distill_embed > 0:
-            # The teacher would be built as an image two-tower model, which cannot read clips.
-            raise ConfigError(
-                f"task={self.name} cannot distill (no video teacher); set "
-                "objective.distill_logits=0 and objective.distill_embed=0"
-            )
-        super().validate(config)  # the objective's weights
+        refuse_overrides(config, EVAL_SETTINGS, f"task={self.name} evaluates on its clips")
+        super().validate(config)  # the objective's weights and settings
         validate_video(config, self.name)
 
-    def build_model(self, config, vocab_size):
+    def two_tower(self, config, vocab_size):
         # The image recipe's two-tower model (projections, loss-specific temperature and bias
-        # initialisation, the parts its objective terms need) with the video tower in the
-        # ViT's place.
-        return super().build_model(config, vocab_size).clone(image=build_video_tower(config))
+        # initialisation) with the video tower in the ViT's place; so the objective's parts
+        # come as for images, and a distillation teacher (a video_contrastive run) is one too.
+        return super().two_tower(config, vocab_size).clone(image=build_video_tower(config))
 
     def example_batch(self, config):
         return {

@@ -19,6 +19,10 @@ specific to it:
   - `pretrained(config, abstract_params)`: the saved parameters a fresh run starts from (a list
     of `mmjax.train.pretrained.Pretrained`; by default `init_towers_from` and `init_from`).
 
+A setting a task does not use is an error before compiling, not a silent no-op: a task without a
+contrastive term (`has_contrastive_term = False`, the default) refuses a run that changes any of
+`CONTRASTIVE_SETTINGS` from the package defaults (`mmjax.train.validate`).
+
 This module imports no task and no model: dependencies point from tasks to the trainer.
 """
 
@@ -37,6 +41,9 @@ from jax.sharding import Mesh, NamedSharding
 from mmjax import parallel
 from mmjax.data import pipeline
 from mmjax.train import pretrained
+
+# The config fields only an objective with a contrastive term reads (`Task.has_contrastive_term`).
+CONTRASTIVE_SETTINGS = ("loss", "loss_impl", "objective", "distill")
 
 
 class Objective(Protocol):
@@ -63,6 +70,7 @@ class Task(abc.ABC):
     name: str = ""
     metric_name: str | None = None  # the headline metric (None: no task/* entries)
     supports_microbatches = False  # GradCache needs a `SplitObjective`
+    has_contrastive_term = False  # True: the objective reads CONTRASTIVE_SETTINGS
 
     def validate(self, config: ml_collections.ConfigDict) -> None:
         """Raises `mmjax.errors.ConfigError` for settings this task cannot run with (the

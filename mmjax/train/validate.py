@@ -2,26 +2,60 @@
 
 import os
 import shutil
+from collections.abc import Iterable
 
 import jax
 import ml_collections
 import numpy as np
 
+from mmjax import config as base
 from mmjax.data import preprocess
 from mmjax.errors import ConfigError
 from mmjax.models.layers import ACTIVATIONS, REMAT_POLICIES
 from mmjax.train import guard
-from mmjax.train.task import Task
+from mmjax.train.task import CONTRASTIVE_SETTINGS, Task
+
+
+def _leaves(name: str, value) -> dict[str, object]:
+    """Dotted name -> value of every leaf of a config field (tuples and lists alike)."""
+    if isinstance(value, ml_collections.ConfigDict):
+        out = {}
+        for key in value.keys():
+            out.update(_leaves(f"{name}.{key}", value[key]))
+        return out
+    return {name: tuple(value) if isinstance(value, list | tuple) else value}
+
+
+def _field(config: ml_collections.ConfigDict, name: str):
+    for key in name.split("."):
+        if not isinstance(config, ml_collections.ConfigDict) or key not in config:
+            return None
+        config = config[key]
+    return config
+
+
+def refuse_overrides(config: ml_collections.ConfigDict, names: Iterable[str], why: str) -> None:
+    """ConfigError if a field under `names` (dotted: "loss", "objective", "eval.tasks") differs
+    from the package default (`mmjax.config.get_config()`): `why` says why the task would not
+    use it. One message lists every such field."""
+    defaults = base.get_config()
+    changed = []
+    for name in names:
+        if _field(config, name) is None:  # a config without the field: nothing to ignore
+            continue
+        ours = _leaves(name, _field(config, name))
+        theirs = _leaves(name, _field(defaults, name))
+        changed += [f"{k}={v!r}" for k, v in ours.items() if k not in theirs or theirs[k] != v]
+    if changed:
+        s = "s" if len(changed) > 1 else ""
+        raise ConfigError(f"{why}: {', '.join(changed)} would do nothing; remove the override{s}")
 
 
 def validate_config(c: ml_collections.ConfigDict, task: Task) -> None:
     """The settings every task shares (steps, batch, dtype, mesh-independent model fields,
     data, guard), then `task.validate` for the task's own."""
-    if int(c.microbatches) > 1 and not task.supports_microbatches:
-        raise ConfigError(
-            f"microbatches={c.microbatches}: task={task.name!r} does not support GradCache; "
-            "set microbatches=1"
-        )
+    if not task.has_contrastive_term:
+        refuse_overrides(c, CONTRASTIVE_SETTINGS, f"task={task.name} has no contrastive term")
     if c.model.remat not in REMAT_POLICIES:
         raise ConfigError(
             f"model.remat={c.model.remat!r} is unknown; use one of {', '.join(REMAT_POLICIES)}"
@@ -78,7 +112,12 @@ def validate_config(c: ml_collections.ConfigDict, task: Task) -> None:
         )
     if c.data.text_length < 4:
         raise ConfigError(f"data.text_length={c.data.text_length} is too short (min 4)")
-    task.validate(c)
+    task.validate(c)  # first: a task may say more precisely why it cannot split its batch
+    if int(c.microbatches) > 1 and not task.supports_microbatches:
+        raise ConfigError(
+            f"microbatches={c.microbatches}: task={task.name!r} does not support GradCache; "
+            "set microbatches=1"
+        )
 
 
 def validate_workdir(workdir: str) -> None:
