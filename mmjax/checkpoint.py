@@ -7,15 +7,17 @@ checkpoint becomes visible (`latest_step`) only once it is completely on disk.
 """
 
 import os
-import sys
 import time
+from typing import TypeVar
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from mmjax.train.state import TrainState
+from mmjax import metrics
+
+State = TypeVar("State")  # a pytree of arrays: the train state, or parameters alone
 
 
 class Checkpointer:
@@ -34,7 +36,7 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def save(self, step: int, state: TrainState, data_iterator) -> None:
+    def save(self, step: int, state: State, data_iterator) -> None:
         self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -43,7 +45,7 @@ class Checkpointer:
             ),
         )
 
-    def restore(self, target: TrainState, data_iterator) -> tuple[int, TrainState] | None:
+    def restore(self, target: State, data_iterator) -> tuple[int, State] | None:
         """Restores the newest readable checkpoint into `target`'s shapes and shardings (and the
         iterator in place). Returns (step, state), or None if there is none.
 
@@ -78,13 +80,13 @@ class Checkpointer:
         if jax.process_count() > 1:  # every process must see the same checkpoints next
             multihost_utils.sync_global_devices(f"mmjax_quarantine_{step}")
         self._manager.reload()
-        print(
+        metrics.note(
             f"warning: checkpoint {path} is unreadable ({type(error).__name__}: {summary}); "
             f"moved it to {moved} and trying the previous one",
-            file=sys.stderr,
+            err=True,
         )
 
-    def restore_state(self, target: TrainState, step: int | None = None) -> tuple[int, TrainState]:
+    def restore_state(self, target: State, step: int | None = None) -> tuple[int, State]:
         """The train state of checkpoint `step` (None: the newest) into `target`'s shapes and
         shardings, without the data iterator (for evaluation, which draws no training batch).
         Raises FileNotFoundError when there is no such checkpoint."""

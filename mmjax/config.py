@@ -147,7 +147,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Evaluation tasks, each "KIND:DATASET[:SPLIT]" with KIND zeroshot | retrieval |
     # linear_probe | shapes, e.g. ("zeroshot:cifar10", "retrieval:coco_captions:val"); SPLIT
     # defaults to validation (built-ins) or the first of test/validation/val. () = shapes:shapes
-    # for shapes, else zero-shot and retrieval on data.name where possible (mmjax/eval/tasks.py).
+    # for shapes, else zero-shot and retrieval on data.name where possible
+    # (mmjax/eval/evaluators.py).
     c.eval.tasks = ()
     c.eval.probe_shots = 10  # linear_probe: labelled train examples per class
 

@@ -11,7 +11,9 @@ workdir config's `eval.tasks`, else the defaults of `tasks.default_tasks`.
 Writes `DIR/eval/<spec>.json` per task (spec with ':' and '/' as '_': task, dataset, split,
 checkpoint, counts, metrics, per-class detail) and `DIR/eval/results.md` (one table row per
 metric), and prints the table. Bad input (no checkpoint, unknown task, dataset not prepared)
-prints one line `error: ...` and exits with status 2, before anything is compiled.
+prints one line `error: ...` and exits with status 2, before anything is compiled; so does a
+workdir whose task's model does not embed images and texts (`Task.image_text_embeddings`:
+contrastive runs and imported open_clip models do).
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import jax
 import ml_collections
 
 from mmjax import checkpoint, parallel
-from mmjax.data import pipeline
 from mmjax.eval import evaluators as eval_tasks
 from mmjax.interop import open_clip_config
 from mmjax.tasks import get_task
@@ -159,6 +160,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             eval_tasks.parse_task(spec)
         classnames = _read_classnames(args.classnames)
         config, kind = load_config(workdir)
+        task = get_task(config.task)
+        if not task.image_text_embeddings:
+            raise UsageError(
+                f"task={config.task!r}: its model does not embed images and texts, which every "
+                "evaluation here needs; evaluate a contrastive run or an imported open_clip model "
+                "(the task's own scores are in the run's summary.json)"
+            )
         if kind == "train":
             ckpt, step = _open_checkpoint(workdir, args.step)
         elif args.step is not None:
@@ -168,8 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UsageError(f"--batch-size {args.batch_size} must be positive")
             config.eval.batch_size = args.batch_size
         mesh = parallel.make_mesh(config.mesh)
-        tokenizer = pipeline.tokenizer_for(config.data)
-        trainer = build_trainer(get_task(config.task), config, mesh, tokenizer.vocab_size)
+        trainer = build_trainer(task, config, mesh, task.tokenizer(config).vocab_size)
         with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
             evaluator = eval_tasks.build_evaluator(
                 config,

@@ -1,4 +1,5 @@
-"""The one metrics writer: progress bar, TensorBoard, ``metrics.jsonl``, plots and summary.
+"""The one metrics writer: progress bar, TensorBoard, ``metrics.jsonl``, plots and summary; and
+``note``, the one way the library prints a line.
 
 Only process 0 (``is_main=True``) writes or prints; elsewhere every method returns at once.
 
@@ -25,6 +26,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
@@ -32,6 +34,13 @@ SUMMARY_FILE = "summary.json"
 EVAL_PREFIXES = ("eval/", "zeroshot/", "retrieval/")
 
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def note(message: str, *, err: bool = False) -> None:
+    """Prints one line of progress (with `err`, a warning, to stderr) on process 0 only, so a run
+    on many processes says each thing once. The library prints through here, never `print`."""
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr if err else sys.stdout, flush=True)
 
 
 def _scalar(name: str, value: Any) -> int | float:

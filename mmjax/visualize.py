@@ -7,6 +7,8 @@ checkpoint or `--step`) or an imported open_clip directory, as for `python -m mm
 The image (any file PIL reads) is seen as in evaluation: shorter side resized to
 `data.image_size`, center crop.
 
+The task says what to draw (`Task.visualizer`, see `mmjax.eval.maps`):
+
   - Fusion models (task=classification with a cross_attention or co_attention fusion,
     task=matching): the last fusion layer's text→image cross-attention, averaged over heads,
     then over the valid text tokens (one map) and, with the bytes tokenizer, over the tokens of
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import math
 import os
@@ -35,23 +38,17 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from PIL import Image
 
 from mmjax import checkpoint, parallel
 from mmjax.data import pipeline, preprocess, tokenizers
+from mmjax.eval import maps
 from mmjax.evaluate import UsageError, _open_checkpoint, load_config
-from mmjax.models.layers import dense
-from mmjax.models.matching_model import MatchingModel
-from mmjax.tasks import get_task
+from mmjax.tasks import TASKS, get_task
 from mmjax.train.trainer import build_trainer
 
-SUPPORTED_TASKS = ("classification", "contrastive", "matching")
-# Fusions that return text→image attention (the others pool the towers or mix the streams in
-# shared self-attention, where no map says which patches a text token reads).
-MAP_FUSIONS = ("co_attention", "cross_attention")
 MAX_WORDS = 16  # word maps drawn at most; more would be too small to read
 
 # Figure layout: square panels side by side under a title band; the PNG is exactly
@@ -80,6 +77,10 @@ class LoadedRun:
     def pad_id(self) -> int:
         return int(self.config.model.text.pad_id)
 
+    @functools.cached_property
+    def visualizer(self):
+        return visualizer_of(self.config)
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -95,20 +96,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_supported(config: ml_collections.ConfigDict) -> None:
-    """UsageError for a task or fusion that has no map to draw."""
-    if config.task not in SUPPORTED_TASKS:
+def supported_tasks() -> tuple[str, ...]:
+    """The tasks that say what to draw (`Task.visualizer`)."""
+    return tuple(name for name in TASKS if get_task(name).visualizer is not None)
+
+
+def visualizer_of(config: ml_collections.ConfigDict):
+    """The task's `mmjax.eval.maps` visualizer; UsageError for a task that has no maps, and the
+    task's ConfigError for a setting that has none (e.g. a pooling fusion)."""
+    task = get_task(config.task)
+    if task.visualizer is None:
         raise UsageError(
             f"task={config.task!r} is not supported by visualize; it supports "
-            f"{', '.join(SUPPORTED_TASKS)}"
+            f"{', '.join(supported_tasks())}"
         )
-    kind = config.model.fusion.kind if config.task == "classification" else None
-    if kind is not None and kind not in MAP_FUSIONS:
-        raise UsageError(
-            f"model.fusion.kind={kind!r} has no text-to-image attention maps; visualize needs "
-            f"a fusion among {', '.join(MAP_FUSIONS)} (train with --config.model.fusion.kind="
-            "cross_attention)"
-        )
+    return task.visualizer(config)
 
 
 def read_image(path: str) -> np.ndarray:
@@ -125,7 +127,7 @@ def read_image(path: str) -> np.ndarray:
 def open_run(workdir: str, step: int | None = None):
     """(config, checkpoint or None, step or None): the cheap checks of a workdir, no model."""
     config, kind = load_config(workdir)
-    check_supported(config)
+    visualizer_of(config)
     if kind == "open_clip":
         if step is not None:
             raise UsageError("--step: an imported open_clip model has no training steps")
@@ -178,64 +180,27 @@ def load_run(workdir: str, step: int | None = None) -> LoadedRun:
 
 
 def tokenize(run: LoadedRun, text: str) -> np.ndarray:
-    return tokenizers.token_ids(run.tokenizer, [text])[0]
+    return run.tokenizer.encode([text])[0]
 
 
-def _grid(x_SN: np.ndarray) -> np.ndarray:
-    """[..., N] patch values -> [..., g, g]: ViT tokens are the patches in row-major order."""
-    g = math.isqrt(x_SN.shape[-1])
-    if g * g != x_SN.shape[-1]:
-        raise ValueError(f"{x_SN.shape[-1]} image tokens do not form a square patch grid")
-    return x_SN.reshape(*x_SN.shape[:-1], g, g)
+def draw(run: LoadedRun, image: np.ndarray, tokens_L: np.ndarray) -> maps.Maps:
+    """The task's maps of one eval-view image (uint8 [S, S, 3]) and its text's tokens."""
+    with run.context():
+        return run.visualizer(
+            run.model, run.params, preprocess.normalize(image)[None], tokens_L[None]
+        )
 
 
 def attention_map(run: LoadedRun, image: np.ndarray, tokens_L: np.ndarray):
-    """(attn_Lgg, probs_C): the last fusion layer's text→image attention of every text token,
-    averaged over heads, on the g×g patch grid (each valid row sums to 1: a softmax over the
-    patches), and the prediction's probabilities (classes, or ITM [no match, match])."""
-    images = preprocess.normalize(image)[None]
-    tokens_BL = jnp.asarray(tokens_L)[None]
-    valid_BL = tokens_BL != run.pad_id
-    model = run.model
-    with run.context():
-        if isinstance(model, MatchingModel):
-
-            def fused(m, images, tokens_BL, valid_BL):
-                _, _, img_BND, txt_BLD, _ = m.embed(images, tokens_BL)
-                out = m.fuse(img_BND, txt_BLD, valid_BL, return_attention=True)
-                return m.itm_logits(out.pooled_BD), out.attention
-
-            logits_BC, attention = jax.jit(
-                lambda p, *x: model.apply({"params": p}, *x, method=fused)
-            )(run.params, images, tokens_BL, valid_BL)
-        else:
-            logits_BC, attention = jax.jit(
-                lambda p, *x: model.apply({"params": p}, *x, return_attention=True)
-            )(run.params, images, tokens_BL)
-    attn_LN = np.asarray(jnp.mean(attention["text_to_image"][0], axis=0), np.float32)
-    return _grid(attn_LN), np.asarray(jax.nn.softmax(logits_BC[0]), np.float32)
-
-
-def _patch_and_text(m, images, tokens_BL):
-    """TwoTower method: (patch_BNE, img_BE, txt_BE) in float32, before normalisation."""
-    pooled_BD, img_BND = m.image(images)
-    patch_BNE = dense(img_BND, m.image_projection, m.dtype).astype(jnp.float32)
-    img_BE = dense(pooled_BD, m.image_projection, m.dtype).astype(jnp.float32)
-    return patch_BNE, img_BE, m.encode_text(tokens_BL)
+    """(attn_Lgg, probs_C) of a fusion model (see `maps.AttentionMaps`)."""
+    out = draw(run, image, tokens_L)
+    return out.attention_Lgg, out.probs_C
 
 
 def similarity_map(run: LoadedRun, image: np.ndarray, tokens_L: np.ndarray):
-    """(sim_gg, cosine): per patch, the cosine between its token projected into the embedding
-    space and the text embedding; and the cosine of the image and text embeddings. With mean
-    pooling ("gap") the image embedding is the mean of these patch projections."""
-    images = preprocess.normalize(image)[None]
-    with run.context():
-        patch_BNE, img_BE, txt_BE = jax.jit(
-            lambda p, *x: run.model.apply({"params": p}, *x, method=_patch_and_text)
-        )(run.params, images, jnp.asarray(tokens_L)[None])
-    unit = lambda x: x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-6)
-    patch_NE, img_E, txt_E = (unit(np.asarray(x[0])) for x in (patch_BNE, img_BE, txt_BE))
-    return _grid(patch_NE @ txt_E), float(img_E @ txt_E)
+    """(sim_gg, cosine) of a two-tower model (see `maps.SimilarityMaps`)."""
+    out = draw(run, image, tokens_L)
+    return out.similarity_gg, out.cosine
 
 
 def word_token_spans(text: str, tokenizer, tokens_L: np.ndarray, pad_id: int):
@@ -252,18 +217,6 @@ def word_token_spans(text: str, tokenizer, tokens_L: np.ndarray, pad_id: int):
         if lo < hi:
             spans.append((m.group(), lo, hi))
     return spans
-
-
-def prediction_lines(run: LoadedRun, probs_C: np.ndarray | None, cosine: float | None):
-    if run.config.task == "classification":
-        from mmjax.tasks.classification import split_of
-
-        classes = split_of(run.config, "validation").classes  # cached: build_model loaded it
-        top = np.argsort(-probs_C)[:3]
-        return ["top-3: " + ", ".join(f"{classes[i]} {probs_C[i]:.3f}" for i in top)]
-    if run.config.task == "matching":
-        return [f"ITM match probability: {probs_C[1]:.3f}"]
-    return [f"image-text cosine similarity: {cosine:.4f}"]
 
 
 def figure_pixels(panels: int) -> tuple[int, int]:
@@ -341,13 +294,12 @@ def visualize(run: LoadedRun, image: np.ndarray, text: str, out: str) -> list[st
     """Draws the map(s) of `text` on `image` into `out`; returns the prediction lines."""
     tokens_L = tokenize(run, text)
     valid_L = tokens_L != run.pad_id
-    if run.config.task == "contrastive":
-        sim_gg, cosine = similarity_map(run, image, tokens_L)
-        lines = prediction_lines(run, None, cosine)
-        main, main_title, words, diverging = sim_gg, "cosine(patch, text)", None, True
+    drawn = draw(run, image, tokens_L)
+    lines = [drawn.prediction]
+    if drawn.similarity_gg is not None:
+        main, main_title, words, diverging = drawn.similarity_gg, "cosine(patch, text)", None, True
     else:
-        attn_Lgg, probs_C = attention_map(run, image, tokens_L)
-        lines = prediction_lines(run, probs_C, None)
+        attn_Lgg = drawn.attention_Lgg
         main = attn_Lgg[valid_L].mean(axis=0)
         main_title = f"text→image attention (mean of {int(valid_L.sum())} tokens, heads)"
         spans = word_token_spans(text, run.tokenizer, tokens_L, run.pad_id)

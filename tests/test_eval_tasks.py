@@ -17,9 +17,9 @@ from tensorflow_datasets.testing import mocking
 
 from configs import default
 from mmjax import errors, evaluate, parallel
-from mmjax.data import pipeline, preprocess, sources, tokenizers
+from mmjax.data import pipeline, preprocess, sources
 from mmjax.data.build import dataset as build
-from mmjax.eval import embed, probe, retrieval
+from mmjax.eval import embed, probe, retrieval, zeroshot
 from mmjax.eval import evaluators as tasks
 from mmjax.main import train as run
 from mmjax.tasks import get_task
@@ -158,10 +158,10 @@ def test_zeroshot_ranks_hand_made():
     images[1, :3] = (1.0, 0.5, 0.2)  # label 2: two classes above -> rank 2
     images[2, :2] = (0.3, 0.3)  # label 1: tied with class 0, against the image -> rank 1
     images[3] = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4)  # label 5: last -> rank 5
-    ranks = tasks.zeroshot_ranks(images, prompts, np.array([0, 2, 1, 5]))
+    ranks = zeroshot.true_class_ranks(images, prompts, np.array([0, 2, 1, 5]))
     np.testing.assert_array_equal(ranks, [0, 2, 1, 5])
-    assert tasks.topk_accuracies(ranks, 6) == {"top1": 0.25, "top5": 0.75}
-    assert tasks.topk_accuracies(ranks, 4) == {"top1": 0.25}  # top5 only with >= 5 classes
+    assert zeroshot.topk_accuracies(ranks, 6) == {"top1": 0.25, "top5": 0.75}
+    assert zeroshot.topk_accuracies(ranks, 4) == {"top1": 0.25}  # top5 only with >= 5 classes
 
 
 def test_exact_under_sharding(data_dir, host_params):
@@ -191,8 +191,7 @@ def test_exact_under_sharding(data_dir, host_params):
 
 
 def _cifar10_metadata(root: str, n: int) -> None:
-    """dataset_info.json of cifar10 with train/test splits: makes the mocked builder prepared
-    and gives it real split names (without metadata tfds' mock knows no splits)."""
+    """dataset_info.json of cifar10 with train/test splits, as a prepared copy has it."""
     builder = tfds.builder("cifar10", data_dir=root, file_format="array_record")
     # Preparing cifar10 reads its label names from the download; a prepared copy has them.
     builder.info.features["label"].names = CIFAR10_NAMES
@@ -206,7 +205,8 @@ def _cifar10_metadata(root: str, n: int) -> None:
 def assert_zeroshot(metrics, dataset, img, txt, labels):
     """`metrics` are top-1/5 of the unnormalised image and (class-major) prompt embeddings."""
     unit = lambda x: np.asarray(x) / np.linalg.norm(np.asarray(x), axis=-1, keepdims=True)
-    ranks = tasks.zeroshot_ranks(unit(img), unit(txt).reshape(10, -1, txt.shape[-1]), labels)
+    prompt_CTE = unit(txt).reshape(10, -1, txt.shape[-1])
+    ranks = zeroshot.true_class_ranks(unit(img), prompt_CTE, labels)
     for k in (1, 5):
         assert metrics[f"zeroshot/{dataset}/top{k}"] == pytest.approx(np.mean(ranks < k), abs=1e-6)
 
@@ -216,31 +216,32 @@ class _Examples(list):
         return [self[r] for r in rows]
 
 
-def test_zeroshot_cifar10_mocked(tmp_path, data_dir, host_params):
+def test_zeroshot_cifar10_mocked(tmp_path, data_dir, host_params, monkeypatch):
     n = 37
     _cifar10_metadata(str(tmp_path / "meta"), n)
     examples = _Examples()
 
-    def as_data_source(builder, split, decoders=None, **kwargs):
-        # tfds' own mock would PNG-encode through TensorFlow for SkipDecoding; decoded uint8
-        # arrays from its generator are what a source may also hold.
+    def as_data_source(split, decoders=None):
+        # Decoded uint8 arrays from tfds' fake generator (a source may hold those too), n of
+        # them whatever the split.
         generator = mocking.RandomFakeGenerator(builder.info.features, n)
         examples[:] = [generator[i] for i in range(n)]
         return examples
 
+    # The catalog path, served from the metadata above: `sources.catalog_builder` replaced.
+    builder = tfds.builder("cifar10", data_dir=str(tmp_path / "meta"), file_format="array_record")
+    builder.as_data_source = as_data_source
+    monkeypatch.setattr(sources, "catalog_builder", lambda name, data_dir: builder)
     config = tiny_config(data_dir)
     config.data.data_dir = str(tmp_path / "empty")  # nothing prepared: the catalog path
     mesh = make_mesh(8, 1, 8)
-    with tfds.testing.mock_data(
-        num_examples=n, data_dir=str(tmp_path / "meta"), as_data_source_fn=as_data_source
+    for bad, says in (
+        ("retrieval:cifar10", "'retrieval:cifar10': cifar10 has no captions"),
+        ("linear_probe:cifar10:validation", "has no split 'validation'"),
     ):
-        for bad, says in (
-            ("retrieval:cifar10", "'retrieval:cifar10': cifar10 has no captions"),
-            ("linear_probe:cifar10:validation", "has no split 'validation'"),
-        ):
-            with pytest.raises(errors.EvalSpecError, match=says):
-                evaluator_on(config, mesh, host_params, ["zeroshot:cifar10", bad])
-        metrics, evaluator, _ = evaluate_on(config, mesh, host_params, ["zeroshot:cifar10"])
+        with pytest.raises(errors.EvalSpecError, match=says):
+            evaluator_on(config, mesh, host_params, ["zeroshot:cifar10", bad])
+    metrics, evaluator, _ = evaluate_on(config, mesh, host_params, ["zeroshot:cifar10"])
     result = evaluator.results["zeroshot:cifar10"]
     labels = np.array([ex["label"] for ex in examples])
     assert result.split == "test" and result.counts["num_examples"] == n
@@ -259,7 +260,7 @@ def test_zeroshot_cifar10_mocked(tmp_path, data_dir, host_params):
     img = model.apply({"params": host_params}, x, method=model.encode_image)
     names = [c["class"] for c in per_class]
     texts = [t.format(c) for c in names for t in sources.read_prompts("cifar10")["templates"]]
-    tokens = tokenizers.token_ids(tokenizer, texts)
+    tokens = tokenizer.encode(texts)
     txt = model.apply({"params": host_params}, tokens, method=model.encode_text)
     assert_zeroshot(metrics, "cifar10", img, txt, labels)
 
@@ -382,6 +383,16 @@ def test_evaluate_cli_errors(tmp_path, data_dir, capsys):
     (tmp_path / "config.json").write_text(tiny_config(data_dir).to_json())
     assert evaluate.main(["--workdir", str(tmp_path)]) == 2
     assert "has no checkpoint" in capsys.readouterr().err
+    # A task whose model embeds no images and texts is refused before its checkpoint is read.
+    for task in ("classification", "captioning", "matching", "video_contrastive"):
+        config = tiny_config(data_dir)
+        config.task = task
+        (tmp_path / "config.json").write_text(config.to_json())
+        assert evaluate.main(["--workdir", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert f"task={task!r}: its model does not embed images and texts" in err
+        assert err.count("\n") == 1
+    (tmp_path / "config.json").write_text(tiny_config(data_dir).to_json())
     # Through `python -m`: a bad task is one line and exit 2 before any checkpoint is read.
     argv = ["-m", "mmjax.evaluate", "--workdir", str(tmp_path), "--tasks", "bogus:x"]
     proc = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True)
@@ -422,7 +433,7 @@ def test_evaluate_cli_open_clip_import(tmp_path, data_dir, monkeypatch):
     images = np.stack([preprocess.decode(ex["image"]) for ex in examples])
     names = [c["class"] for c in record["details"]["per_class"]]
     texts = [t.format(c) for c in names for t in sources.read_prompts("digits")["templates"]]
-    tokens = tokenizers.token_ids(pipeline.tokenizer_for(config.data), texts)
+    tokens = pipeline.tokenizer_for(config.data).encode(texts)
     with torch.no_grad():
         img = reference.encode_image(torch.from_numpy(preprocess.normalize(images)).movedim(3, 1))
         txt = reference.encode_text(torch.from_numpy(tokens).long())

@@ -274,7 +274,8 @@ def test_load_bert_end_to_end(reference):
     (max_seq_length 256 here, not the batch's longest) leaves the hidden states unchanged."""
     model_dir, enc, ref_BLD = reference
     model, variables, tokenizer = hf.load_bert(model_dir)
-    ids_BL, mask_BL = tokenizer.encode(SENTENCES)
+    ids_BL = tokenizer.encode(SENTENCES)
+    mask_BL = (ids_BL != tokenizer.pad_id).astype(np.int32)  # what the text towers attend to
     assert ids_BL.shape == (len(SENTENCES), 256)
     length = enc["input_ids"].shape[1]
     np.testing.assert_array_equal(mask_BL.sum(1), enc["attention_mask"].sum(1))

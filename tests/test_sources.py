@@ -1,10 +1,12 @@
 """Dataset resolution by name (built-in, prepared directory, tfds catalog) and preprocessing."""
 
 import os
+import types
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from tensorflow_datasets.testing import mocking
 
 from configs import default as default_config
 from mmjax import errors
@@ -122,22 +124,40 @@ def test_unknown_names_and_splits_say_what_to_do(data_cfg):
         sources.open_source(data_cfg, "cifar10", "test")
 
 
-def test_catalog_classification_set_through_mock_data(data_cfg):
-    with tfds.testing.mock_data(num_examples=7):
-        source = sources.open_source(data_cfg, "cifar10", "test")
-        assert len(source) == 7 and source.info.has_captions is False
-        # Real label names live in the prepared files' metadata; the mock only knows 10 classes.
-        assert len(source.info.class_names) == 10
-        example = source[3]
-        assert isinstance(example["label"], int) and 0 <= example["label"] < 10
-        assert example["captions"] == []
-        image = preprocess.resize_center_crop(preprocess.decode(example["image"]), 16)
-        assert image.shape == (16, 16, 3) and image.dtype == np.uint8
-        # Training needs captions: refused before anything is loaded, with the fix.
-        cfg = data_cfg.copy_and_resolve_references()
-        cfg.name, cfg.split = "cifar10", "train"
-        with pytest.raises(errors.DataError, match="no captions"):
-            pipeline.train_source(cfg)
+class _Examples(list):
+    def __getitems__(self, rows):
+        return [self[r] for r in rows]
+
+
+def test_catalog_classification_set(data_cfg, monkeypatch, tmp_path):
+    # The catalog's cifar10 as a prepared copy would serve it (its features; train and test
+    # splits of 7 random examples from tfds' fake generator, images decoded), in place of
+    # `sources.catalog_builder`: no download, no TensorFlow.
+    features = tfds.builder("cifar10", data_dir=str(tmp_path)).info.features
+    fake = mocking.RandomFakeGenerator(features, 7)
+    examples = _Examples(fake[i] for i in range(7))
+    splits = {"train": 7, "test": 7}
+    info = types.SimpleNamespace(features=features, splits=splits, file_format=None)
+    prepared = types.SimpleNamespace(
+        info=info, data_dir=str(tmp_path), as_data_source=lambda split, decoders: examples
+    )
+    monkeypatch.setattr(sources, "catalog_builder", lambda name, data_dir: prepared)
+    source = sources.open_source(data_cfg, "cifar10", "test")
+    assert len(source) == 7 and source.info.has_captions is False
+    # Real label names live in the prepared files' metadata; the catalog entry knows 10 classes.
+    assert len(source.info.class_names) == 10
+    example = source[3]
+    assert isinstance(example["label"], int) and 0 <= example["label"] < 10
+    assert example["captions"] == []
+    image = preprocess.resize_center_crop(preprocess.decode(example["image"]), 16)
+    assert image.shape == (16, 16, 3) and image.dtype == np.uint8
+    with pytest.raises(errors.DataError, match="has no split 'validation'; it has train, test"):
+        sources.open_source(data_cfg, "cifar10", "validation")
+    # Training needs captions: refused before anything is loaded, with the fix.
+    cfg = data_cfg.copy_and_resolve_references()
+    cfg.name, cfg.split = "cifar10", "train"
+    with pytest.raises(errors.DataError, match="no captions"):
+        pipeline.train_source(cfg)
 
 
 def test_coco_style_captions_are_standardized():

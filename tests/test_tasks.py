@@ -137,7 +137,7 @@ def test_classification_evaluation_counts_every_example_once(tmp_path):
     val = labelled.load("shapes_mmc", "validation", 37, 64, 0)
     from mmjax.data import preprocess
 
-    tokens = tokenizers.token_ids(task.tokenizer(config), list(val.texts))
+    tokens = task.tokenizer(config).encode(list(val.texts))
     logits = model.apply({"params": params}, preprocess.normalize(val.images), tokens)
     expected = float(np.mean(np.argmax(np.asarray(logits), -1) == val.labels))
     assert result["task/score"] == pytest.approx(expected, abs=1e-9)
@@ -204,8 +204,8 @@ def test_task_run_resumes_exactly(tmp_path):
 
 def test_whole_word_masking_chooses_words_not_tokens():
     tok = tokenizers.ByteTokenizer(48)
-    tokens = jnp.asarray(tokenizers.token_ids(tok, ["a large red star at the top"] * 64))
-    space = int(tokenizers.token_ids(tok, [" "])[0, 1])
+    tokens = jnp.asarray(tok.encode(["a large red star at the top"] * 64))
+    space = int(tok.encode([" "])[0, 1])
     word_ids = jnp.cumsum(tokens == space, axis=1)
     specials = (0, 1, 2, space)
     _, _, weights = losses.mask_tokens(

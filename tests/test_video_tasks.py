@@ -11,14 +11,14 @@ import pytest
 from configs import video_contrastive as contrastive_config
 from configs import video_qa as qa_config
 from mmjax import parallel
-from mmjax.data import preprocess, tokenizers
+from mmjax.data import preprocess
 from mmjax.data.builtin import moving_shapes as ms
+from mmjax.data.builtin.clips import QUESTION_TYPES, load_clips, load_qa
 from mmjax.errors import ConfigError
 from mmjax.eval import retrieval, zeroshot
 from mmjax.main import train as run
 from mmjax.tasks import get_task
-from mmjax.tasks.video_contrastive import ZEROSHOT, load_clips
-from mmjax.tasks.video_qa import QUESTION_TYPES, load_qa
+from mmjax.tasks.video_contrastive import ZEROSHOT
 
 RECIPES = {"video_contrastive": contrastive_config, "video_qa": qa_config}
 
@@ -146,7 +146,7 @@ def test_contrastive_evaluation_counts_every_clip_once():
     encode_text = encoder(model.encode_text)
 
     def text(texts):
-        return unit(encode_text(tokenizers.token_ids(tokenizer, texts)))
+        return unit(encode_text(tokenizer.encode(texts)))
 
     # The first 384 validation clips have distinct canonical captions.
     expected = retrieval.retrieval_metrics(video, text([c[0] for c in clips.captions]), (1, 5))
@@ -167,7 +167,7 @@ def test_qa_evaluation_counts_every_question_once():
     task, config, model, params, result = evaluate_once("video_qa", 9)
     val, train = load_qa("validation", 9, 16, 4, 0), load_qa("train", 48, 16, 4, 0)
     assert len(val) % config.eval.batch_size  # a partial last batch
-    tokens = tokenizers.token_ids(task.tokenizer(config), list(val.texts))
+    tokens = task.tokenizer(config).encode(list(val.texts))
     frames = preprocess.normalize(val.clips.frames[val.clip_of])
     logits = jax.jit(lambda x, t: model.apply({"params": params}, x, t))(frames, tokens)
     correct = np.argmax(np.asarray(logits), -1) == val.labels

@@ -177,7 +177,7 @@ def test_two_tower_similarity_equals_direct_recomputation(two_tower_run, image_p
 def test_word_spans_map_byte_offsets_to_tokens():
     tokenizer = tokenizers.ByteTokenizer(19)  # room for 17 bytes: "ends" is cut to "e"
     text = "a 红色  cross ends here"  # a multi-byte word and two spaces
-    tokens_L = tokenizers.token_ids(tokenizer, [text])[0]
+    tokens_L = tokenizer.encode([text])[0]
     spans = visualize.word_token_spans(text, tokenizer, tokens_L, pad_id=0)
     assert [w for w, _, _ in spans] == ["a", "红色", "cross", "ends"]
     decoded = [tokenizer.decode(tokens_L[lo:hi]) for _, lo, hi in spans]
@@ -230,5 +230,5 @@ def test_bad_input_is_one_error_line_and_exit_2(case, expected, tmp_path, image_
     lines = captured.err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0]
     if case == "unsupported_task":
-        assert all(t in lines[0] for t in visualize.SUPPORTED_TASKS)
+        assert all(t in lines[0] for t in visualize.supported_tasks())
     assert not os.path.exists(os.path.join(workdir, "visualize"))

@@ -23,7 +23,7 @@ import numpy as np
 from mmjax.bench.common import median
 from mmjax.bench.scale import apply_overrides
 from mmjax.bench.train import load_config
-from mmjax.data import pipeline, preprocess, tokenizers
+from mmjax.data import pipeline, preprocess
 
 
 def _cores() -> int:
@@ -58,9 +58,7 @@ def stage_costs(data_cfg, num_examples: int) -> dict[str, float]:
     return {
         "decode": _stage_ms(lambda ex: preprocess.decode(ex["image"]), examples),
         "augment": _stage_ms(view, decoded),
-        "tokenize": _stage_ms(
-            lambda ex: tokenizers.token_ids(tokenizer, [ex["captions"][-1]]), examples
-        ),
+        "tokenize": _stage_ms(lambda ex: tokenizer.encode([ex["captions"][-1]]), examples),
     }
 
 

@@ -35,12 +35,8 @@ import numpy as np
 from mmjax import errors
 from mmjax.data import preprocess, sources, tokenizers
 
-# Kept here for callers that normalise images themselves.
-IMAGE_MEAN, IMAGE_STD = preprocess.IMAGE_MEAN, preprocess.IMAGE_STD
-normalize_images = preprocess.normalize
 
-
-def tokenizer_for(data_cfg: ml_collections.ConfigDict):
+def tokenizer_for(data_cfg: ml_collections.ConfigDict) -> tokenizers.Tokenizer:
     """The tokenizer named by `data.tokenizer` (see `tokenizers.TOKENIZERS`)."""
     return tokenizers.build_tokenizer(
         data_cfg.tokenizer, data_cfg.text_length, data_cfg.tokenizer_path or None
@@ -89,12 +85,23 @@ class DecodeAndPickCaption(grain.transforms.RandomMap):
             flip=self._flip,
             rng=rng,
         )
-        return {
-            "image": image,
-            "tokens": tokenizers.token_ids(self._tokenizer, [captions[0 if use_first else other]])[
-                0
-            ],
-        }
+        caption = captions[0 if use_first else other]
+        return {"image": image, "tokens": self._tokenizer.encode([caption])[0]}
+
+
+class TokenizeText(grain.transforms.Map):
+    """An example with text -> {"tokens": the ids of its "text", and the fields named by
+    `fields` (output name = element key)}, e.g. `TokenizeText(tok, image="frames", label="label")`.
+    """
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer, **fields: str):
+        self._tokenizer = tokenizer
+        self._fields = fields
+
+    def map(self, element: dict[str, Any]) -> dict:
+        out = {name: element[key] for name, key in self._fields.items()}
+        out["tokens"] = self._tokenizer.encode([element["text"]])[0]
+        return out
 
 
 def normalize_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -161,6 +168,29 @@ def batched_stream(
     ds = ds.batch(local_batch_size, drop_remainder=True)
     ds = ds[process_index::process_count]
     return ds if batch_map is None else ds.map(batch_map)
+
+
+def train_batches(
+    source,
+    example_map: grain.transforms.RandomMap | grain.transforms.Map | None,
+    config: ml_collections.ConfigDict,
+    process_index: int,
+    process_count: int,
+    *,
+    batch_map=None,
+):
+    """A task's training iterator: `iterate` over the `batched_stream` of `source` with the run's
+    seed and global batch size."""
+    ds = batched_stream(
+        source,
+        example_map,
+        seed=config.seed,
+        global_batch_size=config.batch_size,
+        process_index=process_index,
+        process_count=process_count,
+        batch_map=batch_map,
+    )
+    return iterate(ds)
 
 
 def train_dataset(
@@ -232,7 +262,7 @@ def eval_arrays(data_cfg: ml_collections.ConfigDict, split: str = "validation") 
     first_captions = [ex["captions"][0] for ex in examples]
     out = {
         "image": preprocess.normalize(np.stack(views)),
-        "tokens": tokenizers.token_ids(tokenizer_for(data_cfg), first_captions),
+        "tokens": tokenizer_for(data_cfg).encode(first_captions),
     }
     for key, value in examples[0].items():
         kind = np.asarray(value).dtype.kind

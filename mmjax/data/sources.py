@@ -6,9 +6,14 @@ Every source yields examples in one format, whatever the dataset:
     {"image": encoded bytes or uint8 [H, W, 3], "captions": list[str] (maybe empty),
      "label": int (classification sets only), ...other scalar fields of the dataset}
 
-and carries a `SourceInfo` with its class names. Names are resolved in this order:
+and carries a `SourceInfo` with its class names. Every dataset name is resolved here, in this
+order:
 
-1. `shapes`, `digits`: generated locally on first use (no download, no TensorFlow);
+1. the built-in datasets (`BUILTIN`), generated locally on first use (no download, no
+   TensorFlow). `shapes` and `digits` are image–caption sets opened like any other; the others
+   hold what only some tasks read (labelled image–text pairs, clips, sentences): `require`
+   checks a task's `data.name`, and the task reads the split from its `mmjax.data.builtin`
+   module;
 2. a dataset already prepared under the data dir (`<data_dir>/<name>[/<config>]/<version>`,
    ArrayRecord): read with `tfds.builder_from_directory`, so neither the builder code nor
    TensorFlow is needed, e.g. a folder built by `mmjax.data.build` or a catalog dataset
@@ -31,9 +36,39 @@ import ml_collections
 import tensorflow_datasets as tfds
 
 from mmjax.data.builtin import common as builtin_build
-from mmjax.errors import DataError, NotPreparedError
+from mmjax.errors import ConfigError, DataError, NotPreparedError
 
-BUILTIN = ("shapes", "digits")
+# Every dataset mmjax generates itself -> what its examples are: "image_text" (image, captions;
+# opened by `open_source`), "labelled" (image, text, label: `labelled.load`), "clips" (moving
+# shapes with captions and questions: `clips.load_clips`, `clips.load_qa`), "sentences" (text,
+# label: `reviews.load`).
+BUILTIN = {
+    "shapes": "image_text",
+    "digits": "image_text",
+    "shapes_mmc": "labelled",
+    "shapes_vqa": "labelled",
+    "moving_shapes": "clips",
+    "reviews": "sentences",
+}
+
+
+def builtin_names(kind: str) -> tuple[str, ...]:
+    """The built-in datasets whose examples are `kind` (see BUILTIN)."""
+    return tuple(name for name, k in BUILTIN.items() if k == kind)
+
+
+def require(data_cfg: ml_collections.ConfigDict, kind: str, task: str) -> None:
+    """ConfigError unless `data.name` is a built-in dataset of `kind`, the only data task
+    `task` reads."""
+    names = builtin_names(kind)
+    if data_cfg.name not in names:
+        wanted = f"={names[0]!r}" if len(names) == 1 else f" in {names}"
+        raise ConfigError(f"task={task} trains on data.name{wanted}, got {data_cfg.name!r}")
+
+
+def split_size(data_cfg: ml_collections.ConfigDict, split: str) -> int:
+    """How many examples a run reads of a generated split: `data.num_train` or `data.num_val`."""
+    return data_cfg.num_train if split == "train" else data_cfg.num_val
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +120,8 @@ def _class_names(features) -> tuple[str, ...] | None:
 
 
 def _builtin_builder(name: str, data_cfg: ml_collections.ConfigDict):
-    # Imported here: each builtin module imports this package's builder helpers.
+    """The tfds builder of a built-in image–caption dataset, generated on first use."""
+    # Imported here: only the dataset a run reads is generated, and its builder module with it.
     if name == "shapes":
         from mmjax.data.builtin import shapes_builder
 
@@ -96,10 +132,16 @@ def _builtin_builder(name: str, data_cfg: ml_collections.ConfigDict):
             num_val=data_cfg.num_val,
             seed=data_cfg.dataset_seed,
         )
-    from mmjax.data.builtin import digits_builder
+    if name == "digits":
+        from mmjax.data.builtin import digits_builder
 
-    return digits_builder.ensure_built(
-        data_cfg.data_dir or None, image_size=data_cfg.image_size, seed=data_cfg.dataset_seed
+        return digits_builder.ensure_built(
+            data_cfg.data_dir or None, image_size=data_cfg.image_size, seed=data_cfg.dataset_seed
+        )
+    image_text = ", ".join(builtin_names("image_text"))
+    raise DataError(
+        f"data.name={name!r} is a built-in dataset of {BUILTIN[name]}, which only the tasks "
+        f"that train on it read; the image–caption ones are {image_text}"
     )
 
 
@@ -126,8 +168,9 @@ def prepared_dir(data_dir: str, name: str) -> str | None:
     return max(dirs, key=_version_key) if dirs else None
 
 
-def _catalog_builder(name: str, data_dir: str):
-    """The tfds catalog builder of `name`, prepared, or a DataError saying how to prepare it."""
+def catalog_builder(name: str, data_dir: str):
+    """The tfds catalog builder of `name`, prepared, or a DataError saying how to prepare it.
+    (Tests replace this function to serve a catalog dataset without preparing it.)"""
     prepare = (
         f"prepare it once (downloads; needs TensorFlow): pip install -e '.[tf]' && "
         f"tfds build {name.partition(':')[0]} --data_dir {data_dir} --file_format array_record"
@@ -149,18 +192,11 @@ def _catalog_builder(name: str, data_dir: str):
 
 def _check_array_record(builder, name: str) -> None:
     fmt = builder.info.file_format
-    if fmt is not None and not _tfds_is_mocked() and "array_record" not in str(fmt).lower():
+    if fmt is not None and "array_record" not in str(fmt).lower():
         raise DataError(
             f"dataset {name!r} at {builder.data_dir} is stored as {fmt}, which has no random "
             "access; rebuild it with `tfds build ... --file_format array_record`"
         )
-
-
-def _tfds_is_mocked() -> bool:
-    """Inside `tfds.testing.mock_data`, which replaces the builders' `as_data_source` (and
-    fakes examples for any split) but not their prepared files."""
-    method = tfds.core.DatasetBuilder.as_data_source
-    return getattr(method, "__module__", "") == "tensorflow_datasets.testing.mocking"
 
 
 def open_source(data_cfg: ml_collections.ConfigDict, name: str, split: str) -> Source:
@@ -174,13 +210,7 @@ def open_source(data_cfg: ml_collections.ConfigDict, name: str, split: str) -> S
     elif (path := prepared_dir(data_dir, name)) is not None:
         builder = tfds.builder_from_directory(path)
     else:
-        try:
-            builder = _catalog_builder(name, data_dir)
-        except NotPreparedError:
-            # `tfds.testing.mock_data` fakes `as_data_source` but not the prepared files.
-            if not _tfds_is_mocked():
-                raise
-            builder = tfds.builder(name, data_dir=data_dir)
+        builder = catalog_builder(name, data_dir)
     _check_array_record(builder, name)
     features = builder.info.features
     if "image" not in features:
@@ -188,14 +218,11 @@ def open_source(data_cfg: ml_collections.ConfigDict, name: str, split: str) -> S
             f"dataset {name!r} has no 'image' feature (features: {', '.join(features)})"
         )
     splits = list(builder.info.splits)
-    known = split in splits or any(split.startswith(s) for s in splits)
-    if not known and not _tfds_is_mocked():
+    if not (split in splits or any(split.startswith(s) for s in splits)):
         raise DataError(f"dataset {name!r} has no split {split!r}; it has {', '.join(splits)}")
     # Images stay encoded here and are decoded (and resized) by the pipeline with PIL; tfds
     # would decode with OpenCV or TensorFlow and warn once per process when neither is there.
-    # (mock_data would need TensorFlow to fake *encoded* images, so it gets decoded ones.)
-    decoders = None if _tfds_is_mocked() else {"image": tfds.decode.SkipDecoding()}
-    raw = builder.as_data_source(split, decoders=decoders)
+    raw = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
     info = SourceInfo(
         name=name,
         split=split,

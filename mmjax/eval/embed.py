@@ -5,11 +5,12 @@ from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mmjax import parallel
-from mmjax.data import pipeline, preprocess, sources, tokenizers
+from mmjax.data import pipeline, preprocess, sources
 
 
 def predict_all(
@@ -73,6 +74,21 @@ def jit_encoder(apply_fn: Callable, sharding: NamedSharding) -> Callable:
     return jax.jit(apply_fn, out_shardings=replicated)
 
 
+def class_predictor(
+    model: nn.Module, inputs, batch_size: int, sharding: NamedSharding
+) -> Callable[[dict], np.ndarray]:
+    """`params -> int [N]`: the argmax class of `model`'s logits for every row of `inputs`, one
+    array or a dict of arrays (the model's positional arguments, in the dict's order)."""
+    names = tuple(inputs) if isinstance(inputs, dict) else None
+
+    def argmax(params, batch):
+        args = [batch[k] for k in names] if names else [batch]
+        return jnp.argmax(model.apply({"params": params}, *args), -1)
+
+    predict = jit_encoder(argmax, sharding)
+    return lambda params: predict_all(predict, params, inputs, batch_size, sharding)
+
+
 class EvalImages:
     """The eval view (shorter side resized, center crop, normalised) of a split's rows, built per
     slice, so `embed_all` streams a large split instead of holding it whole. Labels and
@@ -122,6 +138,6 @@ class Embedder:
         # it makes equal texts score exactly equal: XLA's last bits depend on the batch layout,
         # which would otherwise break such ties at random instead of by the ranking's rule.
         position = {text: i for i, text in enumerate(dict.fromkeys(texts))}
-        tokens = tokenizers.token_ids(self.tokenizer, list(position))
+        tokens = self.tokenizer.encode(list(position))
         emb = embed_all(self._text, params, tokens, self.batch_size, self._sharding)
         return emb[[position[text] for text in texts]]

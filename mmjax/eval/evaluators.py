@@ -29,20 +29,11 @@ from jax.sharding import NamedSharding
 from mmjax import errors
 from mmjax.data import sources
 from mmjax.errors import EvalSpecError
-from mmjax.eval import embed, retrieval, zeroshot
+from mmjax.eval import embed, probe, retrieval, zeroshot
 from mmjax.eval.shapes_eval import ShapesEvaluator
 
 KINDS = ("zeroshot", "retrieval", "linear_probe", "shapes")
 DEFAULT_SPLITS = ("test", "validation", "val")
-# Used for datasets without a prompts file in mmjax/data/prompts.
-GENERIC_TEMPLATES = (
-    "a photo of a {}.",
-    "a picture of a {}.",
-    "an image showing a {}.",
-    "a close-up photo of the {}.",
-    "a blurry photo of a {}.",
-    "a drawing of a {}.",
-)
 _VERSION = re.compile(r"\d+(\.\d+)*")
 _COLON_OUTSIDE_BRACKETS = re.compile(r":(?![^\[]*\])")  # keeps "test[:50%]" whole
 _WORDNET_ID = re.compile(r"n\d{8}")
@@ -188,24 +179,12 @@ def check_labels(spec: TaskSpec, labels: np.ndarray, num_classes: int) -> None:
         )
 
 
-def zeroshot_ranks(img_NE: np.ndarray, prompt_emb_CTE: np.ndarray, labels_N: np.ndarray):
-    """int [N]: each image's true-class rank (0 = top-1). A class embedding is the renormalised
-    mean of its templates' embeddings; ties count against the image, as in retrieval."""
-    class_CE = zeroshot.class_embeddings(prompt_emb_CTE)
-    return retrieval.positive_ranks(img_NE, class_CE, labels_N, np.arange(len(class_CE)))
-
-
-def topk_accuracies(ranks_N: np.ndarray, num_classes: int) -> dict[str, float]:
-    """top1, and top5 where there are at least 5 classes (else it is trivially 1)."""
-    return {f"top{k}": float(np.mean(ranks_N < k)) for k in (1, 5) if k == 1 or num_classes >= k}
-
-
 class _ZeroShot:
     def __init__(self, spec: TaskSpec, source, config, classnames_override):
         self.spec, self.source = spec, source
         self.names = class_names(spec, source, classnames_override)
         templates = sources.read_prompts(spec.dataset.partition(":")[0]).get("templates")
-        self.templates = tuple(templates or GENERIC_TEMPLATES)
+        self.templates = tuple(templates or zeroshot.GENERIC_TEMPLATES)
         if first_label(source) is None:
             raise EvalSpecError(f"task {spec.spec!r}: the examples have no 'label'")
 
@@ -215,10 +194,10 @@ class _ZeroShot:
         num_classes, num_templates = len(self.names), len(self.templates)
         check_labels(self.spec, view.labels, num_classes)
         prompt_emb = emb.texts(params, zeroshot.prompts(list(self.names), list(self.templates)))
-        ranks = zeroshot_ranks(
+        ranks = zeroshot.true_class_ranks(
             img_NE, prompt_emb.reshape(num_classes, num_templates, -1), view.labels
         )
-        metrics = topk_accuracies(ranks, num_classes)
+        metrics = zeroshot.topk_accuracies(ranks, num_classes)
         counts = {"num_examples": len(view), "num_classes": num_classes}
         per_class = per_class_top1(self.names, view.labels, ranks < 1)
         details = {"num_templates": num_templates, "per_class": per_class}
@@ -255,6 +234,55 @@ class _Retrieval:
         return task_result(self.spec, self.source, counts, metrics, {})
 
 
+class _LinearProbe:
+    """A few-shot linear probe on frozen image embeddings (see `mmjax.eval.probe`)."""
+
+    def __init__(self, spec: TaskSpec, source, config, classnames_override):
+        self.spec, self.source = spec, source
+        self.shots = int(config.eval.get("probe_shots", 10))
+        self.seed = int(config.seed)
+        if self.shots < 1:
+            raise EvalSpecError(f"eval.probe_shots={self.shots} must be >= 1")
+        try:
+            self.train = sources.open_source(config.data, spec.dataset, "train")
+        except errors.DataError as e:
+            raise EvalSpecError(f"task {spec.spec!r}: shots come from the train split: {e}") from e
+        if first_label(source) is None or first_label(self.train) is None:
+            raise EvalSpecError(f"task {spec.spec!r}: a linear probe needs labelled examples")
+        try:
+            self.names = class_names(spec, source, classnames_override)
+        except EvalSpecError:  # names only label the per-class report here
+            self.names = None
+        self._draw: probe.FewShotDraw | None = None
+
+    def __call__(self, emb: embed.Embedder, params) -> TaskResult:
+        if self._draw is None:  # deterministic (seeded), so drawn once per evaluator
+            num_classes = len(self.names) if self.names else None
+            self._draw = probe.draw_few_shot(
+                self.train, self.shots, heldout=self.shots, seed=self.seed, num_classes=num_classes
+            )
+        draw = self._draw
+        test = embed.EvalImages(self.source, emb.image_size)
+        test_x = emb.images(params, test)
+        shot_x = emb.images(params, embed.EvalImages(self.train, emb.image_size, draw.shots))
+        held_x = emb.images(params, embed.EvalImages(self.train, emb.image_size, draw.heldout))
+        predictions, c = probe.linear_probe(
+            shot_x, draw.shot_labels, held_x, draw.heldout_labels, test_x
+        )
+        num_classes = len(self.names) if self.names else np.iinfo(np.int64).max
+        check_labels(self.spec, test.labels, num_classes)
+        hits = predictions == test.labels
+        counts = {
+            "num_train": len(draw.shots),
+            "num_heldout": len(draw.heldout),
+            "num_examples": len(test),
+        }
+        names = self.names or [str(label) for label in range(int(test.labels.max()) + 1)]
+        per_class = per_class_top1(names, test.labels, hits)
+        details = {"shots": self.shots, "C": c, "seed": self.seed, "per_class": per_class}
+        return task_result(self.spec, self.source, counts, {"top1": float(np.mean(hits))}, details)
+
+
 class _Shapes:
     def __init__(self, spec: TaskSpec, config, model: nn.Module, sharding: NamedSharding):
         self.spec = spec
@@ -265,7 +293,7 @@ class _Shapes:
 
     def __call__(self, emb: embed.Embedder, params) -> TaskResult:
         metrics = self._evaluator(params)
-        counts = {"num_examples": len(self._evaluator._arrays["image"])}
+        counts = {"num_examples": self._evaluator.num_examples}
         return TaskResult(self.spec.spec, "shapes", "shapes", "validation", counts, metrics)
 
 
@@ -274,12 +302,8 @@ def task_result(spec: TaskSpec, source, counts: dict, metrics: dict, details: di
     return TaskResult(spec.spec, spec.kind, spec.dataset, source.info.split, counts, flat, details)
 
 
-def _task_class(kind: str):
-    if kind == "linear_probe":
-        from mmjax.eval.probe import LinearProbeTask  # probe.py builds on this module
-
-        return LinearProbeTask
-    return {"zeroshot": _ZeroShot, "retrieval": _Retrieval}[kind]
+# The kinds that read a dataset split (the shapes evaluation reads its own).
+_EVALUATORS = {"zeroshot": _ZeroShot, "retrieval": _Retrieval, "linear_probe": _LinearProbe}
 
 
 def default_tasks(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -348,7 +372,7 @@ def build_evaluator(
             raise EvalSpecError(f"task {spec.spec!r}: {e}") from e
         if len(source) == 0:
             raise EvalSpecError(f"task {spec.spec!r}: split {source.info.split!r} is empty")
-        prepared[i] = _task_class(spec.kind)(spec, source, config, classnames)
+        prepared[i] = _EVALUATORS[spec.kind](spec, source, config, classnames)
     # After every check: ShapesEvaluator loads (and may first generate) its split, the slow part.
     ordered = [prepared.get(i) or _Shapes(s, config, model, sharding) for i, s in enumerate(specs)]
     return Evaluator(ordered, embed.Embedder(config, model, sharding))

@@ -6,8 +6,8 @@ part that picks the inverse regularisation strength C from a small log grid. The
 fit on the K shots only, and the test split is only ever predicted, never used for a choice, so
 the reported accuracy is an honest K-shot number.
 
-`LinearProbeTask` is the `linear_probe:DATASET[:SPLIT]` task of `mmjax.eval.evaluators`; the
-functions above it know nothing of datasets or models.
+These functions know nothing of datasets or models: the `linear_probe:DATASET[:SPLIT]`
+evaluator of `mmjax.eval.evaluators` feeds them embeddings.
 """
 
 from __future__ import annotations
@@ -19,11 +19,6 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
-
-from mmjax import errors
-from mmjax.data import sources
-from mmjax.eval import embed
-from mmjax.eval import evaluators as tasks
 
 # Inverse regularisation strengths tried. Unit-norm features give small logits, so the useful
 # range sits above the usual C=1; one point per decade keeps the search to six fits.
@@ -124,55 +119,3 @@ def linear_probe(
         raise ValueError("the few-shot draw holds a single class; a probe needs at least two")
     c = select_c(shot_x, shot_y, heldout_x, heldout_y)
     return _fit(shot_x, shot_y, c).predict(test_x), c
-
-
-class LinearProbeTask:
-    """The `linear_probe` task (see `mmjax.eval.evaluators`)."""
-
-    def __init__(self, spec: tasks.TaskSpec, source, config, classnames_override):
-        self.spec, self.source = spec, source
-        self.shots = int(config.eval.get("probe_shots", 10))
-        self.seed = int(config.seed)
-        if self.shots < 1:
-            raise errors.EvalSpecError(f"eval.probe_shots={self.shots} must be >= 1")
-        try:
-            self.train = sources.open_source(config.data, spec.dataset, "train")
-        except errors.DataError as e:
-            raise errors.EvalSpecError(
-                f"task {spec.spec!r}: shots come from the train split: {e}"
-            ) from e
-        if tasks.first_label(source) is None or tasks.first_label(self.train) is None:
-            raise errors.EvalSpecError(
-                f"task {spec.spec!r}: a linear probe needs labelled examples"
-            )
-        try:
-            self.names = tasks.class_names(spec, source, classnames_override)
-        except errors.EvalSpecError:  # names only label the per-class report here
-            self.names = None
-        self._draw: FewShotDraw | None = None
-
-    def __call__(self, emb: embed.Embedder, params) -> tasks.TaskResult:
-        if self._draw is None:  # deterministic (seeded), so drawn once per evaluator
-            num_classes = len(self.names) if self.names else None
-            self._draw = draw_few_shot(
-                self.train, self.shots, heldout=self.shots, seed=self.seed, num_classes=num_classes
-            )
-        draw = self._draw
-        test = embed.EvalImages(self.source, emb.image_size)
-        test_x = emb.images(params, test)
-        shot_x = emb.images(params, embed.EvalImages(self.train, emb.image_size, draw.shots))
-        held_x = emb.images(params, embed.EvalImages(self.train, emb.image_size, draw.heldout))
-        predictions, c = linear_probe(shot_x, draw.shot_labels, held_x, draw.heldout_labels, test_x)
-        num_classes = len(self.names) if self.names else np.iinfo(np.int64).max
-        tasks.check_labels(self.spec, test.labels, num_classes)
-        hits = predictions == test.labels
-        metrics = {"top1": float(np.mean(hits))}
-        counts = {
-            "num_train": len(draw.shots),
-            "num_heldout": len(draw.heldout),
-            "num_examples": len(test),
-        }
-        names = self.names or [str(label) for label in range(int(test.labels.max()) + 1)]
-        per_class = tasks.per_class_top1(names, test.labels, hits)
-        details = {"shots": self.shots, "C": c, "seed": self.seed, "per_class": per_class}
-        return tasks.task_result(self.spec, self.source, counts, metrics, details)

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 
-from mmjax.data import pipeline, tokenizers
+from mmjax.data import pipeline
 from mmjax.data.builtin import shapes
 from mmjax.eval import embed, retrieval, zeroshot
 
@@ -35,7 +35,7 @@ class ShapesEvaluator:
                     attribute,
                     len(classnames),
                     len(templates),
-                    tokenizers.token_ids(tokenizer, texts),
+                    tokenizer.encode(texts),
                 )
         self._encode_image = embed.jit_encoder(
             lambda p, x: model.apply({"params": p}, x, method=model.encode_image), sharding
@@ -43,6 +43,10 @@ class ShapesEvaluator:
         self._encode_text = embed.jit_encoder(
             lambda p, x: model.apply({"params": p}, x, method=model.encode_text), sharding
         )
+
+    @property
+    def num_examples(self) -> int:
+        return len(self._arrays["image"])
 
     def _embed(self, fn, params, inputs: np.ndarray) -> np.ndarray:
         return embed.embed_all(fn, params, inputs, self._batch_size, self._sharding)

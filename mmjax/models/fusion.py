@@ -20,22 +20,23 @@ from mmjax.models.fusion_attention import (
     BottleneckFusion,
     CoAttentionFusion,
     CrossAttentionFusion,
+    Fusion,
     FusionOutput,
+    Streams,
     input_projection,
     masked_mean,
-    no_attention_maps,
-    require,
-    validity,
     zero_padding,
 )
 from mmjax.models.layers import ACTIVATIONS, Dtype, Encoder, dense, param
 
 __all__ = [
+    "ATTENTION_FUSIONS",
     "FUSIONS",
     "BottleneckFusion",
     "CoAttentionFusion",
     "CrossAttentionFusion",
     "EarlyConcatFusion",
+    "Fusion",
     "FusionOutput",
     "GatedMultimodalUnit",
     "LateConcatFusion",
@@ -45,14 +46,6 @@ __all__ = [
 ]
 
 ACT_BD = ("batch", "act_embed")
-
-
-def _pooled_inputs(fusion, image_pooled_BD, text_pooled_BD, return_attention):
-    no_attention_maps(fusion, return_attention)
-    return (
-        require(image_pooled_BD, "image_pooled_BD", fusion),
-        require(text_pooled_BD, "text_pooled_BD", fusion),
-    )
 
 
 def _linear(module, name, x_BI, out_dim, axes, out_dtype=None):
@@ -78,7 +71,7 @@ def _with_one(x_BI: jax.Array) -> jax.Array:
     return jnp.concatenate([x_BI, jnp.ones((x_BI.shape[0], 1), jnp.float32)], axis=-1)
 
 
-class EarlyConcatFusion(nn.Module):
+class EarlyConcatFusion(Fusion):
     """Single-stream early fusion: both modalities' tokens are projected to `width`, tagged with a
     learned modality-type embedding and run through one Transformer Encoder as [image; text]
     (VisualBERT / UNITER style), padding masked out of attention. `pool` is "mean" (over valid
@@ -97,24 +90,11 @@ class EarlyConcatFusion(nn.Module):
     activation: str = "gelu_tanh"  # see layers.ACTIVATIONS
 
     @nn.compact
-    def __call__(
-        self,
-        image_pooled_BD=None,
-        image_tokens_BND=None,
-        text_pooled_BD=None,
-        text_tokens_BLD=None,
-        text_valid_BL=None,
-        *,
-        image_valid_BN=None,
-        return_attention: bool = False,
-    ) -> FusionOutput:
-        no_attention_maps(self, return_attention)
+    def fuse(self, s: Streams, return_attention: bool) -> FusionOutput:
         if self.pool not in ("mean", "cls"):
             raise ValueError(f"EarlyConcatFusion pool must be 'mean' or 'cls', got {self.pool!r}")
-        img_BND = require(image_tokens_BND, "image_tokens_BND", self)
-        txt_BLD = require(text_tokens_BLD, "text_tokens_BLD", self)
-        img_valid_BN = validity(image_valid_BN, img_BND)
-        txt_valid_BL = validity(text_valid_BL, txt_BLD)
+        img_BND, txt_BLD = s.image_tokens_BND, s.text_tokens_BLD
+        img_valid_BN, txt_valid_BL = s.image_valid_BN, s.text_valid_BL
         b, n, length = img_BND.shape[0], img_BND.shape[1], txt_BLD.shape[1]
         type_emb = param(
             self,
@@ -158,7 +138,7 @@ class EarlyConcatFusion(nn.Module):
         )
 
 
-class LateConcatFusion(nn.Module):
+class LateConcatFusion(Fusion):
     """Late fusion: [image_pooled; text_pooled] -> Dense(hidden_dim) -> activation ->
     Dense(out_dim). pooled_BD: [B, out_dim]."""
 
@@ -168,19 +148,11 @@ class LateConcatFusion(nn.Module):
     param_dtype: Dtype = jnp.float32
     activation: str = "gelu_tanh"  # see layers.ACTIVATIONS
 
+    reads = "pooled"
+
     @nn.compact
-    def __call__(
-        self,
-        image_pooled_BD=None,
-        image_tokens_BND=None,
-        text_pooled_BD=None,
-        text_tokens_BLD=None,
-        text_valid_BL=None,
-        *,
-        image_valid_BN=None,
-        return_attention: bool = False,
-    ) -> FusionOutput:
-        v_BD, t_BD = _pooled_inputs(self, image_pooled_BD, text_pooled_BD, return_attention)
+    def fuse(self, s: Streams, return_attention: bool) -> FusionOutput:
+        v_BD, t_BD = s.image_pooled_BD, s.text_pooled_BD
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation={self.activation!r}; use one of {', '.join(ACTIVATIONS)}")
         x_BI = jnp.concatenate([v_BD.astype(self.dtype), t_BD.astype(self.dtype)], axis=-1)
@@ -193,7 +165,7 @@ class LateConcatFusion(nn.Module):
         return FusionOutput(nn.with_logical_constraint(out_BO, ACT_BD))
 
 
-class GatedMultimodalUnit(nn.Module):
+class GatedMultimodalUnit(Fusion):
     """Gated Multimodal Unit (Arevalo et al. 2017): h_v = tanh(W_v v + b_v),
     h_t = tanh(W_t t + b_t), z = σ(W_z [v; t] + b_z), h = z·h_v + (1 − z)·h_t, per dimension.
     The biases (zero at init) let the gate learn a prior preference for one modality.
@@ -203,19 +175,11 @@ class GatedMultimodalUnit(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
+    reads = "pooled"
+
     @nn.compact
-    def __call__(
-        self,
-        image_pooled_BD=None,
-        image_tokens_BND=None,
-        text_pooled_BD=None,
-        text_tokens_BLD=None,
-        text_valid_BL=None,
-        *,
-        image_valid_BN=None,
-        return_attention: bool = False,
-    ) -> FusionOutput:
-        v_BD, t_BD = _pooled_inputs(self, image_pooled_BD, text_pooled_BD, return_attention)
+    def fuse(self, s: Streams, return_attention: bool) -> FusionOutput:
+        v_BD, t_BD = s.image_pooled_BD, s.text_pooled_BD
         axes, f32 = ("embed", "proj"), jnp.float32
         # The nonlinearities and the gated sum run in float32 on the GEMM accumulators.
         hv_BO = jnp.tanh(_linear(self, "image", v_BD, self.out_dim, axes, f32))
@@ -228,7 +192,7 @@ class GatedMultimodalUnit(nn.Module):
         return FusionOutput(nn.with_logical_constraint(h_BO, ACT_BD))
 
 
-class TensorFusion(nn.Module):
+class TensorFusion(Fusion):
     """Tensor Fusion (Zadeh et al. 2017): the flattened outer product [v; 1] ⊗ [t; 1] (all
     unimodal and bimodal interaction terms) -> linear -> out_dim.
 
@@ -241,19 +205,11 @@ class TensorFusion(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
+    reads = "pooled"
+
     @nn.compact
-    def __call__(
-        self,
-        image_pooled_BD=None,
-        image_tokens_BND=None,
-        text_pooled_BD=None,
-        text_tokens_BLD=None,
-        text_valid_BL=None,
-        *,
-        image_valid_BN=None,
-        return_attention: bool = False,
-    ) -> FusionOutput:
-        v_BD, t_BD = _pooled_inputs(self, image_pooled_BD, text_pooled_BD, return_attention)
+    def fuse(self, s: Streams, return_attention: bool) -> FusionOutput:
+        v_BD, t_BD = s.image_pooled_BD, s.text_pooled_BD
         if self.rank_dim is not None:
             axes = ("embed", None)
             v_BD = _linear(self, "image_proj", v_BD, self.rank_dim, axes, jnp.float32)
@@ -276,7 +232,7 @@ class TensorFusion(nn.Module):
         return FusionOutput(nn.with_logical_constraint(out_BO, ACT_BD))
 
 
-class LowRankFusion(nn.Module):
+class LowRankFusion(Fusion):
     """Low-rank Multimodal Fusion (LMF, Liu et al. 2018): TensorFusion with its weight
     W[i, j, o] = Σ_r A[i, r, o]·C[j, r, o] never formed, computed as
     h = Σ_r (A_r [v; 1]) ∘ (C_r [t; 1]) + b: cost linear in the input widths instead of their
@@ -288,19 +244,11 @@ class LowRankFusion(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
+    reads = "pooled"
+
     @nn.compact
-    def __call__(
-        self,
-        image_pooled_BD=None,
-        image_tokens_BND=None,
-        text_pooled_BD=None,
-        text_tokens_BLD=None,
-        text_valid_BL=None,
-        *,
-        image_valid_BN=None,
-        return_attention: bool = False,
-    ) -> FusionOutput:
-        v_BD, t_BD = _pooled_inputs(self, image_pooled_BD, text_pooled_BD, return_attention)
+    def fuse(self, s: Streams, return_attention: bool) -> FusionOutput:
+        v_BD, t_BD = s.image_pooled_BD, s.text_pooled_BD
         # Each factor's output has variance rank^-1/2, so the sum over rank of products of two
         # factors starts at unit variance whatever the rank.
         init = nn.initializers.variance_scaling(
@@ -326,7 +274,7 @@ class LowRankFusion(nn.Module):
         return FusionOutput(nn.with_logical_constraint(h_BO.astype(self.dtype), ACT_BD))
 
 
-FUSIONS: dict[str, type[nn.Module]] = {
+FUSIONS: dict[str, type[Fusion]] = {
     "early_concat": EarlyConcatFusion,
     "late_concat": LateConcatFusion,
     "gmu": GatedMultimodalUnit,
@@ -336,6 +284,11 @@ FUSIONS: dict[str, type[nn.Module]] = {
     "co_attention": CoAttentionFusion,
     "bottleneck": BottleneckFusion,
 }
+
+
+# The fusions that can return text→image attention maps (the others pool the towers, or mix
+# the streams in shared self-attention, where no map says which patches a text token reads).
+ATTENTION_FUSIONS = tuple(name for name, fusion in FUSIONS.items() if fusion.attention_maps)
 
 
 def build_fusion(name: str, **kwargs) -> nn.Module:

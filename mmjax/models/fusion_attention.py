@@ -1,7 +1,7 @@
 """Cross-modal attention fusions (cross-attention, co-attention, bottlenecks) and what all fusions
-share: the call convention, the `FusionOutput` they return and the masking/pooling helpers.
-`mmjax.models.fusion` re-exports the fusions here next to the others and the registry; import
-fusions from there.
+share: the `Fusion` base class (the call convention, checked once), the `FusionOutput` they
+return and the masking/pooling helpers. `mmjax.models.fusion` re-exports the fusions here next
+to the others and the registry; import fusions from there.
 
 Call convention (every fusion): `fusion(image_pooled_BD, image_tokens_BND, text_pooled_BD,
 text_tokens_BLD, text_valid_BL=None, *, image_valid_BN=None, return_attention=False)`, i.e.
@@ -30,20 +30,6 @@ class FusionOutput(NamedTuple):
     image_tokens_BND: jax.Array | None = None
     text_tokens_BLD: jax.Array | None = None
     attention: dict[str, jax.Array] | None = None
-
-
-def require(x: jax.Array | None, name: str, fusion: nn.Module) -> jax.Array:
-    if x is None:
-        raise ValueError(f"{type(fusion).__name__} needs {name}, got None")
-    return x
-
-
-def no_attention_maps(fusion: nn.Module, return_attention: bool) -> None:
-    if return_attention:
-        raise ValueError(
-            f"{type(fusion).__name__} has no cross-attention to return; use CrossAttentionFusion "
-            "or CoAttentionFusion for attention maps"
-        )
 
 
 def validity(valid_BS: jax.Array | None, x_BSD: jax.Array) -> jax.Array:
@@ -93,7 +79,69 @@ def input_projection(module: nn.Module, name: str, x_BSE: jax.Array, width: int)
     return dense(x_BSE, w, module.dtype, bias=b)
 
 
-class CrossAttentionFusion(nn.Module):
+class Streams(NamedTuple):
+    """A fusion's inputs. A fusion that reads tokens gets both token streams and their validity
+    (boolean, all True where not given); one that reads pooled vectors gets both of those."""
+
+    image_pooled_BD: jax.Array | None
+    image_tokens_BND: jax.Array | None
+    text_pooled_BD: jax.Array | None
+    text_tokens_BLD: jax.Array | None
+    image_valid_BN: jax.Array | None
+    text_valid_BL: jax.Array | None
+
+
+class Fusion(nn.Module):
+    """Base of every fusion: the call convention (module doc), with its inputs checked once here.
+    A fusion says what it reads (`reads`: "tokens" or "pooled") and whether it can return
+    attention maps (`attention_maps`), and implements `fuse(streams, return_attention)`."""
+
+    reads = "tokens"
+    attention_maps = False
+
+    def __call__(
+        self,
+        image_pooled_BD: jax.Array | None = None,
+        image_tokens_BND: jax.Array | None = None,
+        text_pooled_BD: jax.Array | None = None,
+        text_tokens_BLD: jax.Array | None = None,
+        text_valid_BL: jax.Array | None = None,
+        *,
+        image_valid_BN: jax.Array | None = None,
+        return_attention: bool = False,
+    ) -> FusionOutput:
+        name = type(self).__name__
+        if return_attention and not self.attention_maps:
+            raise ValueError(
+                f"{name} has no cross-attention to return; use CrossAttentionFusion or "
+                "CoAttentionFusion for attention maps"
+            )
+        given = dict(
+            image_pooled_BD=image_pooled_BD,
+            image_tokens_BND=image_tokens_BND,
+            text_pooled_BD=text_pooled_BD,
+            text_tokens_BLD=text_tokens_BLD,
+        )
+        needed = ("image_tokens_BND", "text_tokens_BLD")
+        if self.reads == "pooled":
+            needed = ("image_pooled_BD", "text_pooled_BD")
+        for key in needed:
+            if given[key] is None:
+                raise ValueError(f"{name} needs {key}, got None")
+        valid = (None, None)
+        if self.reads == "tokens":
+            valid = (
+                validity(image_valid_BN, image_tokens_BND),
+                validity(text_valid_BL, text_tokens_BLD),
+            )
+        streams = Streams(*given.values(), *valid)
+        return self.fuse(streams, return_attention)
+
+    def fuse(self, s: Streams, return_attention: bool) -> FusionOutput:
+        raise NotImplementedError
+
+
+class CrossAttentionFusion(Fusion):
     """Single-stream cross-attention fusion (ALBEF / BLIP text encoder): a stack of `depth`
     CrossBlocks over the text tokens (self-attention, optionally causal, then cross-attention to
     the image tokens), then a final LayerNorm. Runs at the text width; the image width may differ.
@@ -109,23 +157,12 @@ class CrossAttentionFusion(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     activation: str = "gelu_tanh"
+    attention_maps = True
 
     @nn.compact
-    def __call__(
-        self,
-        image_pooled_BD=None,
-        image_tokens_BND=None,
-        text_pooled_BD=None,
-        text_tokens_BLD=None,
-        text_valid_BL=None,
-        *,
-        image_valid_BN=None,
-        return_attention: bool = False,
-    ) -> FusionOutput:
-        img_BND = require(image_tokens_BND, "image_tokens_BND", self)
-        x_BLD = require(text_tokens_BLD, "text_tokens_BLD", self)
-        img_valid_BN = validity(image_valid_BN, img_BND)
-        txt_valid_BL = validity(text_valid_BL, x_BLD)
+    def fuse(self, s: Streams, return_attention: bool) -> FusionOutput:
+        img_BND, x_BLD = s.image_tokens_BND, s.text_tokens_BLD
+        img_valid_BN, txt_valid_BL = s.image_valid_BN, s.text_valid_BL
         self_mask_BLL = key_mask(txt_valid_BL, x_BLD.shape[1])
         probs_BHLN = None
         for i in range(self.depth):
@@ -147,7 +184,7 @@ class CrossAttentionFusion(nn.Module):
         )
 
 
-class CoAttentionFusion(nn.Module):
+class CoAttentionFusion(Fusion):
     """Two-stream co-attention (ViLBERT): in each of `depth` layers the text stream queries the
     image stream and the image stream queries the text stream, both reading the other's tokens
     from the previous layer, each followed by its own MLP (and, with `self_attention`, preceded by
@@ -166,25 +203,15 @@ class CoAttentionFusion(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     activation: str = "gelu_tanh"
+    attention_maps = True
 
     @nn.compact
-    def __call__(
-        self,
-        image_pooled_BD=None,
-        image_tokens_BND=None,
-        text_pooled_BD=None,
-        text_tokens_BLD=None,
-        text_valid_BL=None,
-        *,
-        image_valid_BN=None,
-        return_attention: bool = False,
-    ) -> FusionOutput:
+    def fuse(self, s: Streams, return_attention: bool) -> FusionOutput:
         if self.combine not in ("concat", "product"):
             raise ValueError(f"combine must be 'concat' or 'product', got {self.combine!r}")
-        img_BND = require(image_tokens_BND, "image_tokens_BND", self).astype(self.dtype)
-        txt_BLD = require(text_tokens_BLD, "text_tokens_BLD", self).astype(self.dtype)
-        img_valid_BN = validity(image_valid_BN, img_BND)
-        txt_valid_BL = validity(text_valid_BL, txt_BLD)
+        img_BND = s.image_tokens_BND.astype(self.dtype)
+        txt_BLD = s.text_tokens_BLD.astype(self.dtype)
+        img_valid_BN, txt_valid_BL = s.image_valid_BN, s.text_valid_BL
         if self.combine == "product" and img_BND.shape[-1] != txt_BLD.shape[-1]:
             raise ValueError(
                 f"combine='product' needs equal widths, got image {img_BND.shape[-1]} and text "
@@ -234,7 +261,7 @@ class CoAttentionFusion(nn.Module):
         )
 
 
-class BottleneckFusion(nn.Module):
+class BottleneckFusion(Fusion):
     """Attention bottlenecks (MBT, Nagrani et al. 2021). Each modality has its own Transformer
     layers at `width`; from layer `fusion_layer` on, each layer runs modality m's block over
     [tokens_m; bottlenecks] and the bottleneck outputs are averaged over the modalities, so all
@@ -254,32 +281,18 @@ class BottleneckFusion(nn.Module):
     activation: str = "gelu_tanh"
 
     @nn.compact
-    def __call__(
-        self,
-        image_pooled_BD=None,
-        image_tokens_BND=None,
-        text_pooled_BD=None,
-        text_tokens_BLD=None,
-        text_valid_BL=None,
-        *,
-        image_valid_BN=None,
-        return_attention: bool = False,
-    ) -> FusionOutput:
-        no_attention_maps(self, return_attention)
+    def fuse(self, s: Streams, return_attention: bool) -> FusionOutput:
         if not 0 <= self.fusion_layer < self.depth:
             raise ValueError(
                 f"fusion_layer={self.fusion_layer} must be in [0, depth={self.depth}): "
                 "otherwise no layer exchanges information between the modalities"
             )
-        img_BND = require(image_tokens_BND, "image_tokens_BND", self)
-        txt_BLD = require(text_tokens_BLD, "text_tokens_BLD", self)
-        streams = {
-            "image": (input_projection(self, "image_proj", img_BND, self.width), image_valid_BN),
-            "text": (input_projection(self, "text_proj", txt_BLD, self.width), text_valid_BL),
+        x = {
+            "image": input_projection(self, "image_proj", s.image_tokens_BND, self.width),
+            "text": input_projection(self, "text_proj", s.text_tokens_BLD, self.width),
         }
-        x = {m: xs for m, (xs, _) in streams.items()}
-        valid = {m: validity(v, xs) for m, (xs, v) in streams.items()}
-        b, z = img_BND.shape[0], self.num_bottlenecks
+        valid = {"image": s.image_valid_BN, "text": s.text_valid_BL}
+        b, z = s.image_tokens_BND.shape[0], self.num_bottlenecks
         bottleneck = param(
             self,
             "bottleneck_tokens",

@@ -12,8 +12,20 @@ from mmjax.models.fusion import FUSIONS, build_fusion
 from mmjax.models.layers import Dtype, LayerNorm, dense, param
 from mmjax.models.two_tower import build_towers
 
-# Fusions that read token sequences build Transformer layers of their own.
-TOKEN_FUSIONS = ("early_concat", "cross_attention", "co_attention", "bottleneck")
+# fusion kind -> (constructor argument, `model.fusion` field) pairs: `width` is the fused width
+# (token fusions over concatenated streams, pooled fusions' output), `depth`/`num_heads`/`mlp_dim`
+# size the fusion's Transformer layers (or late concat's MLP).
+_LAYERS = (("depth", "depth"), ("num_heads", "num_heads"), ("mlp_dim", "mlp_dim"))
+CONFIG_FIELDS = {
+    "early_concat": (("width", "width"), *_LAYERS),
+    "late_concat": (("out_dim", "width"), ("hidden_dim", "mlp_dim")),
+    "gmu": (("out_dim", "width"),),
+    "tensor": (("out_dim", "width"), ("rank_dim", "rank_dim")),
+    "low_rank": (("out_dim", "width"), ("rank", "rank")),
+    "cross_attention": _LAYERS,
+    "co_attention": _LAYERS,
+    "bottleneck": (("width", "width"), *_LAYERS),
+}
 
 
 class FusionClassifier(nn.Module):
@@ -60,28 +72,14 @@ class FusionClassifier(nn.Module):
 
 
 def fusion_kwargs(config: ml_collections.ConfigDict) -> dict:
-    """The constructor arguments of `config.model.fusion.kind` from `config.model.fusion`:
-    `width` is the fused width (token fusions over concatenated streams, pooled fusions' output),
-    `depth`/`num_heads`/`mlp_dim` size the fusion's Transformer layers (or late concat's MLP)."""
+    """The constructor arguments of `config.model.fusion.kind` from `config.model.fusion` (see
+    CONFIG_FIELDS) and the compute dtype."""
     f = config.model.fusion
     if f.kind not in FUSIONS:
         raise ValueError(
             f"model.fusion.kind={f.kind!r} is unknown; use one of {', '.join(sorted(FUSIONS))}"
         )
-    kw = {"dtype": jnp.dtype(config.dtype)}
-    if f.kind in TOKEN_FUSIONS:
-        kw.update(depth=f.depth, num_heads=f.num_heads, mlp_dim=f.mlp_dim)
-        if f.kind in ("early_concat", "bottleneck"):
-            kw["width"] = f.width
-        return kw
-    kw["out_dim"] = f.width
-    if f.kind == "late_concat":
-        kw["hidden_dim"] = f.mlp_dim
-    elif f.kind == "tensor":
-        kw["rank_dim"] = f.rank_dim
-    elif f.kind == "low_rank":
-        kw["rank"] = f.rank
-    return kw
+    return {"dtype": jnp.dtype(config.dtype), **{a: f[k] for a, k in CONFIG_FIELDS[f.kind]}}
 
 
 def build_fusion_classifier(

@@ -143,10 +143,10 @@ def build_towers(config: ml_collections.ConfigDict, vocab_size: int) -> tuple[Vi
             **shared,
         )
     elif m.text.kind == "hf_bert":  # a pretrained Hugging Face BERT (weights: tasks/weights.py)
-        from mmjax.interop import hf
-        from mmjax.models.bert import BertTextTower
+        from mmjax.extras import minilm_dir
+        from mmjax.models.bert import BertTextTower, bert_from_config, read_config
 
-        bert = hf.bert_from_config(hf.read_config(m.text.hf_dir or hf.minilm_dir()), dtype=dtype)
+        bert = bert_from_config(read_config(m.text.hf_dir or minilm_dir()), dtype=dtype)
         text = BertTextTower(bert, pad_id=m.text.pad_id, frozen=m.text.frozen)
     else:
         raise ValueError(f"model.text.kind={m.text.kind!r}; use 'transformer' or 'hf_bert'")

@@ -15,6 +15,7 @@ import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from mmjax.models.layers import Dtype, Encoder, LayerNorm, dense, param
 from mmjax.models.vision import ViT
@@ -226,3 +227,30 @@ class VideoTower(nn.Module):
         if self.pre_norm:
             x_BND = LayerNorm(self.dtype, self.param_dtype, name="ln_pre")(x_BND)
         return Encoder.of_tower(self)(x_BND)
+
+
+def build_video_tower(config: ml_collections.ConfigDict) -> VideoTower:
+    """Spatial settings from `config.model.image` (the per-frame ViT of a factorized tower is
+    exactly the image tower), temporal ones from `config.video`."""
+    m, v = config.model, config.video
+    return VideoTower(
+        kind=v.kind,
+        patch_size=m.image.patch_size,
+        width=m.image.width,
+        depth=m.image.depth,
+        num_heads=m.image.num_heads,
+        mlp_dim=m.image.mlp_dim,
+        pool=v.pool,
+        tubelet_size=v.tubelet_size,
+        temporal_depth=v.temporal_depth,
+        frame_pool=m.image.pool,
+        frame_posemb=m.image.posemb,
+        time_posemb=v.time_posemb,
+        posemb=v.tubelet_posemb,
+        patch_bias=m.image.patch_bias,
+        pre_norm=m.image.pre_norm,
+        dtype=jnp.dtype(config.dtype),
+        remat=m.remat,
+        scan_layers=m.scan_layers,
+        activation=m.activation,
+    )

@@ -88,6 +88,8 @@ class CaptioningTask(ContrastiveTask):
     name = "captioning"
     metric_name = "bleu4"
     contrastive_weight_setting = "captioning.contrastive_weight"
+    image_text_embeddings = False  # CoCa has no encode_image / encode_text
+    visualizer = None
 
     def validate(self, config):
         refuse_overrides(config, EVAL_SETTINGS, f"task={self.name} evaluates by captioning")

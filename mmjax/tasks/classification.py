@@ -8,30 +8,19 @@ baseline that answers each group's most frequent training label (see `labelled.p
 
 from __future__ import annotations
 
-import grain
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mmjax.data import pipeline, preprocess, tokenizers
+from mmjax.data import pipeline, preprocess, sources
 from mmjax.data.builtin import labelled
-from mmjax.eval.embed import jit_encoder, predict_all
+from mmjax.errors import ConfigError
+from mmjax.eval import maps
+from mmjax.eval.embed import class_predictor
+from mmjax.models.fusion import ATTENTION_FUSIONS
 from mmjax.models.fusion_classifier import build_fusion_classifier
 from mmjax.tasks.weights import hf_text_tower
 from mmjax.train.task import Task, headline
-
-
-class _Tokenize(grain.transforms.Map):
-    def __init__(self, tokenizer):
-        self._tokenizer = tokenizer
-
-    def map(self, element: dict) -> dict:
-        tokens = tokenizers.token_ids(self._tokenizer, [element["text"]])[0]
-        return {"image": element["image"], "tokens": tokens, "label": element["label"]}
-
-
-def _normalize(batch: dict) -> dict:
-    return {**batch, "image": preprocess.normalize(batch["image"])}
 
 
 class ClassificationObjective:
@@ -58,10 +47,9 @@ def accuracy_by_group(prefix: str, correct, groups, group_names) -> dict[str, fl
     return out
 
 
-def split_of(config, split: str) -> labelled.LabelledSplit:
-    d = config.data
-    num = d.num_train if split == "train" else d.num_val
-    return labelled.load(d.name, split, num, d.image_size, d.dataset_seed)
+def _fused_attention(model, images, tokens_BL, valid_BL):
+    """FusionClassifier method: (logits_BC, attention maps)."""
+    return model(images, tokens_BL, return_attention=True)
 
 
 class ClassificationTask(Task):
@@ -69,16 +57,10 @@ class ClassificationTask(Task):
     metric_name = "accuracy"
 
     def validate(self, config):
-        from mmjax.errors import ConfigError
-
-        if config.data.name not in labelled.DATASETS:
-            raise ConfigError(
-                f"task=classification needs data.name in {labelled.DATASETS}, got "
-                f"{config.data.name!r}"
-            )
+        sources.require(config.data, "labelled", self.name)
 
     def build_model(self, config, vocab_size):
-        num_classes = len(split_of(config, "validation").classes)
+        num_classes = len(labelled.split_of(config.data, "validation").classes)
         return build_fusion_classifier(config, vocab_size, num_classes)
 
     def example_batch(self, config):
@@ -98,33 +80,44 @@ class ClassificationTask(Task):
     def objective(self, model, config, mesh, rules):
         return ClassificationObjective(model)
 
+    def visualizer(self, config):
+        kind = config.model.fusion.kind
+        if kind not in ATTENTION_FUSIONS:
+            raise ConfigError(
+                f"model.fusion.kind={kind!r} has no text-to-image attention maps; visualize "
+                f"needs a fusion among {', '.join(ATTENTION_FUSIONS)} (train with "
+                "--config.model.fusion.kind=cross_attention)"
+            )
+        classes = labelled.split_of(config.data, "validation").classes  # cached: the model's
+
+        def top3(probs_C):
+            top = np.argsort(-probs_C)[:3]
+            return "top-3: " + ", ".join(f"{classes[i]} {probs_C[i]:.3f}" for i in top)
+
+        return maps.AttentionMaps(_fused_attention, top3, config.model.text.pad_id)
+
     def train_iterator(self, config, process_index, process_count):
-        ds = pipeline.batched_stream(
-            split_of(config, "train"),
-            _Tokenize(self.tokenizer(config)),
-            seed=config.seed,
-            global_batch_size=config.batch_size,
-            process_index=process_index,
-            process_count=process_count,
-            batch_map=_normalize,
+        return pipeline.train_batches(
+            labelled.split_of(config.data, "train"),
+            pipeline.TokenizeText(self.tokenizer(config), image="image", label="label"),
+            config,
+            process_index,
+            process_count,
+            batch_map=pipeline.normalize_batch,
         )
-        return pipeline.iterate(ds)
 
     def evaluator(self, config, model, batch_sharding):
-        train, val = split_of(config, "train"), split_of(config, "validation")
+        train = labelled.split_of(config.data, "train")
+        val = labelled.split_of(config.data, "validation")
         chance = labelled.prior_accuracy(train, val)
         inputs = {
             "image": preprocess.normalize(val.images),
-            "tokens": tokenizers.token_ids(self.tokenizer(config), list(val.texts)),
+            "tokens": self.tokenizer(config).encode(list(val.texts)),
         }
-        predict = jit_encoder(
-            lambda p, b: jnp.argmax(model.apply({"params": p}, b["image"], b["tokens"]), -1),
-            batch_sharding,
-        )
+        predict = class_predictor(model, inputs, config.eval.batch_size, batch_sharding)
 
         def evaluate(params) -> dict:
-            pred = predict_all(predict, params, inputs, config.eval.batch_size, batch_sharding)
-            correct = pred == val.labels
+            correct = predict(params) == val.labels
             out = accuracy_by_group("classification", correct, val.groups, val.group_names)
             return {**out, **headline(correct.mean(), chance)}
 

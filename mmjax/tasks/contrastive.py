@@ -19,6 +19,7 @@ import numpy as np
 from mmjax import losses, parallel
 from mmjax.data import pipeline
 from mmjax.errors import ConfigError
+from mmjax.eval import maps
 from mmjax.eval.evaluators import build_evaluator
 from mmjax.losses.distill import EMBEDDING_KINDS
 from mmjax.models.discriminator import ModalityDiscriminator
@@ -120,6 +121,10 @@ class ContrastiveTask(Task):
     # The config field weighing the contrastive term. A task that names its own (captioning,
     # matching) refuses a changed objective.contrastive: it would do nothing.
     contrastive_weight_setting = "objective.contrastive"
+    image_text_embeddings = True  # TwoTower.encode_image and encode_text
+
+    def visualizer(self, config):
+        return maps.SimilarityMaps()
 
     def own_terms(self, config) -> dict[str, float]:
         """The weights (0 included) of the task's terms besides the two-tower objective's."""

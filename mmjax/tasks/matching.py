@@ -33,6 +33,7 @@ from mmjax import losses
 from mmjax.data import pipeline, tokenizers
 from mmjax.data.builtin import shapes
 from mmjax.errors import ConfigError, EvalSpecError
+from mmjax.eval import maps
 from mmjax.eval.embed import jit_encoder, predict_all
 from mmjax.models.matching_model import build_matching_model
 from mmjax.tasks.contrastive import EVAL_SETTINGS, ContrastiveTask
@@ -155,11 +156,26 @@ def _changed(attrs: shapes.Attributes, i: int) -> tuple[shapes.Attributes, str]:
     return attrs._replace(**{name: new}), name
 
 
+def _itm_attention(model, images, tokens_BL, valid_BL):
+    """MatchingModel method: (ITM logits, the fusion's attention maps)."""
+    _, _, img_BND, txt_BLD, _ = model.embed(images, tokens_BL)
+    out = model.fuse(img_BND, txt_BLD, valid_BL, return_attention=True)
+    return model.itm_logits(out.pooled_BD), out.attention
+
+
+def _match_line(probs_C) -> str:
+    return f"ITM match probability: {probs_C[1]:.3f}"
+
+
 class MatchingTask(ContrastiveTask):
     name = "matching"
     metric_name = "itm_accuracy"
     supports_microbatches = False
     contrastive_weight_setting = "matching.itc"
+    image_text_embeddings = False  # MatchingModel has no encode_image / encode_text
+
+    def visualizer(self, config):
+        return maps.AttentionMaps(_itm_attention, _match_line, config.model.text.pad_id)
 
     def validate(self, config):
         if int(config.microbatches) > 1:

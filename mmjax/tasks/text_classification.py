@@ -4,56 +4,42 @@ adjectives never seen in training, so the score measures what the word vectors b
 
 Vectors: `text_cnn.vectors`, a Word2Vec/GloVe text file; "" exports the packaged MiniLM's
 whole-word embeddings for the dataset's words to `<data_dir>/word_vectors/` once (needs the
-`interop` extra). `text_cnn.random_vectors` replaces them by random ones of the same scale (the
-baseline), `text_cnn.freeze` keeps the table fixed. Reported: `text/accuracy`, `text/oov_words`
-(dataset words without a vector), `text/skipped_vector_lines` (malformed lines of the vectors
-file), and `task/score` (accuracy) next to `task/chance`, the accuracy of always answering the
-most frequent training label.
+`interop` extra; `wordvec.vectors_path`, `hf.export_minilm`). `text_cnn.random_vectors`
+replaces them by random ones of the same scale (the baseline), `text_cnn.freeze` keeps the
+table fixed. Reported: `text/accuracy`, `text/oov_words` (dataset words without a vector),
+`text/skipped_vector_lines` (malformed lines of the vectors file), and `task/score` (accuracy)
+next to `task/chance`, the accuracy of always answering the most frequent training label.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import os
 
-import grain
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.data import pipeline
+from mmjax.data import pipeline, sources
 from mmjax.data.builtin import reviews, wordvec
-from mmjax.data.builtin.common import resolve_data_dir
-from mmjax.eval.embed import jit_encoder, predict_all
+from mmjax.errors import ConfigError
+from mmjax.eval.embed import class_predictor
+from mmjax.interop import hf
 from mmjax.models.text_cnn import TextCNN
 from mmjax.tasks.classification import ClassificationObjective
 from mmjax.train.task import Task, headline
 
 
-@functools.lru_cache(maxsize=4)
-def _vectors(path: str) -> wordvec.WordVectors:
-    return wordvec.load_word_vectors(path)
-
-
-def vectors_path(config) -> str:
-    if config.text_cnn.vectors:
-        return os.path.abspath(config.text_cnn.vectors)
-    # The name carries the dataset's words: a changed word list exports afresh, never reusing
-    # a cached file that lacks the new words.
-    words = " ".join(sorted(reviews.vocabulary())).encode()
-    name = f"minilm_reviews_{hashlib.sha1(words).hexdigest()[:10]}.txt"
-    path = os.path.join(resolve_data_dir(config.data.data_dir), "word_vectors", name)
-    if not os.path.exists(path):
-        wordvec.export_minilm(path, reviews.vocabulary())
+def vectors_file(config) -> str:
+    """The run's word-vector file, exported from the packaged MiniLM first if it is that one."""
+    path = wordvec.vectors_path(
+        config.text_cnn.vectors, config.data.data_dir, "reviews", reviews.vocabulary()
+    )
+    if not config.text_cnn.vectors and not os.path.exists(path):
+        hf.export_minilm(path, reviews.vocabulary())
     return path
 
 
-class _Tokenize(grain.transforms.Map):
-    def __init__(self, tokenizer):
-        self._tokenizer = tokenizer
-
-    def map(self, element):
-        return {"tokens": self._tokenizer.encode([element["text"]])[0], "label": element["label"]}
+def _vectors(config) -> wordvec.WordVectors:
+    return wordvec.cached_vectors(vectors_file(config))
 
 
 class TextClassificationTask(Task):
@@ -61,14 +47,9 @@ class TextClassificationTask(Task):
     metric_name = "accuracy"
 
     def validate(self, config):
-        from mmjax.errors import ConfigError
-
-        if config.data.name != "reviews":
-            raise ConfigError(
-                f"task=text_classification trains on data.name='reviews', got {config.data.name!r}"
-            )
+        sources.require(config.data, "sentences", self.name)
         try:
-            path = vectors_path(config)
+            path = vectors_file(config)
         except (ImportError, OSError) as e:
             raise ConfigError(f"text_cnn.vectors: {e}") from e
         if not os.path.isfile(path):  # named here, not later as a tokenizer error
@@ -78,13 +59,13 @@ class TextClassificationTask(Task):
             )
 
     def tokenizer(self, config):
-        return wordvec.WordTokenizer(_vectors(vectors_path(config)).words, config.data.text_length)
+        return wordvec.WordTokenizer(_vectors(config).words, config.data.text_length)
 
     def build_model(self, config, vocab_size):
         t = config.text_cnn
         return TextCNN(
             vocab_size=vocab_size,
-            embed_dim=_vectors(vectors_path(config)).vectors.shape[1],
+            embed_dim=_vectors(config).vectors.shape[1],
             num_classes=len(reviews.CLASSES),
             widths=tuple(t.widths),
             filters=t.filters,
@@ -108,7 +89,7 @@ class TextClassificationTask(Task):
     def init_variables(self, model, config, key):
         variables = super().init_variables(model, config, key)
         table = wordvec.embedding_table(
-            _vectors(vectors_path(config)), config.seed, random=config.text_cnn.random_vectors
+            _vectors(config), config.seed, random=config.text_cnn.random_vectors
         )
         params = dict(variables["params"])
         params["embedding"] = params["embedding"].replace_boxed(jnp.asarray(table))
@@ -120,15 +101,8 @@ class TextClassificationTask(Task):
     def train_iterator(self, config, process_index, process_count):
         texts, labels = reviews.load("train", config.data.num_train, config.data.dataset_seed)
         source = [{"text": t, "label": y} for t, y in zip(texts, labels, strict=True)]
-        ds = pipeline.batched_stream(
-            source,
-            _Tokenize(self.tokenizer(config)),
-            seed=config.seed,
-            global_batch_size=config.batch_size,
-            process_index=process_index,
-            process_count=process_count,
-        )
-        return pipeline.iterate(ds)
+        tokenize = pipeline.TokenizeText(self.tokenizer(config), label="label")
+        return pipeline.train_batches(source, tokenize, config, process_index, process_count)
 
     def evaluator(self, config, model, batch_sharding):
         d = config.data
@@ -136,17 +110,14 @@ class TextClassificationTask(Task):
         _, train_labels = reviews.load("train", d.num_train, d.dataset_seed)
         texts, labels = reviews.load("validation", d.num_val, d.dataset_seed)
         chance = float(np.mean(labels == np.bincount(train_labels).argmax()))
-        skipped = _vectors(vectors_path(config)).skipped_lines
+        skipped = _vectors(config).skipped_lines
         known = set(tokenizer.words)
         oov = sorted(w for w in reviews.vocabulary() if w not in known)
         tokens = tokenizer.encode(texts)
-        predict = jit_encoder(
-            lambda p, t: jnp.argmax(model.apply({"params": p}, t), -1), batch_sharding
-        )
+        predict = class_predictor(model, tokens, config.eval.batch_size, batch_sharding)
 
         def evaluate(params) -> dict:
-            pred = predict_all(predict, params, tokens, config.eval.batch_size, batch_sharding)
-            accuracy = float(np.mean(pred == labels))
+            accuracy = float(np.mean(predict(params) == labels))
             return {
                 "text/accuracy": accuracy,
                 "text/oov_words": float(len(oov)),

@@ -44,8 +44,9 @@ def _preflight(task: Task, config: ml_collections.ConfigDict, workdir: str):
     except (ValueError, FileNotFoundError, ImportError) as e:
         raise ConfigError(f"data.tokenizer={config.data.tokenizer!r}: {e}") from e
     text = config.model.text
-    eot_pad = (getattr(tokenizer, "eot_id", None), getattr(tokenizer, "pad_id", None))
-    if hasattr(tokenizer, "eot_id") and eot_pad != (text.eot_id, text.pad_id):
+    ids, expected = (tokenizer.eot_id, tokenizer.pad_id), (text.eot_id, text.pad_id)
+    # (A tokenizer without an end marker feeds no text tower: nothing to agree with.)
+    if tokenizer.eot_id is not None and ids != expected:
         raise ConfigError(
             f"data.tokenizer={config.data.tokenizer!r} has EOT {tokenizer.eot_id} and pad "
             f"{tokenizer.pad_id}, but model.text.eot_id={text.eot_id} and pad_id={text.pad_id}; "
@@ -90,7 +91,7 @@ def run(task: Task, config: ml_collections.ConfigDict, workdir: str) -> dict:
             state = state.replace(params=params)
         else:
             start, state = restored
-            print(f"Resumed from step {start} in {workdir}")
+            metrics.note(f"Resumed from step {start} in {workdir}")
         writer = metrics.MetricWriter(
             workdir,
             total_steps=config.total_steps,
@@ -105,8 +106,8 @@ def run(task: Task, config: ml_collections.ConfigDict, workdir: str) -> dict:
         def check_bad_steps(done: int) -> None:
             counters = jax.device_get((state.skipped, state.last_skipped, state.skip_streak))
             warning = step_guard.check(done, *(int(c) for c in counters))
-            if warning and is_main:
-                print(warning)
+            if warning:
+                metrics.note(warning)
 
         last_log = (start, time.time())
         last_metrics: dict = {}
@@ -156,7 +157,7 @@ def run(task: Task, config: ml_collections.ConfigDict, workdir: str) -> dict:
         if preempted_at is not None:
             ckpt.close()  # waits for the asynchronous save
             writer.close()
-            print(
+            metrics.note(
                 f"{guard.signal_name or 'preemption'} received: stopped after step "
                 f"{preempted_at} with a checkpoint in {workdir}; rerun the same command to resume"
             )
@@ -179,8 +180,7 @@ def run(task: Task, config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.write_summary(summary)
     writer.plot()
     writer.close()
-    if is_main:
-        print(json.dumps({k: v for k, v in summary.items() if k != "workdir"}, sort_keys=True))
+    metrics.note(json.dumps({k: v for k, v in summary.items() if k != "workdir"}, sort_keys=True))
     return summary
 
 

@@ -23,6 +23,10 @@ A setting a task does not use is an error before compiling, not a silent no-op: 
 contrastive term (`has_contrastive_term = False`, the default) refuses a run that changes any of
 `CONTRASTIVE_SETTINGS` from the package defaults (`mmjax.train.validate`).
 
+Two hooks serve the entry points rather than the trainer: `image_text_embeddings` says that
+`python -m mmjax.evaluate` can embed images and texts with the task's model (`encode_image`,
+`encode_text`), and `visualizer` what `python -m mmjax.visualize` draws (None: nothing).
+
 This module imports no task and no model: dependencies point from tasks to the trainer.
 """
 
@@ -39,7 +43,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from mmjax import parallel
-from mmjax.data import pipeline
+from mmjax.data import pipeline, tokenizers
 from mmjax.train import pretrained
 
 # The config fields only an objective with a contrastive term reads (`Task.has_contrastive_term`).
@@ -70,6 +74,12 @@ class Task(abc.ABC):
     name: str = ""
     metric_name: str | None = None  # the headline metric (None: no task/* entries)
     supports_microbatches = False  # GradCache needs a `SplitObjective`
+    # The model has `encode_image(images [B, S, S, 3])` and `encode_text(tokens)`: the zero-shot,
+    # retrieval and linear-probe evaluators of `mmjax.evaluate` can run on it.
+    image_text_embeddings = False
+    # None, or a method `visualizer(config)` returning a `mmjax.eval.maps` visualizer (or raising
+    # `ConfigError` for settings with nothing to draw): what `python -m mmjax.visualize` draws.
+    visualizer: Callable[[ml_collections.ConfigDict], Callable] | None = None
     has_contrastive_term = False  # True: the objective reads CONTRASTIVE_SETTINGS
 
     def validate(self, config: ml_collections.ConfigDict) -> None:
@@ -77,7 +87,7 @@ class Task(abc.ABC):
         default accepts every setting the shared validation accepted)."""
         return None
 
-    def tokenizer(self, config: ml_collections.ConfigDict):
+    def tokenizer(self, config: ml_collections.ConfigDict) -> tokenizers.Tokenizer:
         return pipeline.tokenizer_for(config.data)
 
     @abc.abstractmethod

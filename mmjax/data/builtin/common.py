@@ -22,6 +22,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from mmjax import metrics
+
 DEFAULT_DATA_DIR = "~/.cache/mmjax/tensorflow_datasets"
 DATA_DIR_ENV = "MMJAX_DATA_DIR"
 
@@ -85,7 +87,7 @@ def build_once(open_builder: Callable[[], BuilderT], *, data_dir: str) -> Builde
     the first takes a file lock in `data_dir`, one per dataset and config, and builds; the
     others wait and then reuse its files. tfds itself writes into a temporary directory and
     renames it when complete, so a prepared directory is never partial, even after a crash.
-    After a build one line is printed, e.g.
+    After a build process 0 prints one line (`metrics.note`), e.g.
     "mmjax: built mmjax_digits/s32_v0.2_seed0 (1438 train + 359 validation) in 0.9s at ...".
     """
     with _absl_errors_only():
@@ -120,5 +122,6 @@ def build_once(open_builder: Callable[[], BuilderT], *, data_dir: str) -> Builde
             # Reopen so the builder reads the dataset info that was just written.
             builder = open_builder()
             counts = " + ".join(f"{s.num_examples} {s.name}" for s in builder.info.splits.values())
-            print(f"mmjax: built {full_name} ({counts}) in {seconds:.1f}s at {builder.data_dir}")
+            where = builder.data_dir
+            metrics.note(f"mmjax: built {full_name} ({counts}) in {seconds:.1f}s at {where}")
         return builder

@@ -16,8 +16,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import ml_collections
 import numpy as np
 
+from mmjax.data import sources
 from mmjax.data.builtin import shapes
 from mmjax.data.builtin.shapes import COLORS, SHAPES, SHAPES_ZH, Attributes
 
@@ -148,6 +150,12 @@ def load(name: str, split: str, num: int, image_size: int, seed: int) -> Labelle
         classes=classes,
         group_names=group_names,
     )
+
+
+def split_of(data_cfg: ml_collections.ConfigDict, split: str) -> LabelledSplit:
+    """The split of `data.name` a run reads."""
+    num = sources.split_size(data_cfg, split)
+    return load(data_cfg.name, split, num, data_cfg.image_size, data_cfg.dataset_seed)
 
 
 def prior_accuracy(train: LabelledSplit, evaluated: LabelledSplit) -> float:

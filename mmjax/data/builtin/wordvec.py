@@ -6,21 +6,24 @@ with a "COUNT DIM" header line, GloVe files do not (both are read). Lines whose 
 differs from the first vector's, or that do not parse, are skipped and counted; a repeated word
 keeps its first vector.
 
-Offline vectors: `python -m mmjax.data.builtin.wordvec export-minilm OUT.txt` writes the
-whole-word rows of the input embedding table of the all-MiniLM-L6-v2 model packaged on PyPI (the
-`interop` extra), 384-d: pretrained vectors without a download.
+Offline vectors: `python -m mmjax.interop.hf export-minilm OUT.txt` writes the whole-word rows
+of the input embedding table of the all-MiniLM-L6-v2 model packaged on PyPI (the `interop`
+extra), 384-d: pretrained vectors without a download. `vectors_path` says where a run keeps them.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
+import hashlib
 import itertools
 import os
 import re
-import sys
 
 import numpy as np
+
+from mmjax.data.builtin.common import resolve_data_dir
 
 PAD, UNK = 0, 1
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -102,9 +105,10 @@ def load_word_vectors(path: str, lowercase: bool = True, max_words: int | None =
 
 class WordTokenizer:
     """Lower-cased `\\w+` words -> ids: 0 padding, 1 unknown, 2 + i the i-th vector's word.
-    (No BOS/EOT: the CNN needs none.)"""
+    A `mmjax.data.tokenizers.Tokenizer` without markers (no BOS/EOT/mask: the CNN needs none)."""
 
     pad_id, unk_id = PAD, UNK
+    bos_id = eot_id = mask_id = None
 
     def __init__(self, words, max_len: int):
         self.words = tuple(words)
@@ -125,6 +129,11 @@ class WordTokenizer:
             ids[row, : len(tokens)] = tokens
         return ids
 
+    def decode(self, ids) -> str:
+        """The words of one row of ids ("[UNK]" for unknown ones), padding dropped."""
+        ids = [i for i in np.asarray(ids).tolist() if i != PAD]
+        return " ".join("[UNK]" if i == UNK else self.words[i - 2] for i in ids)
+
 
 def embedding_table(vectors: WordVectors, seed: int, random: bool = False) -> np.ndarray:
     """float32 [2 + n, D] initial embeddings: row 0 (pad) zero, row 1 (unknown) small random;
@@ -138,46 +147,21 @@ def embedding_table(vectors: WordVectors, seed: int, random: bool = False) -> np
     return np.concatenate([np.zeros((1, d)), unk, words]).astype(np.float32)
 
 
-def export_minilm(out_path: str, words=None) -> int:
-    """Writes the packaged all-MiniLM-L6-v2's whole-word input embeddings (only `words`, if
-    given) in GloVe format; returns the number of words written."""
-    try:
-        from safetensors.numpy import load_file
-
-        from mmjax.interop import hf
-
-        model_dir = hf.minilm_dir()
-    except ImportError as e:
-        raise ImportError(
-            f"exporting MiniLM word vectors needs the interop extra: pip install -e '.[interop]' "
-            f"({e})"
-        ) from e
-    table = load_file(os.path.join(model_dir, "model.safetensors"))
-    matrix = table["embeddings.word_embeddings.weight"]
-    with open(os.path.join(model_dir, "vocab.txt"), encoding="utf-8") as f:
-        vocab = [line.rstrip("\n") for line in f]
-    wanted = None if words is None else {w.lower() for w in words}
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    written = 0
-    tmp = out_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for i, token in enumerate(vocab):
-            # Whole words only: no word-piece continuations (##x) or [SPECIAL] tokens.
-            if not token.isalpha() or (wanted is not None and token not in wanted):
-                continue
-            f.write(token + " " + " ".join(f"{x:.6f}" for x in matrix[i]) + "\n")
-            written += 1
-    os.replace(tmp, out_path)  # never leave a half-written file under the final name
-    return written
+@functools.lru_cache(maxsize=1)
+def cached_vectors(path: str) -> WordVectors:
+    """`load_word_vectors(path)`, read once for the several parts of a run that need it (one
+    file kept: a GloVe file of 400k words is 0.5 GB)."""
+    return load_word_vectors(path)
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] != "export-minilm":
-        print("usage: python -m mmjax.data.builtin.wordvec export-minilm OUT.txt", file=sys.stderr)
-        return 2
-    print(f"wrote {export_minilm(argv[1])} word vectors to {argv[1]}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+def vectors_path(configured: str, data_dir: str, dataset: str, words) -> str:
+    """The word-vector file of a run: `configured` (a path), or, when "", the file under
+    `<data_dir>/word_vectors/` that holds the packaged MiniLM's vectors of `dataset`'s `words`
+    (which may not exist yet: `mmjax.interop.hf.export_minilm` writes it)."""
+    if configured:
+        return os.path.abspath(configured)
+    # The name carries the words: a changed word list exports afresh, never reusing a cached
+    # file that lacks the new words.
+    digest = hashlib.sha1(" ".join(sorted(words)).encode()).hexdigest()[:10]
+    name = f"minilm_{dataset}_{digest}.txt"
+    return os.path.join(resolve_data_dir(data_dir), "word_vectors", name)

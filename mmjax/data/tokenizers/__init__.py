@@ -1,4 +1,5 @@
-"""Tokenizers. `ByteTokenizer`: UTF-8 bytes as tokens, so any language works with no vocab file.
+"""Tokenizers: the `Tokenizer` protocol every one follows, and `ByteTokenizer`: UTF-8 bytes as
+tokens, so any language works with no vocab file.
 
 `build_tokenizer` also builds the vocabulary-file tokenizers that pretrained text towers need
 (CLIP BPE, BERT WordPiece, SentencePiece); their modules are imported only when asked for.
@@ -8,11 +9,37 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 TOKENIZERS = ("bytes", "clip_bpe", "wordpiece", "sentencepiece")
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """Texts -> fixed-length rows of ids, and back.
+
+    `encode(texts)` returns int32 [len(texts), max_len]: `bos_id`, the text's ids, `eot_id`, then
+    `pad_id` up to `max_len` (over-long text is truncated so that the end marker stays); the
+    text towers pool at the end marker and recompute the attention mask as `ids != pad_id`.
+    `decode(row)` gives the text of one row, up to the end marker (for display). `mask_id` is the
+    id masked language modelling writes (None: the vocabulary has none); `bos_id`/`eot_id` are
+    None only for a tokenizer that writes no markers (the word tokenizer of text CNNs).
+    """
+
+    max_len: int
+    pad_id: int
+    bos_id: int | None
+    eot_id: int | None
+    mask_id: int | None
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray: ...
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str: ...
 
 
 class ByteTokenizer:
@@ -38,6 +65,11 @@ class ByteTokenizer:
         # 3 special ids + 256 bytes = 259, rounded up to a multiple of 8 so the embedding and
         # output matrices tile evenly on accelerators.
         return -(-(self._offset + 256) // 8) * 8
+
+    @property
+    def mask_id(self) -> int:
+        # The last id: no byte uses it (259 ids are used, the vocabulary is padded to 264).
+        return self.vocab_size - 1
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """int32 [len(texts), max_len]."""
@@ -78,13 +110,12 @@ def _truncate_utf8(data: bytes, limit: int) -> bytes:
     return data[:cut]
 
 
-def build_tokenizer(kind: str, max_len: int, path: str | None = None) -> Any:
+def build_tokenizer(kind: str, max_len: int, path: str | None = None) -> Tokenizer:
     """The tokenizer `kind` (one of `TOKENIZERS`) with sequences of `max_len` ids.
 
     `path`: ignored for "bytes"; for "clip_bpe" the merges file (None: the one inside the
     installed open_clip); for "wordpiece" a `vocab.txt` or a folder holding one; for
-    "sentencepiece" the `.model` file. All return int32 [N, max_len] ids from `encode`, except
-    "wordpiece", whose `encode` returns (ids, attention_mask), both int32 [N, max_len].
+    "sentencepiece" the `.model` file.
     """
     if kind == "bytes":
         return ByteTokenizer(max_len)
@@ -108,8 +139,6 @@ def build_tokenizer(kind: str, max_len: int, path: str | None = None) -> Any:
     raise ValueError(f"unknown tokenizer {kind!r}: must be one of {TOKENIZERS}")
 
 
-def token_ids(tokenizer: Any, texts: Sequence[str]) -> np.ndarray:
-    """int32 [N, max_len] ids from any tokenizer here. WordPiece's `encode` also returns the
-    attention mask, which is `ids != pad_id` and is recomputed by the text towers."""
-    out = tokenizer.encode(texts)
-    return out[0] if isinstance(out, tuple) else out
+def token_ids(tokenizer: Tokenizer, texts: Sequence[str]) -> np.ndarray:
+    """`tokenizer.encode(texts)`: kept only until `mmjax.tasks.matching` calls `encode` itself."""
+    return tokenizer.encode(texts)

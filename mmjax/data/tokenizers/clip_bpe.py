@@ -93,6 +93,7 @@ class ClipBpeTokenizer:
     pad_id = 0
     bos_id = 49406  # <start_of_text>
     eot_id = 49407  # <end_of_text>
+    mask_id = None
 
     def __init__(self, merges_path: str | Path | None = None, max_len: int = 77):
         if max_len < 2:

@@ -49,6 +49,7 @@ class SentencePieceTokenizer:
             raise ValueError(f"max_len={max_len} leaves no room for text")
         self.bos_id = self._sp.bos_id()
         self.eot_id = self._sp.eos_id()
+        self.mask_id = None
         if add_bos and self.bos_id < 0:
             raise ValueError(f"{model_path} has no BOS piece; use add_bos=False")
         if add_eos and self.eot_id < 0:

@@ -128,7 +128,7 @@ def load_vocab(vocab_path: str | Path) -> dict[str, int]:
 
 
 class WordPieceTokenizer:
-    """`encode` writes ([CLS] pieces... [SEP] [PAD]..., attention mask 1...1 0...0).
+    """`encode` writes [CLS] pieces... [SEP] [PAD]... (the attention mask is `ids != pad_id`).
 
     Over-long text keeps its first `max_len - 2` pieces, then [SEP], like HF's truncation.
     The special token strings ("[MASK]", "[SEP]", ...; case-sensitive) written in a caption
@@ -150,7 +150,9 @@ class WordPieceTokenizer:
         self.unk_id = self._vocab["[UNK]"]
         self.cls_id = self._vocab["[CLS]"]
         self.sep_id = self._vocab["[SEP]"]
+        self.bos_id = self.cls_id
         self.eot_id = self.sep_id  # the text tower pools at (or after) the end marker
+        self.mask_id = self._vocab.get("[MASK]")
         self._cache: dict[str, list[int]] = {}
 
     @property
@@ -240,18 +242,15 @@ class WordPieceTokenizer:
                     ids.extend(self._word_ids(word))
         return ids
 
-    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(input_ids int32 [N, max_len], attention_mask int32 [N, max_len])."""
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """input_ids int32 [N, max_len]."""
         if isinstance(texts, str):
             raise TypeError("encode takes a sequence of strings; wrap a single text in a list")
         ids = np.full((len(texts), self.max_len), self.pad_id, dtype=np.int32)
-        mask = np.zeros((len(texts), self.max_len), dtype=np.int32)
         for row, text in enumerate(texts):
             body = self.encode_ids(text)[: self.max_len - 2]
-            n = len(body) + 2
-            ids[row, :n] = [self.cls_id, *body, self.sep_id]
-            mask[row, :n] = 1
-        return ids, mask
+            ids[row, : len(body) + 2] = [self.cls_id, *body, self.sep_id]
+        return ids
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Text of one row of ids, special tokens dropped, "##" pieces glued on (for display;
