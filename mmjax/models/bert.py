@@ -26,7 +26,17 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.models.attention import dot_product_attention
-from mmjax.models.layers import ACT_BTD, Attention, Dtype, LayerNorm, Mlp, dense, param
+from mmjax.models.layers import (
+    ACT_BTD,
+    Attention,
+    Dtype,
+    LayerNorm,
+    Mlp,
+    attention_output,
+    dense,
+    embedding_table,
+    param,
+)
 
 # Hugging Face `hidden_act` names -> `layers.ACTIVATIONS` names. "gelu" is exact (erf);
 # "gelu_new" and "gelu_pytorch_tanh" are the tanh approximation.
@@ -92,16 +102,7 @@ class SeparateQkvAttention(nn.Module):
         q_BLHK, k_BLHK, v_BLHK = qkv
         q_BLHK = nn.with_logical_constraint(q_BLHK, ("batch", "length", "act_heads", None))
         out_BLHK = dot_product_attention(q_BLHK, k_BLHK, v_BLHK, mask_BLL, False, self.dtype)
-        w_out = param(
-            self,
-            "out_kernel",
-            init,
-            (self.num_heads, k_dim, d),
-            ("heads", "kv", "embed"),
-            self.param_dtype,
-        )
-        b_out = param(self, "out_bias", zeros, (d,), ("norm",), self.param_dtype)
-        return dense(out_BLHK, w_out, self.dtype, contract=2, bias=b_out)
+        return attention_output(self, out_BLHK, d, init)
 
 
 class PostNormResidual(nn.Module):
@@ -189,31 +190,10 @@ class BertEncoder(nn.Module):
         if token_type_ids_BL is None:
             token_type_ids_BL = jnp.zeros_like(input_ids_BL)
         init = nn.initializers.normal(self.init_std)
-        words = param(
-            self,
-            "word_embedding",
-            init,
-            (self.vocab_size, self.width),
-            ("vocab", "embed"),
-            self.param_dtype,
-        )
-        pos = param(
-            self,
-            "pos_embedding",
-            init,
-            (self.max_len, self.width),
-            ("length", "embed"),
-            self.param_dtype,
-        )
+        words = embedding_table(self, "word_embedding", self.vocab_size, init, ("vocab", "embed"))
+        pos = embedding_table(self, "pos_embedding", self.max_len, init)
         # The token-type table has 2 rows: an unnamed axis keeps it replicated under any rules.
-        types = param(
-            self,
-            "type_embedding",
-            init,
-            (self.type_vocab_size, self.width),
-            (None, "embed"),
-            self.param_dtype,
-        )
+        types = embedding_table(self, "type_embedding", self.type_vocab_size, init, (None, "embed"))
         # Sum in float32 (the embeddings are stored in param_dtype; LayerNorm reads float32).
         x_BLD = (
             jnp.take(words, input_ids_BL, axis=0).astype(jnp.float32)

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.models import layers
 from mmjax.models.attention import dot_product_attention
 from mmjax.models.layers import ACT_BTD, Attention, Dtype, LayerNorm, Mlp, dense, param
 
@@ -110,19 +111,7 @@ class CrossAttention(nn.Module):
         k_BSHK, v_BSHK = kv_BSHCK[:, :, :, 0], kv_BSHCK[:, :, :, 1]
         mask_BTS = combine_masks(mask_BTS, context_mask_BS, x_BTD.shape[1])
         out_BTHK = dot_product_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS, False, self.dtype)
-        out_init = nn.initializers.variance_scaling(
-            1.0, "fan_in", "normal", in_axis=(0, 1), out_axis=2
-        )
-        w_out = param(
-            self,
-            "out_kernel",
-            out_init,
-            (self.num_heads, k_dim, d),
-            ("heads", "kv", "embed"),
-            self.param_dtype,
-        )
-        b_out = param(self, "out_bias", nn.initializers.zeros, (d,), ("norm",), self.param_dtype)
-        out_BTD = dense(out_BTHK, w_out, self.dtype, contract=2, bias=b_out)
+        out_BTD = layers.attention_output(self, out_BTHK, d)
         if not return_attention:
             return out_BTD
         # Recomputed rather than returned by the attention kernel: only visualisation needs the

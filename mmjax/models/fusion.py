@@ -27,7 +27,7 @@ from mmjax.models.fusion_attention import (
     masked_mean,
     zero_padding,
 )
-from mmjax.models.layers import ACTIVATIONS, Dtype, Encoder, dense, param
+from mmjax.models.layers import ACTIVATIONS, Encoder, TowerSettings, dense, param
 
 __all__ = [
     "ATTENTION_FUSIONS",
@@ -46,6 +46,18 @@ __all__ = [
 ]
 
 ACT_BD = ("batch", "act_embed")
+
+
+class PooledFusion(Fusion):
+    """A fusion of the two pooled vectors alone: `fuse_pooled(v_BD, t_BD) -> FusionOutput`."""
+
+    reads = "pooled"
+
+    def fuse(self, s: Streams, return_attention: bool) -> FusionOutput:
+        return self.fuse_pooled(s.image_pooled_BD, s.text_pooled_BD)
+
+    def fuse_pooled(self, v_BD: jax.Array, t_BD: jax.Array) -> FusionOutput:
+        raise NotImplementedError
 
 
 def _linear(module, name, x_BI, out_dim, axes, out_dtype=None):
@@ -71,7 +83,7 @@ def _with_one(x_BI: jax.Array) -> jax.Array:
     return jnp.concatenate([x_BI, jnp.ones((x_BI.shape[0], 1), jnp.float32)], axis=-1)
 
 
-class EarlyConcatFusion(Fusion):
+class EarlyConcatFusion(Fusion, TowerSettings):
     """Single-stream early fusion: both modalities' tokens are projected to `width`, tagged with a
     learned modality-type embedding and run through one Transformer Encoder as [image; text]
     (VisualBERT / UNITER style), padding masked out of attention. `pool` is "mean" (over valid
@@ -83,11 +95,6 @@ class EarlyConcatFusion(Fusion):
     num_heads: int
     mlp_dim: int
     pool: str = "mean"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    remat: str = "none"  # see layers.REMAT_POLICIES
-    scan_layers: bool = False
-    activation: str = "gelu_tanh"  # see layers.ACTIVATIONS
 
     @nn.compact
     def fuse(self, s: Streams, return_attention: bool) -> FusionOutput:
@@ -116,17 +123,7 @@ class EarlyConcatFusion(Fusion):
             parts.insert(0, jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.width)))
             valid.insert(0, jnp.ones((b, 1), jnp.bool_))
         x_BSD, valid_BS = jnp.concatenate(parts, axis=1), jnp.concatenate(valid, axis=1)
-        x_BSD = Encoder(
-            self.depth,
-            self.num_heads,
-            self.mlp_dim,
-            self.dtype,
-            self.param_dtype,
-            self.remat,
-            self.scan_layers,
-            self.activation,
-            name="encoder",
-        )(x_BSD, key_mask(valid_BS, x_BSD.shape[1]))
+        x_BSD = Encoder.of_tower(self)(x_BSD, key_mask(valid_BS, x_BSD.shape[1]))
         if self.pool == "cls":
             pooled_BD, x_BSD, valid_BS = x_BSD[:, 0], x_BSD[:, 1:], valid_BS[:, 1:]
         else:
@@ -138,21 +135,16 @@ class EarlyConcatFusion(Fusion):
         )
 
 
-class LateConcatFusion(Fusion):
+class LateConcatFusion(PooledFusion):
     """Late fusion: [image_pooled; text_pooled] -> Dense(hidden_dim) -> activation ->
     Dense(out_dim). pooled_BD: [B, out_dim]."""
 
     hidden_dim: int
     out_dim: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
     activation: str = "gelu_tanh"  # see layers.ACTIVATIONS
 
-    reads = "pooled"
-
     @nn.compact
-    def fuse(self, s: Streams, return_attention: bool) -> FusionOutput:
-        v_BD, t_BD = s.image_pooled_BD, s.text_pooled_BD
+    def fuse_pooled(self, v_BD: jax.Array, t_BD: jax.Array) -> FusionOutput:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation={self.activation!r}; use one of {', '.join(ACTIVATIONS)}")
         x_BI = jnp.concatenate([v_BD.astype(self.dtype), t_BD.astype(self.dtype)], axis=-1)
@@ -165,21 +157,16 @@ class LateConcatFusion(Fusion):
         return FusionOutput(nn.with_logical_constraint(out_BO, ACT_BD))
 
 
-class GatedMultimodalUnit(Fusion):
+class GatedMultimodalUnit(PooledFusion):
     """Gated Multimodal Unit (Arevalo et al. 2017): h_v = tanh(W_v v + b_v),
     h_t = tanh(W_t t + b_t), z = σ(W_z [v; t] + b_z), h = z·h_v + (1 − z)·h_t, per dimension.
     The biases (zero at init) let the gate learn a prior preference for one modality.
     pooled_BD: [B, out_dim]; the gate z is sown as intermediates/gate_BO (float32)."""
 
     out_dim: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    reads = "pooled"
 
     @nn.compact
-    def fuse(self, s: Streams, return_attention: bool) -> FusionOutput:
-        v_BD, t_BD = s.image_pooled_BD, s.text_pooled_BD
+    def fuse_pooled(self, v_BD: jax.Array, t_BD: jax.Array) -> FusionOutput:
         axes, f32 = ("embed", "proj"), jnp.float32
         # The nonlinearities and the gated sum run in float32 on the GEMM accumulators.
         hv_BO = jnp.tanh(_linear(self, "image", v_BD, self.out_dim, axes, f32))
@@ -192,7 +179,7 @@ class GatedMultimodalUnit(Fusion):
         return FusionOutput(nn.with_logical_constraint(h_BO, ACT_BD))
 
 
-class TensorFusion(Fusion):
+class TensorFusion(PooledFusion):
     """Tensor Fusion (Zadeh et al. 2017): the flattened outer product [v; 1] ⊗ [t; 1] (all
     unimodal and bimodal interaction terms) -> linear -> out_dim.
 
@@ -202,14 +189,9 @@ class TensorFusion(Fusion):
 
     out_dim: int
     rank_dim: int | None = 16
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    reads = "pooled"
 
     @nn.compact
-    def fuse(self, s: Streams, return_attention: bool) -> FusionOutput:
-        v_BD, t_BD = s.image_pooled_BD, s.text_pooled_BD
+    def fuse_pooled(self, v_BD: jax.Array, t_BD: jax.Array) -> FusionOutput:
         if self.rank_dim is not None:
             axes = ("embed", None)
             v_BD = _linear(self, "image_proj", v_BD, self.rank_dim, axes, jnp.float32)
@@ -232,7 +214,7 @@ class TensorFusion(Fusion):
         return FusionOutput(nn.with_logical_constraint(out_BO, ACT_BD))
 
 
-class LowRankFusion(Fusion):
+class LowRankFusion(PooledFusion):
     """Low-rank Multimodal Fusion (LMF, Liu et al. 2018): TensorFusion with its weight
     W[i, j, o] = Σ_r A[i, r, o]·C[j, r, o] never formed, computed as
     h = Σ_r (A_r [v; 1]) ∘ (C_r [t; 1]) + b: cost linear in the input widths instead of their
@@ -241,14 +223,9 @@ class LowRankFusion(Fusion):
 
     out_dim: int
     rank: int = 4
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    reads = "pooled"
 
     @nn.compact
-    def fuse(self, s: Streams, return_attention: bool) -> FusionOutput:
-        v_BD, t_BD = s.image_pooled_BD, s.text_pooled_BD
+    def fuse_pooled(self, v_BD: jax.Array, t_BD: jax.Array) -> FusionOutput:
         # Each factor's output has variance rank^-1/2, so the sum over rank of products of two
         # factors starts at unit variance whatever the rank.
         init = nn.initializers.variance_scaling(

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.models.cross_attention import CrossBlock, key_mask
-from mmjax.models.layers import Block, Dtype, LayerNorm, dense, param
+from mmjax.models.layers import Block, Dtype, LayerNorm, Precision, dense, param
 
 
 class FusionOutput(NamedTuple):
@@ -91,10 +91,11 @@ class Streams(NamedTuple):
     text_valid_BL: jax.Array | None
 
 
-class Fusion(nn.Module):
-    """Base of every fusion: the call convention (module doc), with its inputs checked once here.
-    A fusion says what it reads (`reads`: "tokens" or "pooled") and whether it can return
-    attention maps (`attention_maps`), and implements `fuse(streams, return_attention)`."""
+class Fusion(Precision):
+    """Base of every fusion: the call convention (module doc), with its inputs checked once here,
+    and the keyword-only `dtype`/`param_dtype`. A fusion says what it reads (`reads`: "tokens" or
+    "pooled") and whether it can return attention maps (`attention_maps`), and implements
+    `fuse(streams, return_attention)`."""
 
     reads = "tokens"
     attention_maps = False
@@ -154,8 +155,6 @@ class CrossAttentionFusion(Fusion):
     mlp_dim: int
     pool: str = "mean"
     causal: bool = False
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
     activation: str = "gelu_tanh"
     attention_maps = True
 
@@ -200,8 +199,6 @@ class CoAttentionFusion(Fusion):
     pool: str = "mean"
     combine: str = "concat"
     self_attention: bool = False
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
     activation: str = "gelu_tanh"
     attention_maps = True
 
@@ -276,8 +273,6 @@ class BottleneckFusion(Fusion):
     mlp_dim: int
     num_bottlenecks: int = 4
     fusion_layer: int = 0
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
     activation: str = "gelu_tanh"
 
     @nn.compact

@@ -11,6 +11,7 @@ the fast bf16 GEMM path on CPU (bf16 element-wise work there is emulated and slo
 the default compute dtype on CPU).
 """
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -41,6 +42,66 @@ def param(
     if len(axes) != len(shape):
         raise ValueError(f"parameter {name}: {len(shape)} dims but axes {axes}")
     return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
+
+
+def embedding_table(
+    module: nn.Module,
+    name: str,
+    rows: int,
+    init: Initializer,
+    axes: Sequence[str | None] = ("length", "embed"),
+) -> jax.Array:
+    """A learned [rows, module.width] table in `module.param_dtype`: positions (one row each,
+    the default axes) or token embeddings (axes ("vocab", "embed"))."""
+    return param(module, name, init, (rows, module.width), axes, module.param_dtype)
+
+
+def patch_embedding(module: nn.Module, name: str, x_BNP: jax.Array, bias: bool) -> jax.Array:
+    """Flattened patches (or tubelets) [..., P] -> [..., module.width] by one GEMM: a strided
+    conv as a matmul. `{name}_kernel` (LeCun normal) and, with `bias`, `{name}_bias`."""
+    dtype = module.param_dtype
+    init = nn.initializers.lecun_normal()
+    w = param(
+        module, f"{name}_kernel", init, (x_BNP.shape[-1], module.width), ("patch", "embed"), dtype
+    )
+    b = None
+    if bias:
+        b = param(module, f"{name}_bias", nn.initializers.zeros, (module.width,), ("norm",), dtype)
+    return dense(x_BNP, w, module.dtype, bias=b)
+
+
+def attention_output(
+    module: nn.Module, out_BTHK: jax.Array, width: int, init: Initializer | None = None
+) -> jax.Array:
+    """The projection that merges the heads [B, T, H, K] back to [B, T, width] (`out_kernel`,
+    `out_bias`), float32 accumulation. `init`: the kernel's (default fan-in normal)."""
+    if init is None:
+        init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=(0, 1), out_axis=2)
+    h, k = out_BTHK.shape[-2:]
+    w = param(
+        module, "out_kernel", init, (h, k, width), ("heads", "kv", "embed"), module.param_dtype
+    )
+    b = param(module, "out_bias", nn.initializers.zeros, (width,), ("norm",), module.param_dtype)
+    return dense(out_BTHK, w, module.dtype, contract=2, bias=b)
+
+
+class Precision(nn.Module):
+    """Keyword-only `dtype` (compute) and `param_dtype` (storage) fields, for modules that
+    subclass it (the fusions, through `TowerSettings` the towers)."""
+
+    _: dataclasses.KW_ONLY
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+
+class TowerSettings(Precision):
+    """The compute and memory settings of a module that runs an `Encoder` (the towers, early
+    fusion), keyword-only and passed down as they are (`Encoder.of_tower`)."""
+
+    _: dataclasses.KW_ONLY
+    remat: str = "none"  # see REMAT_POLICIES
+    scan_layers: bool = False
+    activation: str = "gelu_tanh"  # see ACTIVATIONS
 
 
 def dense(
@@ -170,19 +231,7 @@ class Attention(nn.Module):
         q_BTHK, k_BSHK, v_BSHK = (qkv_BTHCK[:, :, :, i] for i in range(3))
         q_BTHK = nn.with_logical_constraint(q_BTHK, ("batch", "length", "act_heads", None))
         out_BTHK = dot_product_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS, causal, self.dtype)
-        out_init = nn.initializers.variance_scaling(
-            1.0, "fan_in", "normal", in_axis=(0, 1), out_axis=2
-        )
-        w_out = param(
-            self,
-            "out_kernel",
-            out_init,
-            (self.num_heads, k_dim, d),
-            ("heads", "kv", "embed"),
-            self.param_dtype,
-        )
-        b_out = param(self, "out_bias", nn.initializers.zeros, (d,), ("norm",), self.param_dtype)
-        return dense(out_BTHK, w_out, self.dtype, contract=2, bias=b_out)
+        return attention_output(self, out_BTHK, d)
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -290,19 +339,13 @@ class Encoder(nn.Module):
     activation: str = "gelu_tanh"
 
     @classmethod
-    def of_tower(cls, tower: nn.Module) -> "Encoder":
-        """The encoder of a tower module that has the same-named fields (ViT, TextTransformer)."""
-        fields = (
-            "depth",
-            "num_heads",
-            "mlp_dim",
-            "dtype",
-            "param_dtype",
-            "remat",
-            "scan_layers",
-            "activation",
-        )
-        return cls(**{f: getattr(tower, f) for f in fields}, name="encoder")
+    def of_tower(cls, tower: "TowerSettings", depth: int | None = None, name: str = "encoder"):
+        """The encoder of a tower (any `TowerSettings` module with `depth`, `num_heads` and
+        `mlp_dim`): its widths and settings, and `depth` blocks (default: the tower's)."""
+        t = tower
+        depth = t.depth if depth is None else depth
+        settings = (t.dtype, t.param_dtype, t.remat, t.scan_layers, t.activation)
+        return cls(depth, t.num_heads, t.mlp_dim, *settings, name=name)
 
     @nn.compact
     def __call__(

@@ -4,10 +4,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models.layers import Dtype, Encoder, param
+from mmjax.models.layers import Encoder, TowerSettings, embedding_table
 
 
-class TextTransformer(nn.Module):
+class TextTransformer(TowerSettings):
     """Token + position embedding -> Encoder -> pooled feature.
 
     `tokens_BL` are int ids with `pad_id` after the end of each sequence. With `causal=True` the
@@ -27,33 +27,17 @@ class TextTransformer(nn.Module):
     causal: bool = True
     pad_id: int = 0
     eot_id: int = 2
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    remat: str = "none"  # see layers.REMAT_POLICIES
-    scan_layers: bool = False
-    activation: str = "gelu_tanh"  # see layers.ACTIVATIONS
 
     @nn.compact
     def __call__(self, tokens_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
         b, length = tokens_BL.shape
         if length > self.max_len:
             raise ValueError(f"text length {length} exceeds the tower's max_len {self.max_len}")
-        embedding = param(
-            self,
-            "token_embedding",
-            nn.initializers.normal(0.02),
-            (self.vocab_size, self.width),
-            ("vocab", "embed"),
-            self.param_dtype,
+        normal = nn.initializers.normal
+        embedding = embedding_table(
+            self, "token_embedding", self.vocab_size, normal(0.02), ("vocab", "embed")
         )
-        pos = param(
-            self,
-            "pos_embedding",
-            nn.initializers.normal(0.01),
-            (self.max_len, self.width),
-            ("length", "embed"),
-            self.param_dtype,
-        )
+        pos = embedding_table(self, "pos_embedding", self.max_len, normal(0.01))
         x_BLD = jnp.take(embedding, tokens_BL, axis=0).astype(self.dtype)
         x_BLD = x_BLD + pos[:length].astype(self.dtype)[None]
         not_pad_BL = tokens_BL != self.pad_id

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mmjax.models.layers import Dtype, Encoder, LayerNorm, dense, param
+from mmjax.models import layers
+from mmjax.models.layers import Encoder, LayerNorm, TowerSettings, param
 from mmjax.models.vision import ViT
 
 KINDS = ("factorized", "tubelet")
@@ -53,7 +54,7 @@ def sincos3d(t: int, h: int, w: int, width: int, temperature: float = 10_000.0) 
     return jnp.concatenate(parts, axis=1)
 
 
-class VideoTower(nn.Module):
+class VideoTower(TowerSettings):
     """A video tower over clips [B, F, H, W, C] (floats); returns (pooled_BD, tokens_BND).
 
     kind="factorized": `depth` spatial blocks per frame (a `vision.ViT` named "spatial", pooled
@@ -83,11 +84,6 @@ class VideoTower(nn.Module):
     posemb: str = "sincos3d"  # "sincos3d" | "learn" (kind="tubelet")
     patch_bias: bool = True
     pre_norm: bool = False
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    remat: str = "none"  # see layers.REMAT_POLICIES
-    scan_layers: bool = False
-    activation: str = "gelu_tanh"  # see layers.ACTIVATIONS
 
     @nn.compact
     def __call__(self, clips_BFHWC: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -152,33 +148,15 @@ class VideoTower(nn.Module):
             pos_FD = sincos1d(f, self.width)
         elif self.time_posemb == "learn":
             # Fixed to the training clip length: another F would need interpolation.
-            pos_FD = param(
-                self,
-                "time_embedding",
-                nn.initializers.normal(0.02),
-                (f, self.width),
-                ("length", "embed"),
-                self.param_dtype,
-            )
+            pos_FD = layers.embedding_table(self, "time_embedding", f, nn.initializers.normal(0.02))
         else:
             raise ValueError(f"time_posemb must be 'sincos' or 'learn', got {self.time_posemb!r}")
         x_BND, pos_ND = self._with_cls(x_BFD, pos_FD)
         x_BND = x_BND + pos_ND.astype(self.dtype)[None]
-        temporal = Encoder(
-            self.temporal_depth,
-            self.num_heads,
-            self.mlp_dim,
-            self.dtype,
-            self.param_dtype,
-            self.remat,
-            self.scan_layers,
-            self.activation,
-            name="temporal",
-        )
-        return temporal(x_BND)
+        return Encoder.of_tower(self, self.temporal_depth, name="temporal")(x_BND)
 
     def _tubelet(self, clips_BFHWC: jax.Array) -> jax.Array:
-        _, f, h, w, c = clips_BFHWC.shape
+        _, f, h, w, _ = clips_BFHWC.shape
         t, p = self.tubelet_size, self.patch_size
         # A tubelet embedding is a strided 3-D conv; as reshape + matmul it is one 2-D GEMM.
         cubes_BTNV = einops.rearrange(
@@ -188,37 +166,15 @@ class VideoTower(nn.Module):
             p=p,
             q=p,
         )
-        kernel = param(
-            self,
-            "tubelet_kernel",
-            nn.initializers.lecun_normal(),
-            (t * p * p * c, self.width),
-            ("patch", "embed"),
-            self.param_dtype,
-        )
-        bias = None
-        if self.patch_bias:
-            bias = param(
-                self,
-                "tubelet_bias",
-                nn.initializers.zeros,
-                (self.width,),
-                ("norm",),
-                self.param_dtype,
-            )
-        x_BTND = dense(cubes_BTNV, kernel, self.dtype, bias=bias)
+        x_BTND = layers.patch_embedding(self, "tubelet", cubes_BTNV, self.patch_bias)
         self.sow("intermediates", "tubelet_embeddings", x_BTND)
         x_BND = einops.rearrange(x_BTND, "B T N D -> B (T N) D")
         if self.posemb == "sincos3d":
             pos_ND = sincos3d(f // t, h // p, w // p, self.width)
         elif self.posemb == "learn":
-            pos_ND = param(
-                self,
-                "pos_embedding",
-                nn.initializers.normal(0.02),
-                (x_BND.shape[1], self.width),
-                ("length", "embed"),
-                self.param_dtype,
+            rows = x_BND.shape[1]
+            pos_ND = layers.embedding_table(
+                self, "pos_embedding", rows, nn.initializers.normal(0.02)
             )
         else:
             raise ValueError(f"posemb must be 'sincos3d' or 'learn', got {self.posemb!r}")

@@ -5,7 +5,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models.layers import Dtype, Encoder, LayerNorm, dense, param
+from mmjax.models.layers import (
+    Encoder,
+    LayerNorm,
+    TowerSettings,
+    embedding_table,
+    param,
+    patch_embedding,
+)
 
 
 def sincos2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> jax.Array:
@@ -25,7 +32,7 @@ def sincos2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> jax.A
     return jnp.concatenate([jnp.sin(x_NF), jnp.cos(x_NF), jnp.sin(y_NF), jnp.cos(y_NF)], axis=1)
 
 
-class ViT(nn.Module):
+class ViT(TowerSettings):
     """ViT: non-overlapping patches -> linear embedding + learned positions -> Encoder -> pool.
 
     Images are BHWC floats. Returns (pooled_BD, tokens_BND); `pool` is "gap" (mean over patch
@@ -46,11 +53,6 @@ class ViT(nn.Module):
     posemb: str = "sincos2d"
     patch_bias: bool = True
     pre_norm: bool = False  # a LayerNorm before the first block (open_clip's `ln_pre`)
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    remat: str = "none"  # see layers.REMAT_POLICIES
-    scan_layers: bool = False
-    activation: str = "gelu_tanh"  # see layers.ACTIVATIONS
 
     @nn.compact
     def __call__(self, images_BHWC: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -59,7 +61,7 @@ class ViT(nn.Module):
         x_BHWC = images_BHWC
         for i, channels in enumerate(self.stem_channels):
             x_BHWC = nn.gelu(self._conv(f"stem{i}", x_BHWC, channels))
-        _, h, w, c = x_BHWC.shape
+        _, h, w, _ = x_BHWC.shape
         p = self.patch_size
         if h % p or w % p:
             raise ValueError(
@@ -68,26 +70,7 @@ class ViT(nn.Module):
             )
         # A patch embedding is a strided conv; as reshape + matmul it is one large 2-D GEMM.
         patches_BNP = einops.rearrange(x_BHWC, "B (h p) (w q) C -> B (h w) (p q C)", p=p, q=p)
-        init = nn.initializers.lecun_normal()
-        w_patch = param(
-            self,
-            "patch_kernel",
-            init,
-            (p * p * c, self.width),
-            ("patch", "embed"),
-            self.param_dtype,
-        )
-        b_patch = None
-        if self.patch_bias:
-            b_patch = param(
-                self,
-                "patch_bias",
-                nn.initializers.zeros,
-                (self.width,),
-                ("norm",),
-                self.param_dtype,
-            )
-        x_BND = dense(patches_BNP, w_patch, self.dtype, bias=b_patch)
+        x_BND = patch_embedding(self, "patch", patches_BNP, self.patch_bias)
         if self.pool == "cls":
             cls = param(
                 self, "cls_token", nn.initializers.zeros, (self.width,), ("norm",), self.param_dtype
@@ -100,14 +83,7 @@ class ViT(nn.Module):
             if self.pool == "cls":
                 pos = jnp.concatenate([jnp.zeros((1, self.width), pos.dtype), pos])
         elif self.posemb == "learn":  # one learned row per token, class token included
-            pos = param(
-                self,
-                "pos_embedding",
-                nn.initializers.normal(0.02),
-                (n, self.width),
-                ("length", "embed"),
-                self.param_dtype,
-            )
+            pos = embedding_table(self, "pos_embedding", n, nn.initializers.normal(0.02))
         else:
             raise ValueError(f"ViT posemb must be 'learn' or 'sincos2d', got {self.posemb!r}")
         x_BND = x_BND + pos.astype(self.dtype)[None]
