@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mmjax.models.layers import Dtype, dense, param
+from mmjax.errors import ConfigError
+from mmjax.models.layers import ACTIVATIONS, REMAT_POLICIES, Dtype, dense, param
 from mmjax.models.text import TextTransformer
 from mmjax.models.vision import ViT
 
@@ -151,6 +152,31 @@ def build_towers(config: ml_collections.ConfigDict, vocab_size: int) -> tuple[Vi
     else:
         raise ValueError(f"model.text.kind={m.text.kind!r}; use 'transformer' or 'hf_bert'")
     return image, text
+
+
+def validate_towers(config: ml_collections.ConfigDict) -> None:
+    """ConfigError for `config.model` settings the towers of `build_towers` cannot run with."""
+    m = config.model
+    if m.remat not in REMAT_POLICIES:
+        raise ConfigError(
+            f"model.remat={m.remat!r} is unknown; use one of {', '.join(REMAT_POLICIES)}"
+        )
+    if m.activation not in ACTIVATIONS:
+        raise ConfigError(
+            f"model.activation={m.activation!r} is unknown; use one of {', '.join(ACTIVATIONS)}"
+        )
+    size, patch = config.data.image_size, m.image.patch_size
+    if size % patch:
+        raise ConfigError(
+            f"data.image_size={size} is not divisible by model.image.patch_size={patch}"
+        )
+    for tower in ("image", "text"):
+        t = m[tower]
+        if t.width % t.num_heads:
+            raise ConfigError(
+                f"model.{tower}.width={t.width} is not divisible by "
+                f"model.{tower}.num_heads={t.num_heads}"
+            )
 
 
 def build_two_tower(config: ml_collections.ConfigDict, vocab_size: int) -> TwoTower:

@@ -19,6 +19,7 @@ from mmjax.eval import maps
 from mmjax.eval.embed import class_predictor
 from mmjax.models.fusion import ATTENTION_FUSIONS
 from mmjax.models.fusion_classifier import build_fusion_classifier
+from mmjax.models.two_tower import validate_towers
 from mmjax.tasks.weights import hf_text_tower
 from mmjax.train.task import Task, headline
 
@@ -58,6 +59,7 @@ class ClassificationTask(Task):
 
     def validate(self, config):
         sources.require(config.data, "labelled", self.name)
+        validate_towers(config)
 
     def build_model(self, config, vocab_size):
         num_classes = len(labelled.split_of(config.data, "validation").classes)

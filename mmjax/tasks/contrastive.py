@@ -23,7 +23,7 @@ from mmjax.eval import maps
 from mmjax.eval.evaluators import build_evaluator
 from mmjax.losses.distill import EMBEDDING_KINDS
 from mmjax.models.discriminator import ModalityDiscriminator
-from mmjax.models.two_tower import TRAINING_PARTS, TwoTower, build_two_tower
+from mmjax.models.two_tower import TRAINING_PARTS, TwoTower, build_two_tower, validate_towers
 from mmjax.tasks.contrastive_objective import DISTILL_TERMS, TERMS, ContrastiveObjective
 from mmjax.tasks.weights import hf_text_tower
 from mmjax.train import pretrained
@@ -140,6 +140,7 @@ class ContrastiveTask(Task):
         return {**weights, **self.own_terms(config)}
 
     def validate(self, config):
+        validate_towers(config)
         if self.contrastive_weight_setting != "objective.contrastive":
             refuse_overrides(
                 config,

@@ -23,6 +23,7 @@ from mmjax.data import pipeline
 from mmjax.data.builtin import clips, labelled, moving_shapes
 from mmjax.eval.embed import class_predictor
 from mmjax.models.fusion_classifier import build_fusion_classifier
+from mmjax.models.two_tower import validate_towers
 from mmjax.models.video import build_video_tower
 from mmjax.tasks import video_contrastive as video
 from mmjax.tasks.classification import ClassificationTask, accuracy_by_group
@@ -37,6 +38,7 @@ class VideoQATask(ClassificationTask):
     visualizer = None  # the classification maps are drawn on one image, not a clip
 
     def validate(self, config):
+        validate_towers(config)
         video.validate_video(config, self.name)
 
     def build_model(self, config, vocab_size):

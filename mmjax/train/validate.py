@@ -11,7 +11,6 @@ import numpy as np
 from mmjax import config as base
 from mmjax.data import preprocess
 from mmjax.errors import ConfigError
-from mmjax.models.layers import ACTIVATIONS, REMAT_POLICIES
 from mmjax.train import guard
 from mmjax.train.task import CONTRASTIVE_SETTINGS, Task
 
@@ -52,19 +51,10 @@ def refuse_overrides(config: ml_collections.ConfigDict, names: Iterable[str], wh
 
 
 def validate_config(c: ml_collections.ConfigDict, task: Task) -> None:
-    """The settings every task shares (steps, batch, dtype, mesh-independent model fields,
-    data, guard), then `task.validate` for the task's own."""
+    """The settings every task shares (steps, batch, dtype, data, guard), then `task.validate`
+    for the task's own (e.g. the towers' model fields: `two_tower.validate_towers`)."""
     if not task.has_contrastive_term:
         refuse_overrides(c, CONTRASTIVE_SETTINGS, f"task={task.name} has no contrastive term")
-    if c.model.remat not in REMAT_POLICIES:
-        raise ConfigError(
-            f"model.remat={c.model.remat!r} is unknown; use one of {', '.join(REMAT_POLICIES)}"
-        )
-    if c.model.activation not in ACTIVATIONS:
-        raise ConfigError(
-            f"model.activation={c.model.activation!r} is unknown; use one of "
-            f"{', '.join(ACTIVATIONS)}"
-        )
     if int(c.microbatches) < 1:
         raise ConfigError(f"microbatches={c.microbatches} must be >= 1 (1 = no GradCache)")
     if c.dtype not in ("float32", "bfloat16"):
@@ -77,18 +67,6 @@ def validate_config(c: ml_collections.ConfigDict, task: Task) -> None:
             raise ConfigError(f"{key}={c[key]} must be >= 0 (0 disables it)")
     if c.keep_checkpoints < 1:
         raise ConfigError(f"keep_checkpoints={c.keep_checkpoints} must be >= 1")
-    size, patch = c.data.image_size, c.model.image.patch_size
-    if size % patch:
-        raise ConfigError(
-            f"data.image_size={size} is not divisible by model.image.patch_size={patch}"
-        )
-    for tower in ("image", "text"):
-        t = c.model[tower]
-        if t.width % t.num_heads:
-            raise ConfigError(
-                f"model.{tower}.width={t.width} is not divisible by "
-                f"model.{tower}.num_heads={t.num_heads}"
-            )
     if not 0.0 <= c.data.first_caption_prob <= 1.0:
         raise ConfigError(f"data.first_caption_prob={c.data.first_caption_prob} must be in [0, 1]")
     if c.data.augment not in preprocess.AUGMENTATIONS:
