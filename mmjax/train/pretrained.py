@@ -18,7 +18,7 @@ import os
 import jax
 import ml_collections
 
-from mmjax import checkpoint
+from mmjax import checkpoint, metrics
 from mmjax.errors import ConfigError
 
 
@@ -163,6 +163,6 @@ def merge(params: dict, abstract_params: dict, sources: list[Pretrained]) -> dic
         else:
             values = checkpoint.restore_params(source.directory, target)
         params = _replaced(params, source.path, values)
-        if source.loaded and jax.process_index() == 0:
-            print(source.loaded)
+        if source.loaded:
+            metrics.note(source.loaded)
     return params
