@@ -351,3 +351,34 @@ def test_video_contrastive_distills_from_a_video_teacher():
     params = nn.unbox(jax.eval_shape(init, jax.random.key(0)))
     student = {k: v for k, v in params.items() if k != "teacher"}
     assert checkpoint.shapes_of(params["teacher"]) == checkpoint.shapes_of(student)
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_composed_models_embed_like_their_two_tower(name):
+    """`python -m mmjax.evaluate` (zero-shot, retrieval) embeds with `encode_image`/`encode_text`
+    of the task's model: they are its two-tower model's embeddings, before normalisation."""
+    config = small(name)
+    task, model, params = built(config)
+    assert task.image_text_embeddings
+    batch = batch_of(name)
+    img_BE, txt_BE, _ = two_tower_outputs(model, params, batch)
+    apply = lambda method, x: model.apply({"params": params}, x, method=method)
+    for got, want in (
+        (apply(model.encode_image, batch["image"]), img_BE),
+        (apply(model.encode_text, batch["tokens"]), txt_BE),
+    ):
+        unit = got / (jnp.linalg.norm(got, axis=-1, keepdims=True) + 1e-6)
+        np.testing.assert_allclose(unit, want, rtol=1e-5, atol=1e-6)
+
+
+def test_mlm_needs_a_tokenizer_with_a_mask_token():
+    from mmjax.data.tokenizers import build_tokenizer
+    from mmjax.tasks.matching import mask_id_of
+
+    assert mask_id_of(build_tokenizer("bytes", 12)) == VOCAB - 1
+
+    class NoMask:  # e.g. CLIP BPE: no mask token in its vocabulary
+        mask_id = None
+
+    with pytest.raises(ConfigError, match="set matching.mlm=0"):
+        mask_id_of(NoMask())

@@ -71,6 +71,13 @@ class CoCa(nn.Module):
             "decoder_output_kernel", (width, self.vocab_size), ("embed", None)
         )
 
+    def encode_image(self, images_BHWC):
+        """The two-tower image embedding (unnormalised float32): zero-shot and retrieval."""
+        return self.two_tower.encode_image(images_BHWC)
+
+    def encode_text(self, tokens_BL):
+        return self.two_tower.encode_text(tokens_BL)
+
     def image_tokens(self, images):
         """(pooled_BD, img_BND): the image tower's outputs."""
         return self.two_tower.image(images)

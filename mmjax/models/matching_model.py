@@ -55,6 +55,13 @@ class MatchingModel(nn.Module):
         img_BND, txt_BLD = aux["image_tokens_BND"], aux["text_tokens_BLD"]
         return img_BE, txt_BE, img_BND, txt_BLD, aux["logit_scale"]
 
+    def encode_image(self, images_BHWC):
+        """The two-tower image embedding (unnormalised float32): zero-shot and retrieval."""
+        return self.two_tower.encode_image(images_BHWC)
+
+    def encode_text(self, tokens_BL):
+        return self.two_tower.encode_text(tokens_BL)
+
     def text_tokens(self, tokens_BL):
         return self.two_tower.text(tokens_BL)[1]
 

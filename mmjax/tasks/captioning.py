@@ -88,7 +88,7 @@ class CaptioningTask(ContrastiveTask):
     name = "captioning"
     metric_name = "bleu4"
     contrastive_weight_setting = "captioning.contrastive_weight"
-    image_text_embeddings = False  # CoCa has no encode_image / encode_text
+    image_text_embeddings = True  # CoCa.encode_image / encode_text (its TwoTower)
     visualizer = None
 
     def validate(self, config):

@@ -52,13 +52,14 @@ class _CaptionAndSeed(pipeline.DecodeAndPickCaption):
         return {**out, "seed": np.uint32(rng.integers(2**32))}
 
 
-def mask_id_of(tokenizer) -> int:
-    """The tokenizer's mask token, or its last (unused) id for the bytes tokenizer."""
-    if hasattr(tokenizer, "mask_id"):
-        return int(tokenizer.mask_id)
-    if isinstance(tokenizer, tokenizers.ByteTokenizer):
-        return tokenizer.vocab_size - 1  # 259 ids are used, the vocab is padded to 264
-    raise ValueError(f"{type(tokenizer).__name__} has no mask token for the MLM objective")
+def mask_id_of(tokenizer: tokenizers.Tokenizer) -> int:
+    """The tokenizer's mask token; a clear error for tokenizers without one (CLIP BPE)."""
+    if tokenizer.mask_id is None:
+        raise ConfigError(
+            f"the MLM term needs a tokenizer with a mask token; {type(tokenizer).__name__} has "
+            "none: use data.tokenizer=bytes or wordpiece, or set matching.mlm=0"
+        )
+    return int(tokenizer.mask_id)
 
 
 class MatchingObjective:
@@ -82,14 +83,10 @@ class MatchingObjective:
         self.pad_id = pad_id
         self.vocab_size = tokenizer.vocab_size
         self.mask_id = mask_id_of(tokenizer)
-        specials = {
-            pad_id,
-            getattr(tokenizer, "bos_id", pad_id),
-            getattr(tokenizer, "eot_id", pad_id),
-        }
+        specials = {pad_id, *(i for i in (tokenizer.bos_id, tokenizer.eot_id) if i is not None)}
         self.space_id = None
         if isinstance(tokenizer, tokenizers.ByteTokenizer):
-            self.space_id = int(tokenizers.token_ids(tokenizer, [" "])[0, 1])
+            self.space_id = int(tokenizer.encode([" "])[0, 1])
             specials.add(self.space_id)
         self.special_ids = tuple(sorted(specials))
 
@@ -172,7 +169,7 @@ class MatchingTask(ContrastiveTask):
     metric_name = "itm_accuracy"
     supports_microbatches = False
     contrastive_weight_setting = "matching.itc"
-    image_text_embeddings = False  # MatchingModel has no encode_image / encode_text
+    image_text_embeddings = True  # MatchingModel.encode_image / encode_text (its TwoTower)
 
     def visualizer(self, config):
         return maps.AttentionMaps(_itm_attention, _match_line, config.model.text.pad_id)
@@ -214,16 +211,14 @@ class MatchingTask(ContrastiveTask):
         )
 
     def train_iterator(self, config, process_index, process_count):
-        ds = pipeline.batched_stream(
+        return pipeline.train_batches(
             pipeline.train_source(config.data),
             _CaptionAndSeed(self.tokenizer(config), config.data),
-            seed=config.seed,
-            global_batch_size=config.batch_size,
-            process_index=process_index,
-            process_count=process_count,
+            config,
+            process_index,
+            process_count,
             batch_map=pipeline.normalize_batch,
         )
-        return pipeline.iterate(ds)
 
     def evaluator(self, config, model, batch_sharding):
         return MatchingEvaluator(config, model, batch_sharding, self.tokenizer(config))
@@ -247,7 +242,7 @@ class MatchingEvaluator:
         negative = [shapes.canonical_caption(a) for a, _ in negatives]
         self.pairs = {
             "image": np.concatenate([val["image"], val["image"]]),
-            "tokens": tokenizers.token_ids(tokenizer, positive + negative),
+            "tokens": tokenizer.encode(positive + negative),
         }
         self.labels = np.concatenate([np.ones(n, np.int32), np.zeros(n, np.int32)])
         self.masked = None

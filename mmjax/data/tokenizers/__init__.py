@@ -137,8 +137,3 @@ def build_tokenizer(kind: str, max_len: int, path: str | None = None) -> Tokeniz
             raise ValueError("the sentencepiece tokenizer needs path=<file.model>")
         return SentencePieceTokenizer(path, max_len)
     raise ValueError(f"unknown tokenizer {kind!r}: must be one of {TOKENIZERS}")
-
-
-def token_ids(tokenizer: Tokenizer, texts: Sequence[str]) -> np.ndarray:
-    """`tokenizer.encode(texts)`: kept only until `mmjax.tasks.matching` calls `encode` itself."""
-    return tokenizer.encode(texts)
