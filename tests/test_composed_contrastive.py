@@ -380,5 +380,5 @@ def test_mlm_needs_a_tokenizer_with_a_mask_token():
     class NoMask:  # e.g. CLIP BPE: no mask token in its vocabulary
         mask_id = None
 
-    with pytest.raises(ConfigError, match="set matching.mlm=0"):
+    with pytest.raises(ConfigError, match=r"set matching\.mlm=0"):
         mask_id_of(NoMask())
