@@ -11,6 +11,12 @@ import json
 import os
 import sys
 
+CONFIG_HELP = "an mmjax recipe file (default: the base config, mmjax/config.py)"
+OPEN_CLIP_HELP = (
+    "an open_clip model-config JSON: a path, a name of open_clip's (e.g. ViT-B-16) or of "
+    "mmjax/bench/configs/ (e.g. clip_tiny_64)"
+)
+
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m mmjax.bench", description=__doc__)
@@ -18,8 +24,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
     train = sub.add_parser("train", help="time the jitted train step of one model")
     src = train.add_mutually_exclusive_group()
-    src.add_argument("--config", default="configs/default.py", help="an mmjax config file")
-    src.add_argument("--open-clip-config", help="an open_clip model-config JSON (path or name)")
+    src.add_argument("--config", help=CONFIG_HELP)
+    src.add_argument("--open-clip-config", help=OPEN_CLIP_HELP)
     train.add_argument("--batch", type=int, default=64, help="global batch size")
     train.add_argument("--dtype", default="float32", help="compute dtype(s), comma-separated")
     train.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
@@ -37,14 +43,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     loss.add_argument("--kind", choices=("softmax", "sigmoid"), default="softmax")
 
     scale = sub.add_parser("scale", help="AOT-compile a config's train step on fake devices")
-    scale.add_argument("--config", default="configs/default.py")
-    scale.add_argument("--open-clip-config", help="an open_clip model-config JSON (path or name)")
+    scale.add_argument("--config", help=CONFIG_HELP)
+    scale.add_argument("--open-clip-config", help=OPEN_CLIP_HELP)
     scale.add_argument("--devices", type=int, default=8)
     scale.add_argument("--global-batch", type=int, default=None)
     scale.add_argument("--override", action="append", default=[], help="key=value config edits")
 
     pipe = sub.add_parser("pipeline", help="images/s of decode + augment + tokenize")
-    pipe.add_argument("--config", default="configs/default.py")
+    pipe.add_argument("--config", help=CONFIG_HELP)
     pipe.add_argument("--batch", type=int, default=64)
     pipe.add_argument("--batches", type=int, default=20, help="timed batches per run")
     pipe.add_argument("--threads", default="0,1,2", help="grain reader threads, comma-separated")

@@ -53,6 +53,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from mmjax import config as base_config
 from mmjax import parallel
 from mmjax.bench import common, flops
 from mmjax.data import pipeline
@@ -75,23 +76,40 @@ class Variant:
     times: list = dataclasses.field(default_factory=list)
 
 
+# open_clip model configs shipped with the benchmark (package data), found by name.
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def open_clip_config_path(name_or_path: str) -> str:
+    """`name_or_path`, or the path of the benchmark's own config of that name (clip_tiny_64)."""
+    shipped = CONFIG_DIR / f"{name_or_path}.json"
+    if not Path(name_or_path).is_file() and shipped.is_file():
+        return str(shipped)
+    return name_or_path
+
+
 def load_config(args: argparse.Namespace) -> tuple[ml_collections.ConfigDict, int, str, dict]:
-    """(config, vocab_size, model name, open_clip config or None) of the benchmarked model."""
+    """(config, vocab_size, model name, open_clip config or None) of the benchmarked model:
+    `--open-clip-config`, else the recipe `--config`, else the base config (mmjax/config.py)."""
     from mmjax.interop import open_clip_config
 
     if args.open_clip_config:
-        oc_cfg = open_clip_config.load_open_clip_config(args.open_clip_config)
+        path = open_clip_config_path(args.open_clip_config)
+        oc_cfg = open_clip_config.load_open_clip_config(path)
         config, vocab = open_clip_config.mmjax_config_from_open_clip(oc_cfg)
         return config, vocab, Path(args.open_clip_config).stem, oc_cfg
-    spec = importlib.util.spec_from_file_location("mmjax_bench_config", args.config)
-    if spec is None or spec.loader is None:
-        raise FileNotFoundError(f"cannot load config file {args.config!r}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    if args.config is None:
+        config, name = base_config.get_config(), "default"
+    else:
+        spec = importlib.util.spec_from_file_location("mmjax_bench_config", args.config)
+        if spec is None or spec.loader is None:
+            raise FileNotFoundError(f"cannot load config file {args.config!r}")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config, name = module.get_config(), Path(args.config).stem
     # The config's tokenizer (data.tokenizer) fixes the vocabulary of config-file models.
     vocab = pipeline.tokenizer_for(config.data).vocab_size
-    return config, vocab, Path(args.config).stem, None
+    return config, vocab, name, None
 
 
 def synthetic_batch(

@@ -266,10 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoint.save_params(str(workdir / "params"), variables["params"])
     (workdir / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
+    # A hint that holds for any install: the repository's recipe open_clip.py is one such.
     print(
-        f"wrote {workdir / 'params'}; fine-tune with:\n  python train.py --config "
-        f"configs/open_clip.py:{workdir / 'open_clip_config.json'} "
-        f"--config.init_from={workdir / 'params'}"
+        f"wrote {workdir / 'params'}; fine-tune with a recipe whose get_config() returns "
+        "mmjax.interop.open_clip_config.finetune_config("
+        f"'{workdir / 'open_clip_config.json'}') and --config.init_from={workdir / 'params'}"
     )
     return 0
 
