@@ -109,6 +109,7 @@ def test_open_clip_config_round_trip_and_loading(tmp_path):
         load_open_clip_config(str(tmp_path / "missing.json"))
 
 
+@pytest.mark.slow
 def test_train_bench_json(tmp_path, capsys):
     path = tmp_path / "tiny.json"
     path.write_text(json.dumps(TINY))

@@ -23,6 +23,7 @@ def scale_args(tmp_path, *overrides):
     )
 
 
+@pytest.mark.slow
 def test_fsdp_divides_state_bytes_by_the_device_count(tmp_path):
     dp = scale.run(scale_args(tmp_path, "mesh.data=-1"))
     fsdp = scale.run(scale_args(tmp_path, "mesh.data=1", "mesh.fsdp=-1", "loss_impl=chunked"))

@@ -64,9 +64,8 @@ def _losses(workdir):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    root = tmp_path_factory.mktemp("recovery")
-    data_dir, workdir = str(root / "data"), str(root / "reference")
+def reference(tmp_path_factory, data_dir):
+    workdir = str(tmp_path_factory.mktemp("recovery") / "reference")
     run(_config(data_dir, 8), workdir)
     return data_dir, workdir
 

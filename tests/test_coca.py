@@ -11,16 +11,13 @@ import pytest
 from configs import captioning
 from mmjax.eval.bleu import corpus_bleu
 from mmjax.models.coca import beam_search, build_coca
+from tests.conftest import tiny
 
 BOS, EOT, PAD = 1, 2, 0
 
 
 def tiny_model():
-    c = captioning.get_config()
-    for tower in (c.model.image, c.model.text):
-        tower.update(width=32, depth=1, mlp_dim=64, num_heads=2)
-    c.model.embed_dim = 32
-    c.data.text_length = 12
+    c = tiny(captioning.get_config(), text_length=12)
     c.captioning.decoder_depth = 1
     model = build_coca(c, 264)
     images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))

@@ -22,10 +22,10 @@ NUM_TRAIN, NUM_VAL, IMAGE_SIZE = 200, 96, 32  # 96 = two rounds of the 48 compos
 
 
 @pytest.fixture(scope="module")
-def data_cfg(tmp_path_factory):
+def data_cfg(data_dir):
     cfg = default_config.get_config().data
     cfg.update(
-        data_dir=str(tmp_path_factory.mktemp("tfds")),
+        data_dir=data_dir,
         image_size=IMAGE_SIZE,
         num_train=NUM_TRAIN,
         num_val=NUM_VAL,

@@ -14,13 +14,15 @@ NUM_DIGITS = 1797  # scikit-learn's copy of the optdigits test set
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
+def own_data_dir(tmp_path_factory):
+    """A folder of this module's own, not the session's: the tests below watch builds happen
+    (or not), so no other test may have built digits there first."""
     return str(tmp_path_factory.mktemp("tfds"))
 
 
 @pytest.fixture(scope="module")
-def builder(data_dir):
-    return digits_builder.ensure_built(data_dir)  # the default setting: 32 px, 0.2, seed 0
+def builder(own_data_dir):
+    return digits_builder.ensure_built(own_data_dir)  # the default setting: 32 px, 0.2, seed 0
 
 
 def _english_tokens(text: str) -> set[str]:
@@ -146,11 +148,11 @@ def test_stored_images_and_captions_equal_generated_ones(builder):
             assert caps[0] == digits.canonical_caption(int(ex["label"]))
 
 
-def test_second_ensure_built_reuses_files(builder, data_dir, capsys):
+def test_second_ensure_built_reuses_files(builder, own_data_dir, capsys):
     capsys.readouterr()
     stat = os.stat(builder.data_dir)
     files = sorted(os.listdir(builder.data_dir))
-    again = digits_builder.ensure_built(data_dir)
+    again = digits_builder.ensure_built(own_data_dir)
     assert capsys.readouterr().out == ""  # no "mmjax: built" line
     assert again.data_dir == builder.data_dir
     after = os.stat(builder.data_dir)
@@ -158,11 +160,11 @@ def test_second_ensure_built_reuses_files(builder, data_dir, capsys):
     assert sorted(os.listdir(builder.data_dir)) == files
 
 
-def test_content_parameters_name_the_directory(builder, data_dir, capsys):
+def test_content_parameters_name_the_directory(builder, own_data_dir, capsys):
     assert builder.builder_config.name == "s32_v0.2_seed0"
     assert builder.data_dir.endswith(os.path.join("mmjax_digits", "s32_v0.2_seed0", "1.0.0"))
     capsys.readouterr()
-    small = digits_builder.ensure_built(data_dir, image_size=16)
+    small = digits_builder.ensure_built(own_data_dir, image_size=16)
     assert "mmjax: built mmjax_digits/s16_v0.2_seed0 (1438 train + 359 validation)" in (
         capsys.readouterr().out
     )

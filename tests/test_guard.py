@@ -125,12 +125,12 @@ def _poison_step(monkeypatch, bad_steps):
 
 
 @pytest.mark.slow
-def test_loop_skip_policy_counts_and_finishes(tmp_path, monkeypatch, capsys):
+def test_loop_skip_policy_counts_and_finishes(tmp_path, data_dir, monkeypatch, capsys):
     from mmjax.main import train as run
     from mmjax.metrics import read_metrics
 
     _poison_step(monkeypatch, {4})
-    summary = run(_loop_config(str(tmp_path / "data"), "skip"), str(tmp_path / "run"))
+    summary = run(_loop_config(data_dir, "skip"), str(tmp_path / "run"))
     assert summary["train/skipped_steps"] == 1
     assert "skipped 1 step(s) between steps 4 and 4, the last at step 4" in capsys.readouterr().out
     rows = {r["step"]: r for r in read_metrics(str(tmp_path / "run")) if "train/loss" in r}
@@ -140,12 +140,12 @@ def test_loop_skip_policy_counts_and_finishes(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_loop_stop_policy_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+def test_loop_stop_policy_keeps_the_last_good_checkpoint(tmp_path, data_dir, monkeypatch):
     from mmjax.checkpoint import Checkpointer
     from mmjax.main import train as run
 
     _poison_step(monkeypatch, {5})
     workdir = str(tmp_path / "run")
     with pytest.raises(guard.BadStepsError, match=r"between steps 5 and 5, the last at step 5"):
-        run(_loop_config(str(tmp_path / "data"), "stop"), workdir)
+        run(_loop_config(data_dir, "stop"), workdir)
     assert Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == [2, 4]

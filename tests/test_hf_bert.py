@@ -77,6 +77,7 @@ def reference():
     return model_dir, enc, out.last_hidden_state.numpy()
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("fused_qkv", [True, False], ids=["fused_qkv", "separate_qkv"])
 def test_hidden_states_match_transformers(reference, fused_qkv):
     model_dir, enc, ref_BLD = reference
@@ -91,6 +92,7 @@ def test_hidden_states_match_transformers(reference, fused_qkv):
     np.testing.assert_array_equal(_apply(model, variables, ids, mask), out_BLD)
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("field, value", [("hidden_act", "gelu_new"), ("layer_norm_eps", 1e-5)])
 def test_tolerance_catches_small_mistakes(reference, field, value):
     """The parity tolerance is tight enough to see tanh instead of erf GELU (measured 2.5e-3)
@@ -103,6 +105,7 @@ def test_tolerance_catches_small_mistakes(reference, field, value):
     assert _token_rel_err(out_BLD, ref_BLD, enc["attention_mask"]) > 10 * RTOL
 
 
+@pytest.mark.interop
 def test_sentence_embeddings_match(reference):
     """mean pooling + L2 normalisation (what modules.json says) matches the reference, both
     recomputed from torch hidden states and from sentence-transformers itself when installed."""
@@ -131,6 +134,7 @@ def test_sentence_embeddings_match(reference):
     assert st_cos.min() >= 0.99999
 
 
+@pytest.mark.interop
 def test_bf16_compute_runs_and_stays_close(reference):
     model_dir, enc, ref_BLD = reference
     model, variables = hf.load_bert_model(model_dir, dtype="bfloat16")
@@ -148,6 +152,7 @@ def test_bf16_compute_runs_and_stays_close(reference):
     assert token_cos.min() >= 0.99 and sent_cos.min() >= 0.99
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("hidden_act", ["gelu_new", "relu"])
 def test_torch_bin_checkpoint_with_token_types(tmp_path, hidden_act):
     """A random tiny BERT saved as pytorch_model.bin (read with weights_only=True), other
@@ -183,6 +188,7 @@ def test_torch_bin_checkpoint_with_token_types(tmp_path, hidden_act):
     assert _token_rel_err(_apply(model, variables, ids, mask, types), ref_BLD, mask) <= RTOL
 
 
+@pytest.mark.interop
 def test_bfloat16_safetensors_are_read(tmp_path):
     """numpy has no bfloat16 of its own: the loader relies on ml_dtypes' registration."""
     _importorskip("torch", "safetensors")
@@ -204,6 +210,7 @@ def minilm():
     return model, hf.read_state_dict(model_dir)
 
 
+@pytest.mark.interop
 def test_missing_weight_is_named(minilm):
     model, state = minilm
     state = dict(state)
@@ -214,6 +221,7 @@ def test_missing_weight_is_named(minilm):
     assert "encoder.layer.3.attention.self.key.bias (for layer3/attn/qkv_bias)" in str(e.value)
 
 
+@pytest.mark.interop
 def test_unused_tensor_is_named_unless_allowed(minilm):
     model, state = minilm
     state = {**state, "cls.predictions.bias": np.zeros(30522, np.float32)}
@@ -226,6 +234,7 @@ def test_unused_tensor_is_named_unless_allowed(minilm):
     assert variables["params"]["layer5"]["mlp"]["in_kernel"].shape == (384, 1536)
 
 
+@pytest.mark.interop
 def test_shape_mismatch_is_named(minilm):
     model, state = minilm
     key = "encoder.layer.0.intermediate.dense.weight"
@@ -269,6 +278,7 @@ def test_mean_pool_ignores_padding():
     assert mean_pool(jnp.zeros((1, 2, 3)), jnp.zeros((1, 2))).tolist() == [[0.0] * 3]
 
 
+@pytest.mark.interop
 def test_load_bert_end_to_end(reference):
     """`load_bert`'s WordPiece tokenizer gives the reference ids, and its fixed-length padding
     (max_seq_length 256 here, not the batch's longest) leaves the hidden states unchanged."""
@@ -284,6 +294,7 @@ def test_load_bert_end_to_end(reference):
     assert _token_rel_err(out_BLD, ref_BLD, enc["attention_mask"]) <= RTOL
 
 
+@pytest.mark.interop
 def test_frozen_text_tower_passes_no_gradient():
     """LiT: with `frozen=True` the BERT tower's parameters get exactly zero gradient (the
     backward pass stops at its output), the projection on top still trains."""

@@ -8,6 +8,7 @@ import pytest
 
 from mmjax.interop import open_clip as oc
 
+pytestmark = pytest.mark.interop
 torch = pytest.importorskip("torch", reason="needs the interop extra: pip install -e '.[interop]'")
 open_clip = pytest.importorskip(
     "open_clip", reason="needs the interop extra: pip install -e '.[interop]'"
@@ -123,7 +124,8 @@ def test_unsupported_options_are_named():
         oc.load(variant(vision_cfg__timm_model_name="vit_base_patch16_224"), {})
 
 
-def test_import_finetune_export_round_trip(tmp_path):
+@pytest.mark.slow
+def test_import_finetune_export_round_trip(tmp_path, data_dir):
     """CLI import -> train.py's loop starting from the imported params (learning rate 0, so they
     must survive unchanged) -> CLI export from the train workdir -> open_clip strict load."""
     import json
@@ -175,7 +177,7 @@ def test_import_finetune_export_round_trip(tmp_path):
     config.optim.learning_rate = 0.0
     config.optim.weight_decay = 0.0
     config.total_steps = 1
-    config.data.update(data_dir=str(tmp_path / "data"), num_train=64, num_val=32)
+    config.data.update(data_dir=data_dir, num_train=64, num_val=32)
     config.batch_size = 8
     config.eval.batch_size = 16
     summary = run(config, str(tmp_path / "run"))

@@ -57,6 +57,7 @@ def config_for(mesh, loss="softmax"):
     return c
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["softmax", "sigmoid"])
 def test_sharded_losses_equal_single_device(loss):
     single, _ = train_losses(config_for(dict(data=1, fsdp=1, tensor=1), loss), jax.devices()[:1])

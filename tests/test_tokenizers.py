@@ -83,6 +83,7 @@ def test_build_tokenizer_rejects_unknown_kinds_and_missing_paths():
         build_tokenizer("sentencepiece", 16)
 
 
+@pytest.mark.interop
 def test_build_tokenizer_builds_each_kind(tmp_path):
     pytest.importorskip("open_clip", reason=INTEROP)
     pytest.importorskip("regex", reason=INTEROP)
@@ -106,6 +107,7 @@ def open_clip():
     return pytest.importorskip("open_clip", reason=INTEROP)
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("max_len", [77, 16])
 def test_clip_bpe_matches_open_clip(open_clip, max_len):
     from mmjax.data.tokenizers.clip_bpe import ClipBpeTokenizer
@@ -119,6 +121,7 @@ def test_clip_bpe_matches_open_clip(open_clip, max_len):
     assert (ours == tok.eot_id).sum(axis=1).min() >= 1
 
 
+@pytest.mark.interop
 def test_clip_bpe_matches_open_clip_on_code_points(open_clip):
     from mmjax.data.tokenizers.clip_bpe import ClipBpeTokenizer
 
@@ -129,6 +132,7 @@ def test_clip_bpe_matches_open_clip_on_code_points(open_clip):
     assert not len(bad), [hex(ord(probes[i][1])) for i in bad[:20]]
 
 
+@pytest.mark.interop
 def test_clip_bpe_decode_and_merges_path(open_clip, tmp_path, monkeypatch):
     from mmjax.data.tokenizers import clip_bpe
 
@@ -167,6 +171,7 @@ def _hf_encode(hf, texts, max_len):
     return np.asarray(out["input_ids"]), np.asarray(out["attention_mask"])
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("max_len", [32, 128])
 def test_wordpiece_matches_hf_minilm(minilm, max_len):
     tok, hf = minilm(max_len)
@@ -181,6 +186,7 @@ def test_wordpiece_matches_hf_minilm(minilm, max_len):
     assert (ids[np.arange(len(ids)), last] == tok.sep_id).all() and (ids[:, 0] == tok.cls_id).all()
 
 
+@pytest.mark.interop
 def test_wordpiece_matches_hf_on_code_points(minilm):
     tok, hf = minilm(16)
     probes = _code_point_probes(step=3)
@@ -190,6 +196,7 @@ def test_wordpiece_matches_hf_on_code_points(minilm):
     assert not len(bad), [hex(ord(probes[i][1])) for i in bad[:20]]
 
 
+@pytest.mark.interop
 def test_wordpiece_matches_hf_random_mixtures(minilm):
     tok, hf = minilm(48)
     rng = random.Random(0)
@@ -198,6 +205,7 @@ def test_wordpiece_matches_hf_random_mixtures(minilm):
     np.testing.assert_array_equal(tok.encode(texts), _hf_encode(hf, texts, 48)[0])
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("lowercase", [True, False])
 def test_wordpiece_matches_hf_bert_on_a_small_vocab(tmp_path, lowercase):
     """A vocab of our own (so no MiniLM download needed), cased and uncased."""
@@ -240,6 +248,7 @@ def _sentences(n: int) -> list[str]:
     ]
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("model_type", ["unigram", "bpe"])
 def test_sentencepiece_matches_processor(tmp_path, model_type):
     spm = pytest.importorskip("sentencepiece", reason=INTEROP)
@@ -264,6 +273,7 @@ def test_sentencepiece_matches_processor(tmp_path, model_type):
     )
 
 
+@pytest.mark.interop
 def test_sentencepiece_without_pad_piece_pads_past_the_vocab(tmp_path):
     pytest.importorskip("sentencepiece", reason=INTEROP)
     from mmjax.data.tokenizers.sentencepiece import SentencePieceTokenizer, train_sentencepiece
@@ -279,6 +289,7 @@ def test_sentencepiece_without_pad_piece_pads_past_the_vocab(tmp_path):
         train_sentencepiece(["x"], tmp_path / "bad", 10, "word")
 
 
+@pytest.mark.interop
 def test_tokenizers_import_no_torch_or_hf():
     """The tokenizers load without torch/open_clip/transformers (the open_clip merges file is
     found, not imported), so training hosts need only the small interop packages."""

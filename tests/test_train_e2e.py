@@ -20,6 +20,16 @@ from mmjax.metrics import read_metrics
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
 CONFIGS = [c for c in CONFIGS if not c.endswith("__init__.py")]
+# Recipes of open_clip architectures or the packaged MiniLM weights need the interop extra.
+NEEDS_INTEROP = ("open_clip.py", "lit_minilm.py", "text_classification.py")
+RECIPES = [
+    pytest.param(
+        c,
+        id=os.path.basename(c),
+        marks=[pytest.mark.interop] if c.endswith(NEEDS_INTEROP) else [],
+    )
+    for c in CONFIGS
+]
 
 # A small model and dataset: the behaviour under test does not depend on size.
 TINY = [
@@ -40,11 +50,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
 def load_config(path, *args):
     spec = importlib.util.spec_from_file_location("recipe", path)
     module = importlib.util.module_from_spec(spec)
@@ -53,7 +58,7 @@ def load_config(path, *args):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(c) for c in CONFIGS])
+@pytest.mark.parametrize("path", RECIPES)
 def test_every_config_runs_one_step(path, data_dir, tmp_path):
     if path.endswith("open_clip.py"):  # an open_clip architecture: a tiny one, CLIP BPE tokens
         pytest.importorskip(
@@ -259,6 +264,7 @@ def test_cli_meshes_match_single_device(data_dir, tmp_path):
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "arg, message",
     [

@@ -19,22 +19,9 @@ from mmjax.eval import retrieval, zeroshot
 from mmjax.main import train as run
 from mmjax.tasks import get_task
 from mmjax.tasks.video_contrastive import ZEROSHOT
+from tests.conftest import tiny
 
 RECIPES = {"video_contrastive": contrastive_config, "video_qa": qa_config}
-
-
-def tiny(config, **data):
-    m = config.model
-    m.embed_dim = 32
-    for tower in (m.image, m.text):
-        tower.update(width=32, depth=1, mlp_dim=64, num_heads=2)
-    if "fusion" in m:
-        m.fusion.update(width=32, depth=1, mlp_dim=64, num_heads=2)
-    config.video.update(frames=4, temporal_depth=1)
-    config.batch_size, config.eval.batch_size = 16, 32
-    config.update(log_every=1, eval_every=0, total_steps=1)
-    config.data.update({"num_train": 48, "num_val": 24, "image_size": 16, **data})
-    return config
 
 
 def test_clips_and_questions_depend_only_on_seed_split_and_index():
@@ -165,7 +152,8 @@ def test_contrastive_evaluation_counts_every_clip_once():
 
 def test_qa_evaluation_counts_every_question_once():
     task, config, model, params, result = evaluate_once("video_qa", 9)
-    val, train = load_qa("validation", 9, 16, 4, 0), load_qa("train", 48, 16, 4, 0)
+    val = load_qa("validation", 9, 16, 4, 0)
+    train = load_qa("train", config.data.num_train, 16, 4, 0)
     assert len(val) % config.eval.batch_size  # a partial last batch
     tokens = task.tokenizer(config).encode(list(val.texts))
     frames = preprocess.normalize(val.clips.frames[val.clip_of])
@@ -187,6 +175,7 @@ def test_qa_evaluation_counts_every_question_once():
     assert result["video_qa/chance_still_moving"] == 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_recipe_runs_one_step_and_reports_its_headline(name, tmp_path):
     summary = run(tiny(RECIPES[name].get_config()), str(tmp_path))

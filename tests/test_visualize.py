@@ -18,39 +18,16 @@ from mmjax.main import train as run
 from mmjax.models.two_tower import TwoTower
 from mmjax.tasks import get_task
 from mmjax.train.trainer import build_trainer
-
-
-def tiny(config, data_dir):
-    m = config.model
-    m.embed_dim = 32
-    for tower in (m.image, m.text):
-        tower.update(width=32, depth=1, mlp_dim=64, num_heads=2)
-    if "fusion" in m:
-        m.fusion.update(width=32, depth=1, mlp_dim=64, num_heads=2)
-    config.total_steps = 1
-    config.batch_size, config.eval.batch_size = 16, 32
-    config.update(log_every=1, eval_every=0)
-    config.optim.text_frozen_steps = 0
-    config.data.update(num_train=64, num_val=32, data_dir=data_dir)
-    return config
+from tests.conftest import tiny
 
 
 @pytest.fixture(scope="module")
-def quick_compiles():
-    """Less XLA optimisation: compiling the runs' steps is most of this module's time, and the
-    maps' properties do not depend on how well the programs are optimised."""
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory, quick_compiles):
+def workdir(tmp_path_factory, data_dir):
     """A one-step run of a cross-attention fusion classifier: the CLI's loading of a workdir
     and its checkpoint, which is the same for every task."""
     path = tmp_path_factory.mktemp("run")
-    config = tiny(mm_classification.get_config(), str(path / "tfds"))  # (data: in memory)
+    config = tiny(mm_classification.get_config(), data_dir)  # (data: in memory)
+    config.optim.text_frozen_steps = 0
     config.model.fusion.kind = "cross_attention"  # gmu, the recipe's, has no maps
     run(config, str(path))
     return str(path)
@@ -70,13 +47,13 @@ def initialised(config):
 
 
 @pytest.fixture(scope="module")
-def matching_run(quick_compiles):
-    return initialised(tiny(matching.get_config(), ""))
+def matching_run():
+    return initialised(tiny(matching.get_config()))
 
 
 @pytest.fixture(scope="module")
-def two_tower_run(quick_compiles):
-    return initialised(tiny(default.get_config(), ""))
+def two_tower_run():
+    return initialised(tiny(default.get_config()))
 
 
 @pytest.fixture(scope="module")
