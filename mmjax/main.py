@@ -138,6 +138,8 @@ def entry(argv: list[str] | None = None) -> None:
             return flags.FLAGS(args)
         except flags.Error as e:  # a bad value, e.g. --config.batch_size=abc
             _config_error(str(e))
+        except OSError as e:  # an override asked a recipe file that failed to load for a field
+            _config_error(" ".join(str(e).split()))
 
     app.run(main, argv=argv, flags_parser=parse_flags)
 

@@ -281,7 +281,7 @@ def test_process_shards_partition_the_global_batch(data_cfg):
 def test_batch_size_must_divide_among_processes(data_cfg):
     with pytest.raises(ValueError, match="multiple of process_count"):
         _iterator(data_cfg, global_batch=30, process_count=4)
-    with pytest.raises(ValueError, match="exceeds"):
+    with pytest.raises(ValueError, match="is larger than the"):
         _iterator(data_cfg, global_batch=256)
     with pytest.raises(ValueError, match="unknown dataset"):
         _iterator(ml_collections.ConfigDict({**data_cfg.to_dict(), "name": "no_such_dataset_xyz"}))

@@ -147,8 +147,10 @@ def batched_stream(
     local_batch_size = global_batch_size // process_count
     steps_per_epoch = len(source) // global_batch_size
     if steps_per_epoch == 0:
-        raise ValueError(
-            f"global_batch_size={global_batch_size} exceeds the {len(source)} training examples"
+        # A setting the user can fix, so a DataError: the trainer reports it as one line.
+        raise errors.DataError(
+            f"batch_size={global_batch_size} is larger than the {len(source)} training "
+            "examples; lower batch_size or use a larger dataset"
         )
     shuffle_seed, map_seed = _derived_seeds(seed)
     ds = grain.MapDataset.source(source)

@@ -165,6 +165,15 @@ def validate_towers(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"model.activation={m.activation!r} is unknown; use one of {', '.join(ACTIVATIONS)}"
         )
+    # Sizes first: the divisibility checks below would divide by them.
+    sizes = {"model.embed_dim": m.embed_dim}
+    for tower in ("image", "text"):
+        for key in ("width", "num_heads", "mlp_dim"):
+            sizes[f"model.{tower}.{key}"] = m[tower][key]
+    sizes["model.image.patch_size"] = m.image.patch_size
+    for name, value in sizes.items():
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name}={value!r} must be a positive integer")
     size, patch = config.data.image_size, m.image.patch_size
     if size % patch:
         raise ConfigError(
@@ -177,6 +186,25 @@ def validate_towers(config: ml_collections.ConfigDict) -> None:
                 f"model.{tower}.width={t.width} is not divisible by "
                 f"model.{tower}.num_heads={t.num_heads}"
             )
+    if m.text.kind not in ("transformer", "hf_bert"):
+        raise ConfigError(f"model.text.kind={m.text.kind!r} is unknown; use transformer or hf_bert")
+    if m.text.kind == "hf_bert":
+        _check_hf_bert(m.text.hf_dir)
+
+
+def _check_hf_bert(hf_dir: str) -> None:
+    """ConfigError unless the BERT folder of `build_towers` holds a config.json it can build."""
+    from mmjax.extras import minilm_dir
+    from mmjax.models.bert import bert_from_config, read_config
+
+    where = f"model.text.hf_dir={hf_dir!r}" if hf_dir else "the packaged MiniLM (hf_dir='')"
+    try:
+        bert_from_config(read_config(hf_dir or minilm_dir()))
+    except (OSError, ImportError, ValueError, KeyError) as e:  # missing, unreadable, unsupported
+        raise ConfigError(
+            f"{where}: {' '.join(str(e).split())}; point hf_dir at a Hugging Face BERT folder "
+            "holding config.json"
+        ) from e
 
 
 def build_two_tower(config: ml_collections.ConfigDict, vocab_size: int) -> TwoTower:

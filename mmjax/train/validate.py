@@ -88,6 +88,8 @@ def validate_config(c: ml_collections.ConfigDict, task: Task) -> None:
             f"guard.spike_zscore={c.guard.spike_zscore} must be >= 0 (0 = off) and "
             f"guard.spike_window={c.guard.spike_window} >= 3"
         )
+    if c.data.image_size < 1:
+        raise ConfigError(f"data.image_size={c.data.image_size} must be a positive integer")
     if c.data.text_length < 4:
         raise ConfigError(f"data.text_length={c.data.text_length} is too short (min 4)")
     task.validate(c)  # first: a task may say more precisely why it cannot split its batch
