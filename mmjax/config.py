@@ -23,6 +23,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 200
     c.keep_checkpoints = 2
     c.dtype = "float32"  # compute dtype: float32 | bfloat16 (params/optimizer stay float32)
+    # Peak dense TFLOP/s of one device in the compute dtype: the denominator of `perf/mfu`.
+    # 0 = known per device kind (H100/H200/A100, TPU v4/v5e/v5p/v6e) or, on CPU, a GEMM
+    # measured at startup (for the whole host); set it for other accelerators.
+    c.peak_tflops = 0.0
     c.loss = "softmax"  # softmax (CLIP InfoNCE) | sigmoid (SigLIP)
     # How the loss is distributed (all give the same loss and gradients): "naive" lets XLA
     # shard the global B×B logits; "gathered" all-gathers the other tower's embeddings (b×B
@@ -67,6 +71,10 @@ def get_config() -> ml_collections.ConfigDict:
     # probability, else one of the 8 others (partial descriptions, Chinese) uniformly. Full
     # descriptions teach position and size fast; the others make prompts of other phrasings work.
     c.data.first_caption_prob = 0.5
+    # Processes that prepare training batches (grain `mp_prefetch`): decoding and augmenting off
+    # the training process, past Python's GIL. 0 = a background thread of the training process.
+    # The sample stream and its checkpoint are the same for every value.
+    c.data.workers = 0
 
     c.model = ml_collections.ConfigDict()
     c.model.embed_dim = 128

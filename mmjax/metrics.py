@@ -209,8 +209,9 @@ class MetricWriter:
         for name, value in values.items():
             self._tb.add_scalar(name, value, step)
 
-    def progress(self, step: int, loss: float | None = None) -> None:
-        """Moves the bar to ``step``; shows ``loss`` and smoothed samples/s."""
+    def progress(self, step: int, loss: float | None = None, mfu: float | None = None) -> None:
+        """Moves the bar to ``step``; shows ``loss``, smoothed samples/s and ``mfu`` (a
+        fraction, shown in %) when given."""
         if self._bar is None:
             return
         now = time.perf_counter()
@@ -223,6 +224,8 @@ class MetricWriter:
             postfix.append(f"loss={float(loss):.4g}")
         if self._rate is not None:
             postfix.append(f"samples/s={self._rate:.4g}")
+        if mfu is not None:
+            postfix.append(f"mfu={100 * mfu:.3g}%")
         self._bar.set_postfix_str(", ".join(postfix), refresh=False)
         if step > self._bar.n:
             self._bar.update(step - self._bar.n)

@@ -34,6 +34,7 @@ import numpy as np
 
 from mmjax import errors
 from mmjax.data import preprocess, sources, tokenizers
+from mmjax.data.workers import WorkerIterator
 
 
 def tokenizer_for(data_cfg: ml_collections.ConfigDict) -> tokenizers.Tokenizer:
@@ -192,7 +193,7 @@ def train_batches(
         process_count=process_count,
         batch_map=batch_map,
     )
-    return iterate(ds)
+    return iterate(ds, workers=config.data.workers)
 
 
 def train_dataset(
@@ -215,9 +216,15 @@ def train_dataset(
     )
 
 
-def iterate(ds: grain.MapDataset, num_threads: int = 1, prefetch_batches: int = 2):
+def iterate(
+    ds: grain.MapDataset, num_threads: int = 1, prefetch_batches: int = 2, workers: int = 0
+):
     """A checkpointable iterator over `ds`: `num_threads` background threads prepare up to
-    `prefetch_batches` batches ahead (0 threads: each batch is loaded when requested)."""
+    `prefetch_batches` batches ahead (0 threads: each batch is loaded when requested); with
+    `workers` > 0, that many processes do instead (`mmjax.data.workers`; same batches, same
+    checkpoint state)."""
+    if workers > 0:
+        return WorkerIterator(ds, workers, buffer=max(1, -(-prefetch_batches // workers)))
     # grain's defaults (16 threads, 500 elements) are sized for small records on remote
     # disks; our elements are whole batches from a local file, so a couple suffice.
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_batches)
@@ -233,13 +240,16 @@ def train_iterator(
     process_count: int,
     num_threads: int = 1,
     prefetch_batches: int = 2,
+    workers: int | None = None,
 ) -> grain.DatasetIterator:
     """Infinite iterator of host-local batches {"image": f32 [b,S,S,3], "tokens": i32 [b,L]}.
 
     `get_state()` / `set_state()` checkpoint it (a JSON-able dict); see the module doc for
     orbax. `num_threads` background threads prepare up to `prefetch_batches` batches ahead;
-    0 threads loads each batch in the caller's thread when it is requested.
+    0 threads loads each batch in the caller's thread when it is requested. `workers` processes
+    prepare them instead when > 0 (None: `data.workers`).
     """
+    workers = data_cfg.workers if workers is None else workers
     ds = train_dataset(
         data_cfg,
         seed=seed,
@@ -247,7 +257,7 @@ def train_iterator(
         process_index=process_index,
         process_count=process_count,
     )
-    return iterate(ds, num_threads, prefetch_batches)
+    return iterate(ds, num_threads, prefetch_batches, workers)
 
 
 def eval_arrays(data_cfg: ml_collections.ConfigDict, split: str = "validation") -> dict:

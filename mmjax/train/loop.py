@@ -10,8 +10,9 @@ import ml_collections
 
 from mmjax import checkpoint, metrics, parallel
 from mmjax.data import sources
+from mmjax.data.prefetch import DevicePrefetch
 from mmjax.errors import ConfigError, DataError, EvalSpecError
-from mmjax.train import pretrained
+from mmjax.train import perf, pretrained
 from mmjax.train.guard import BadStepsError, SpikeDetector, StepGuard
 from mmjax.train.preemption import PreemptionGuard
 from mmjax.train.task import Task
@@ -109,16 +110,18 @@ def run(task: Task, config: ml_collections.ConfigDict, workdir: str) -> dict:
             if warning:
                 metrics.note(warning)
 
-        last_log = (start, time.time())
+        meter = perf.build_meter(config, trainer, start)
+        batches = DevicePrefetch(train_iter, trainer.batch_sharding)  # batch n+1 placed during n
         last_metrics: dict = {}
         preempted_at = None
         try:
             with PreemptionGuard() as guard:
                 for step in range(start, config.total_steps):
-                    batch = parallel.global_batch(next(train_iter), trainer.batch_sharding)
+                    batch = next(batches)
                     if spikes.enabled:  # (the step donates `state`: read it first)
                         skipped_before = int(jax.device_get(state.skipped))
                     state, step_metrics = trainer.step(state, batch, spikes.ceiling())
+                    meter.record_step(step, batches.last_wait, step_metrics["train/loss"])
                     if spikes.enabled:  # needs this step's loss on the host (see guard.py)
                         loss, after = jax.device_get((step_metrics["train/loss"], state.skipped))
                         spikes.observe(float(loss), applied=int(after) == skipped_before)
@@ -136,17 +139,15 @@ def run(task: Task, config: ml_collections.ConfigDict, workdir: str) -> dict:
                         last_metrics = {
                             k: float(v) for k, v in jax.device_get(step_metrics).items()
                         }
-                        now = time.time()
-                        elapsed = max(now - last_log[1], 1e-9)
-                        rate = (done - last_log[0]) * config.batch_size / elapsed
-                        last_log = (done, now)
-                        writer.write(done, {**last_metrics, "perf/samples_per_second": rate})
-                        writer.progress(done, last_metrics["train/loss"])
+                        perf_metrics = meter.interval(done)
+                        writer.write(done, {**last_metrics, **perf_metrics})
+                        loss, mfu = last_metrics["train/loss"], perf_metrics.get("perf/mfu")
+                        writer.progress(done, loss, mfu)
                     eval_due = config.eval_every and done % config.eval_every == 0
                     if eval_due and done < config.total_steps:
                         writer.write(done, evaluator(state.params))
                     if save_due:
-                        ckpt.save(done, state, train_iter)
+                        ckpt.save(done, state, batches)
                     if stop:
                         preempted_at = done
                         break

@@ -12,7 +12,7 @@ from mmjax import parallel
 from mmjax.train import optimizer
 from mmjax.train import state as train_state
 from mmjax.train import step as train_step
-from mmjax.train.task import Task
+from mmjax.train.task import Objective, Task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +24,7 @@ class Trainer:
     init: Callable[[jax.Array], train_state.TrainState]  # rng -> sharded state
     abstract_state: train_state.TrainState  # shapes + shardings: the restore target
     step: Callable  # jitted (state, batch) -> (state, metrics); trace under `rules` and `mesh`
+    objective: Objective  # what `step` differentiates (its jaxpr gives the model FLOPs)
 
 
 def build_trainer(
@@ -51,4 +52,4 @@ def build_trainer(
         batch_sharding,
         config.microbatches,
     )
-    return Trainer(task, model, rules, batch_sharding, init, abstract, step)
+    return Trainer(task, model, rules, batch_sharding, init, abstract, step, objective)

@@ -59,6 +59,13 @@ def validate_config(c: ml_collections.ConfigDict, task: Task) -> None:
         raise ConfigError(f"microbatches={c.microbatches} must be >= 1 (1 = no GradCache)")
     if c.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"dtype={c.dtype!r} is unsupported; use float32 or bfloat16")
+    if c.peak_tflops < 0:
+        raise ConfigError(
+            f"peak_tflops={c.peak_tflops} must be >= 0 (a device's dense TFLOP/s; 0 = known or "
+            "measured)"
+        )
+    if int(c.data.workers) < 0:
+        raise ConfigError(f"data.workers={c.data.workers} must be >= 0 (0 = a loader thread)")
     for key in ("total_steps", "batch_size", "log_every"):
         if int(c[key]) <= 0:
             raise ConfigError(f"{key}={c[key]} must be a positive integer")
