@@ -10,7 +10,8 @@ import pytest
 
 from configs import captioning
 from mmjax.eval.bleu import corpus_bleu
-from mmjax.models.coca import beam_search, build_coca
+from mmjax.models.coca import build_coca
+from mmjax.models.decoding import beam_search, prefix_step
 from tests.conftest import tiny
 
 BOS, EOT, PAD = 1, 2, 0
@@ -59,7 +60,7 @@ def test_beam_search_finds_the_sequence_greedy_misses():
     table[4, EOT], table[4, 3] = 0.95, 0.05
     table[EOT, EOT] = table[PAD, PAD] = 1.0
     table /= table.sum(1, keepdims=True)
-    fn = toy_logits(table)
+    fn = prefix_step(toy_logits(table))
     greedy, greedy_score = beam_search(fn, 1, 5, 1, BOS, EOT, PAD)
     beam, beam_score = beam_search(fn, 1, 5, 3, BOS, EOT, PAD)
     assert list(beam[0]) == [BOS, 4, EOT, PAD, PAD]
@@ -72,7 +73,7 @@ def test_beam_of_one_is_greedy_and_sequences_end_with_eot_then_pad():
     model, params, images, _ = tiny_model()
     _, img = model.apply({"params": params}, images, method=model.image_tokens)
     fn = lambda t: model.apply({"params": params}, img, t, method=model.decoder_logits)
-    tokens, _ = beam_search(fn, 2, 12, 1, BOS, EOT, PAD)
+    tokens, _ = beam_search(prefix_step(fn), 2, 12, 1, BOS, EOT, PAD)
     # Reference greedy decoding, one position at a time in Python.
     ref = np.full((2, 12), PAD, np.int32)
     ref[:, 0] = BOS

@@ -1,6 +1,6 @@
 """CoCa-style captioner: a two-tower contrastive model plus a causal text decoder that
-cross-attends to the image tokens (Yu et al. 2022), and greedy / beam-search decoding with static
-shapes."""
+cross-attends to the image tokens (Yu et al. 2022), and captioning by greedy / beam-search
+decoding with static shapes and key/value caches (`caption`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mmjax.models.fusion_attention import CrossAttentionFusion
+from mmjax.models import decoding
+from mmjax.models.causal_decoder import CausalDecoder
 from mmjax.models.layers import Dtype, LayerNorm, dense, param
 from mmjax.models.two_tower import TwoTower, build_two_tower
 
@@ -26,7 +27,8 @@ class CoCa(nn.Module):
     `__call__(images, tokens)` -> (img_emb_BE, txt_emb_BE, aux, logits_BLV): the two-tower
     outputs and teacher-forced next-token logits (position t predicts token t + 1); it creates
     every parameter at init. `decoder_logits(img_BND, tokens_BL)` runs the decoder alone on
-    precomputed image tokens (`image_tokens(images)`), for decoding."""
+    precomputed image tokens (`image_tokens(images)`); `decode_step` is one position of it with
+    key/value caches, for decoding (`caption`)."""
 
     two_tower: TwoTower
     vocab_size: int
@@ -58,11 +60,10 @@ class CoCa(nn.Module):
             ("length", "embed"),
             nn.initializers.normal(0.01),
         )
-        self.decoder = CrossAttentionFusion(
+        self.decoder = CausalDecoder(
             depth=self.decoder_depth,
             num_heads=self.decoder_heads,
             mlp_dim=self.decoder_mlp,
-            causal=True,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
@@ -82,20 +83,40 @@ class CoCa(nn.Module):
         """(pooled_BD, img_BND): the image tower's outputs."""
         return self.two_tower.image(images)
 
+    def _embed(self, tokens_BT, position):
+        """Token plus position embeddings of tokens at positions position.. ([B, T, D])."""
+        x_BTD = jnp.take(self.token_embedding, tokens_BT, axis=0).astype(self.dtype)
+        rows = jax.lax.dynamic_slice_in_dim(self.position_embedding, position, tokens_BT.shape[1])
+        return x_BTD + rows.astype(self.dtype)[None]
+
+    def _valid(self, tokens_BL):
+        # Position 0 (BOS) is always a valid key, so no query row is ever fully masked.
+        return (tokens_BL != self.pad_id) | (jnp.arange(tokens_BL.shape[1]) == 0)[None]
+
+    def _logits(self, h_BTD):
+        h_BTD = self.ln_out(h_BTD)
+        b, t, d = h_BTD.shape
+        logits = dense(
+            h_BTD.reshape(b * t, d), self.output_kernel, self.dtype, out_dtype=jnp.float32
+        )
+        return logits.reshape(b, t, self.vocab_size)
+
     def decoder_logits(self, img_BND, tokens_BL):
         """float32 [B, L, V]: logits of the token after each position (causal: position t sees
         tokens <= t only). Padding keys are masked; the image tokens are all valid."""
-        x_BLD = jnp.take(self.token_embedding, tokens_BL, axis=0).astype(self.dtype)
-        x_BLD = x_BLD + self.position_embedding[: tokens_BL.shape[1]].astype(self.dtype)[None]
-        # Position 0 (BOS) is always a valid key, so no query row is ever fully masked.
-        valid_BL = (tokens_BL != self.pad_id) | (jnp.arange(tokens_BL.shape[1]) == 0)[None]
-        fused = self.decoder(None, img_BND, None, x_BLD, valid_BL)
-        h_BLD = self.ln_out(fused.text_tokens_BLD)
-        b, n, d = h_BLD.shape
-        logits = dense(
-            h_BLD.reshape(b * n, d), self.output_kernel, self.dtype, out_dtype=jnp.float32
-        )
-        return logits.reshape(b, n, self.vocab_size)
+        h_BLD = self.decoder(self._embed(tokens_BL, 0), img_BND, self._valid(tokens_BL))
+        return self._logits(h_BLD)
+
+    def decode_step(self, img_BND, tokens_BL, position):
+        """float32 [B, V]: `decoder_logits(img_BND, tokens_BL)[:, position]`, computed for that
+        one position from the decoder's key/value caches (apply with `decoding.apply_cached`).
+        The caches must hold positions < `position` of the same tokens (the earlier calls');
+        the first call (position 0) creates them, `tokens_BL.shape[1]` slots long, and projects
+        the image tokens once (later calls do not read `img_BND`)."""
+        tokens_B1 = jax.lax.dynamic_slice_in_dim(tokens_BL, position, 1, axis=1)
+        x_B1D = self._embed(tokens_B1, position)
+        h_B1D = self.decoder(x_B1D, img_BND, self._valid(tokens_BL), cache_position=position)
+        return self._logits(h_B1D)[:, 0]
 
     def __call__(self, images, tokens_BL):
         img_BE, txt_BE, aux = self.two_tower(images, tokens_BL, return_tokens=True)
@@ -125,37 +146,28 @@ def build_coca(
     )
 
 
-def beam_search(logits_fn, batch: int, length: int, beam: int, bos: int, eot: int, pad: int):
-    """Beam search with static shapes. `logits_fn(tokens_NL)` -> float32 [N, L, V] next-token
-    logits for N = batch·beam sequences (row b·beam + k is beam k of example b).
-
-    Every sequence starts [BOS, PAD, ...]; at step t the token at t + 1 is chosen. A beam is
-    finished once it emits EOT: it then only extends with PAD at no cost. Beams are ranked by
-    their summed log-probability (no length normalisation: the captions here have similar
-    lengths, and a finished beam keeps its score). The decoder is re-run on the whole prefix each
-    step (no key/value cache): captions are at most `length` (≤ 64) tokens.
-    Returns (tokens [batch, length] of the best beam, its log-probability [batch]).
-    `beam=1` is greedy decoding.
-    """
-    tokens = jnp.full((batch, beam, length), pad, jnp.int32).at[:, :, 0].set(bos)
-    # Only beam 0 is live at the start, so the first step does not pick k copies of one token.
-    scores = jnp.where(jnp.arange(beam) == 0, 0.0, -jnp.inf)[None].repeat(batch, 0)
-    finished = jnp.zeros((batch, beam), bool)
-
-    def step(t, carry):
-        tokens, scores, finished = carry
-        logits = logits_fn(tokens.reshape(batch * beam, length))[:, t]
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1).reshape(batch, beam, -1)
-        v = logp.shape[-1]
-        only_pad = jnp.where(jnp.arange(v) == pad, 0.0, -jnp.inf)
-        logp = jnp.where(finished[..., None], only_pad, logp)
-        total = (scores[..., None] + logp).reshape(batch, beam * v)
-        scores, flat = jax.lax.top_k(total, beam)
-        parent, token = flat // v, (flat % v).astype(jnp.int32)
-        tokens = jnp.take_along_axis(tokens, parent[..., None], axis=1)
-        tokens = tokens.at[:, :, t + 1].set(token)
-        finished = jnp.take_along_axis(finished, parent, axis=1) | (token == eot)
-        return tokens, scores, finished
-
-    tokens, scores, _ = jax.lax.fori_loop(0, length - 1, step, (tokens, scores, finished))
-    return tokens[:, 0], scores[:, 0]  # top_k keeps beams sorted: beam 0 is the best
+def caption(
+    model: CoCa,
+    params,
+    images,
+    length: int,
+    beam: int,
+    bos: int,
+    eot: int,
+    pad: int,
+    cache: bool = True,
+):
+    """(tokens [B, length], log-probability [B]) of the best of `beam` beams for each image
+    (`decoding.beam_search`; beam=1 is greedy). With `cache` each position runs the decoder on
+    its one new token against key/value caches; without, the whole prefix is rerun at every
+    position (the reference: the same captions, slower)."""
+    apply = lambda *args, **kw: model.apply({"params": params}, *args, **kw)
+    _, img_BND = apply(images, method=CoCa.image_tokens)
+    img_NSD = jnp.repeat(img_BND, beam, axis=0)  # row b·beam + k: beam k of image b
+    if cache:
+        step = lambda tokens_NL, t, c: decoding.apply_cached(
+            model, params, c, img_NSD, tokens_NL, t, method=CoCa.decode_step
+        )
+    else:
+        step = decoding.prefix_step(lambda t: apply(img_NSD, t, method=CoCa.decoder_logits))
+    return decoding.beam_search(step, images.shape[0], length, beam, bos, eot, pad)

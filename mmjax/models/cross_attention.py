@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models import layers
+from mmjax.models import decoding, layers
 from mmjax.models.attention import dot_product_attention
 from mmjax.models.layers import ACT_BTD, Attention, Dtype, LayerNorm, Mlp, dense, param
 
@@ -85,7 +85,8 @@ class CrossAttention(nn.Module):
     Separate q ([D, H, K]) and fused k/v ([E, H, 2, K]) kernels: queries and context are different
     tensors, so only k and v can share one GEMM. `mask_BTS` (full) and `context_mask_BS` (key
     validity) are combined. Returns out_BTD, or (out_BTD, probs_BHTS) with `return_attention`;
-    the probabilities are float32 and zero on masked keys.
+    the probabilities are float32 and zero on masked keys. With `cache_context` (decoding) the
+    context's keys and values are projected once and cached (`decoding.context_keys`).
     """
 
     num_heads: int
@@ -100,6 +101,7 @@ class CrossAttention(nn.Module):
         mask_BTS: jax.Array | None = None,
         context_mask_BS: jax.Array | None = None,
         return_attention: bool = False,
+        cache_context: bool = False,
     ) -> jax.Array | tuple[jax.Array, jax.Array]:
         d = x_BTD.shape[-1]
         if d % self.num_heads:
@@ -107,7 +109,8 @@ class CrossAttention(nn.Module):
         k_dim = d // self.num_heads
         q_BTHK = _head_projection(self, "q", x_BTD, self.num_heads, k_dim, None)
         q_BTHK = nn.with_logical_constraint(q_BTHK, ("batch", "length", "act_heads", None))
-        kv_BSHCK = _head_projection(self, "kv", context_BSE, self.num_heads, k_dim, 2)
+        project = lambda: _head_projection(self, "kv", context_BSE, self.num_heads, k_dim, 2)
+        kv_BSHCK = decoding.context_keys(self, project) if cache_context else project()
         k_BSHK, v_BSHK = kv_BSHCK[:, :, :, 0], kv_BSHCK[:, :, :, 1]
         mask_BTS = combine_masks(mask_BTS, context_mask_BS, x_BTD.shape[1])
         out_BTHK = dot_product_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS, False, self.dtype)
@@ -126,7 +129,8 @@ class CrossBlock(nn.Module):
     `self_attention=False` drops the first sub-layer (a co-attention layer that has only cross-
     and feed-forward parts); `norm_context` LayerNorms the context first, for contexts that are a
     raw residual stream (another fusion stream) rather than a tower's final-LN output.
-    Returns x_BTD, or (x_BTD, probs_BHTS) with `return_attention`.
+    Returns x_BTD, or (x_BTD, probs_BHTS) with `return_attention`. `cache_position`: decoding
+    with key/value caches (`layers.Attention`; the context's keys and values are cached too).
     """
 
     num_heads: int
@@ -136,6 +140,13 @@ class CrossBlock(nn.Module):
     activation: str = "gelu_tanh"  # see layers.ACTIVATIONS
     self_attention: bool = True
     norm_context: bool = False
+
+    @classmethod
+    def of(cls, stack: nn.Module, name: str) -> "CrossBlock":
+        """A block with the widths and settings of `stack` (a module with `num_heads`,
+        `mlp_dim`, `dtype`, `param_dtype` and `activation`)."""
+        s = stack
+        return cls(s.num_heads, s.mlp_dim, s.dtype, s.param_dtype, s.activation, name=name)
 
     @nn.compact
     def __call__(
@@ -147,6 +158,7 @@ class CrossBlock(nn.Module):
         causal: bool = False,
         cross_mask_BTS: jax.Array | None = None,
         return_attention: bool = False,
+        cache_position: jax.Array | int | None = None,
     ) -> jax.Array | tuple[jax.Array, jax.Array]:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         # The residual stream runs in the compute dtype, like Encoder's.
@@ -154,7 +166,7 @@ class CrossBlock(nn.Module):
         if self.self_attention:
             h = LayerNorm(name="ln_self", **kw)(x_BTD)
             x_BTD = x_BTD + Attention(self.num_heads, name="self_attn", **kw)(
-                h, self_mask_BTT, causal
+                h, self_mask_BTT, causal, cache_position
             )
         elif causal or self_mask_BTT is not None:
             raise ValueError("CrossBlock(self_attention=False) takes no self-attention mask")
@@ -162,7 +174,12 @@ class CrossBlock(nn.Module):
             context_BSE = LayerNorm(name="ln_context", **kw)(context_BSE)
         h = LayerNorm(name="ln_cross", **kw)(x_BTD)
         cross = CrossAttention(self.num_heads, name="cross_attn", **kw)(
-            h, context_BSE, cross_mask_BTS, context_mask_BS, return_attention
+            h,
+            context_BSE,
+            cross_mask_BTS,
+            context_mask_BS,
+            return_attention,
+            cache_context=cache_position is not None,
         )
         cross_BTD, probs = cross if return_attention else (cross, None)
         x_BTD = x_BTD + cross_BTD

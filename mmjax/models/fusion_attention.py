@@ -166,14 +166,9 @@ class CrossAttentionFusion(Fusion):
         probs_BHLN = None
         for i in range(self.depth):
             last = return_attention and i == self.depth - 1
-            out = CrossBlock(
-                self.num_heads,
-                self.mlp_dim,
-                self.dtype,
-                self.param_dtype,
-                self.activation,
-                name=f"block{i}",
-            )(x_BLD, img_BND, self_mask_BLL, img_valid_BN, self.causal, return_attention=last)
+            out = CrossBlock.of(self, f"block{i}")(
+                x_BLD, img_BND, self_mask_BLL, img_valid_BN, self.causal, return_attention=last
+            )
             x_BLD, probs_BHLN = out if last else (out, probs_BHLN)
         x_BLD = LayerNorm(self.dtype, self.param_dtype, name="ln_final")(x_BLD)
         return FusionOutput(

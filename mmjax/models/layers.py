@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.models import decoding
 from mmjax.models.attention import dot_product_attention
 
 Dtype = Any
@@ -192,6 +193,7 @@ class Attention(nn.Module):
     """Multi-head self-attention with a fused q/k/v projection.
 
     `mask_BTS` is True where a query may attend to a key; `causal` adds the causal constraint.
+    `cache_position`: decoding, causal, with a key/value cache (see `decoding.append_keys`).
     """
 
     num_heads: int
@@ -200,7 +202,11 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x_BTD: jax.Array, mask_BTS: jax.Array | None = None, causal: bool = False
+        self,
+        x_BTD: jax.Array,
+        mask_BTS: jax.Array | None = None,
+        causal: bool = False,
+        cache_position: jax.Array | int | None = None,
     ) -> jax.Array:
         d = x_BTD.shape[-1]
         if d % self.num_heads:
@@ -230,6 +236,9 @@ class Attention(nn.Module):
         qkv_BTHCK = dense(x_BTD, w_qkv, self.dtype, bias=b_qkv)
         q_BTHK, k_BSHK, v_BSHK = (qkv_BTHCK[:, :, :, i] for i in range(3))
         q_BTHK = nn.with_logical_constraint(q_BTHK, ("batch", "length", "act_heads", None))
+        if cache_position is not None:  # the mask returned is causal over the cache slots
+            kv = decoding.append_keys(self, k_BSHK, v_BSHK, mask_BTS, causal, cache_position)
+            k_BSHK, v_BSHK, mask_BTS, causal = *kv, False
         out_BTHK = dot_product_attention(q_BTHK, k_BSHK, v_BSHK, mask_BTS, causal, self.dtype)
         return attention_output(self, out_BTHK, d)
 
