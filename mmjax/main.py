@@ -4,8 +4,11 @@
 
 Without `--config` it trains the package's base configuration (`mmjax/config.py`). Rerunning with
 the same workdir resumes from its newest checkpoint. Exit codes: 0 done (or preempted with a
-checkpoint), 2 a setting or input that cannot work (one `error:` line, before anything compiles),
-3 bad steps ended the run (its newest checkpoint is the last good one).
+checkpoint), 2 a setting or input that cannot work (one `error:` line, before anything compiles;
+also a workdir another run holds, or whose checkpoints another configuration wrote), 3 bad steps
+ended the run (its newest checkpoint is the last good one), 4 checkpoints could not be written or
+read (disk full, I/O error, out of memory: one line names the last good checkpoint; nothing was
+discarded, rerun once the cause is fixed).
 
 `train(config, workdir)` is the same from Python: it looks the task up by `config.task` and hands
 it to `mmjax.train.loop.run`, which also takes a Task of your own.
@@ -103,7 +106,8 @@ def entry(argv: list[str] | None = None) -> None:
     import jax
     from absl import app, flags, logging
 
-    from mmjax import parallel, runtime
+    from mmjax import checkpoint_errors, parallel, runtime
+    from mmjax.checkpoint_errors import CheckpointStorageError
     from mmjax.errors import ConfigError
     from mmjax.train.guard import BadStepsError
 
@@ -132,6 +136,10 @@ def entry(argv: list[str] | None = None) -> None:
         except BadStepsError as e:  # the run diverged; its newest checkpoint is the last good one
             print(f"error: {e}", file=sys.stderr)
             sys.exit(3)
+        except CheckpointStorageError as e:  # disk full, I/O error: names the last good one
+            print(f"error: {e}", file=sys.stderr)
+            checkpoint_errors.silence_shutdown_noise()
+            sys.exit(4)
 
     def parse_flags(args):
         try:

@@ -209,6 +209,22 @@ class MetricWriter:
         for name, value in values.items():
             self._tb.add_scalar(name, value, step)
 
+    def write_once(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """`write`, replacing an earlier row at `step` with the same metric names: a run killed
+        after its final evaluation was logged evaluates again when rerun, and must not log it
+        twice."""
+        if not self._main:
+            return
+        names = {"step", *map(str, metrics)}
+        rows = read_metrics(self.workdir)
+        kept = [r for r in rows if not (r.get("step") == int(step) and set(r) == names)]
+        if len(kept) != len(rows):
+            self._jsonl.close()
+            path = os.path.join(self.workdir, METRICS_FILE)
+            _atomic_write(path, "".join(_dumps(_encode(r)) + "\n" for r in kept).encode())
+            self._jsonl = open(path, "a", encoding="utf-8")  # Closed in close().
+        self.write(step, metrics)
+
     def progress(self, step: int, loss: float | None = None, mfu: float | None = None) -> None:
         """Moves the bar to ``step``; shows ``loss``, smoothed samples/s and ``mfu`` (a
         fraction, shown in %) when given."""

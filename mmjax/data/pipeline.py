@@ -12,16 +12,11 @@ whatever the number of processes, and the stream depends only on (data, seed). E
 is index-based (grain `MapDataset`), so the iterator state is a single integer and resuming
 from it reproduces the uninterrupted stream bit for bit.
 
-Checkpointing the iterator with orbax (grain ships the handler):
-
-    import grain, orbax.checkpoint as ocp
-    mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(it)))
-    mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(it)))  # restores `it` in place
-
-It writes one JSON file per process, named by `jax.process_index()`.
+The training iterators (`train_iterator`, `train_batches`) are
+`stream_position.PositionedIterator`s: their `get_state()` is that integer plus the stream's
+geometry, the same on every process, and `mmjax.checkpoint` stores it once per checkpoint, so a
+run resumes on any number of processes (and, at the same sample position, with another batch
+size).
 """
 
 from __future__ import annotations
@@ -33,7 +28,7 @@ import ml_collections
 import numpy as np
 
 from mmjax import errors
-from mmjax.data import preprocess, sources, tokenizers
+from mmjax.data import preprocess, sources, stream_position, tokenizers
 from mmjax.data.workers import WorkerIterator
 
 
@@ -193,7 +188,14 @@ def train_batches(
         process_count=process_count,
         batch_map=batch_map,
     )
-    return iterate(ds, workers=config.data.workers)
+    return positioned(iterate(ds, workers=config.data.workers), config.batch_size, len(source))
+
+
+def positioned(iterator, global_batch_size: int, num_examples: int):
+    """`iterator` (over a `batched_stream` of a source of `num_examples`) with its position
+    recorded as a global sample position (see `stream_position`)."""
+    steps_per_epoch = num_examples // global_batch_size
+    return stream_position.PositionedIterator(iterator, global_batch_size, steps_per_epoch)
 
 
 def train_dataset(
@@ -205,14 +207,22 @@ def train_dataset(
     process_count: int,
 ) -> grain.MapDataset:
     """The image–caption training stream of `data.name` (contrastive training)."""
-    return batched_stream(
+    return _caption_stream(
         train_source(data_cfg),
-        DecodeAndPickCaption(tokenizer_for(data_cfg), data_cfg),
+        data_cfg,
         seed=seed,
         global_batch_size=global_batch_size,
         process_index=process_index,
         process_count=process_count,
+    )
+
+
+def _caption_stream(source, data_cfg, **stream) -> grain.MapDataset:
+    return batched_stream(
+        source,
+        DecodeAndPickCaption(tokenizer_for(data_cfg), data_cfg),
         batch_map=normalize_batch,
+        **stream,
     )
 
 
@@ -250,14 +260,17 @@ def train_iterator(
     prepare them instead when > 0 (None: `data.workers`).
     """
     workers = data_cfg.workers if workers is None else workers
-    ds = train_dataset(
+    source = train_source(data_cfg)
+    ds = _caption_stream(
+        source,
         data_cfg,
         seed=seed,
         global_batch_size=global_batch_size,
         process_index=process_index,
         process_count=process_count,
     )
-    return iterate(ds, num_threads, prefetch_batches, workers)
+    iterator = iterate(ds, num_threads, prefetch_batches, workers)
+    return positioned(iterator, global_batch_size, len(source))
 
 
 def eval_arrays(data_cfg: ml_collections.ConfigDict, split: str = "validation") -> dict:

@@ -12,9 +12,9 @@ from mmjax import checkpoint, metrics, parallel
 from mmjax.data import sources
 from mmjax.data.prefetch import DevicePrefetch
 from mmjax.errors import ConfigError, DataError, EvalSpecError
-from mmjax.train import perf, pretrained
+from mmjax.train import perf, pretrained, resume_check
 from mmjax.train.guard import BadStepsError, SpikeDetector, StepGuard
-from mmjax.train.preemption import PreemptionGuard
+from mmjax.train.preemption import Interrupted, PreemptionGuard, interrupt_on_signal
 from mmjax.train.task import Task
 from mmjax.train.trainer import build_trainer
 from mmjax.train.validate import (
@@ -22,6 +22,7 @@ from mmjax.train.validate import (
     validate_disk_space,
     validate_workdir,
 )
+from mmjax.train.workdir_lock import WorkdirLock
 
 
 def _preflight(task: Task, config: ml_collections.ConfigDict, workdir: str):
@@ -36,9 +37,6 @@ def _preflight(task: Task, config: ml_collections.ConfigDict, workdir: str):
         parallel.check_batch_size(config.batch_size, mesh, config.microbatches)
     except ValueError as e:  # a mesh or batch that cannot work: say so before compiling
         raise ConfigError(str(e)) from e
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=2, sort_keys=True))
 
     try:
         tokenizer = task.tokenizer(config)
@@ -73,17 +71,27 @@ def run(task: Task, config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains `task` under `config` in `workdir`, resuming from its newest checkpoint. Returns
     the summary. (`mmjax.main.train(config, workdir)` looks the task up by `config.task`.)
 
-    Raises ConfigError (before compiling anything) for settings that cannot work, and
-    `guard.BadStepsError` when bad steps end the run (see `mmjax.train.guard`).
+    Raises ConfigError (before compiling anything) for settings that cannot work (a workdir
+    that another run holds, or whose checkpoints another configuration wrote, included),
+    `guard.BadStepsError` when bad steps end the run (see `mmjax.train.guard`), and
+    `checkpoint_errors.CheckpointStorageError` when checkpoints cannot be read or written.
     """
-    t_start = time.time()
     workdir = os.path.abspath(workdir)
+    with WorkdirLock(workdir):
+        return _run(task, config, workdir)
+
+
+def _run(task: Task, config: ml_collections.ConfigDict, workdir: str) -> dict:
+    t_start = time.time()
     is_main = jax.process_index() == 0
     mesh, trainer, evaluator, train_iter, ckpt = _preflight(task, config, workdir)
     # Read on the host outside any mesh context, and checked before anything trains.
     abstract_params = trainer.abstract_state.params
     start_from = task.pretrained(config, abstract_params)
     pretrained.check(start_from, abstract_params)
+    resume_check.check_checkpoints_fit(ckpt, trainer.abstract_state, config, workdir)
+    if is_main:  # only now: a rejected run leaves the config of the checkpoints in place
+        resume_check.write_config(workdir, config)
     with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
         restored = ckpt.restore(trainer.abstract_state, train_iter)
         if restored is None:  # a fresh run: initialised, then the saved parameters placed
@@ -164,10 +172,21 @@ def run(task: Task, config: ml_collections.ConfigDict, workdir: str) -> dict:
             )
             return {"steps": preempted_at, "preempted": True, "workdir": workdir}
 
-        final = evaluator(state.params)
-        skipped = int(jax.device_get(state.skipped))
+        # The final checkpoint is on disk before the (possibly long) final evaluation, which a
+        # signal then interrupts at once: the rerun restores it and evaluates again.
         ckpt.close()
-    writer.write(config.total_steps, final)
+        skipped = int(jax.device_get(state.skipped))
+        try:
+            with interrupt_on_signal():
+                final = evaluator(state.params)
+        except Interrupted as e:
+            writer.close()
+            metrics.note(
+                f"{e.signal_name} received during the final evaluation: stopped; the final "
+                f"checkpoint is in {workdir}; rerun the same command to evaluate it"
+            )
+            return {"steps": config.total_steps, "preempted": True, "workdir": workdir}
+    writer.write_once(config.total_steps, final)
     summary = {
         **final,
         **({"task/metric_name": trainer.task.metric_name} if trainer.task.metric_name else {}),

@@ -7,6 +7,7 @@ With several processes every one must stop after the same step (the checkpoint i
 so the flags are combined across processes each step.
 """
 
+import contextlib
 import signal
 import threading
 
@@ -46,3 +47,30 @@ class PreemptionGuard:
             return local
         flags = multihost_utils.process_allgather(np.array([local], np.int32))
         return bool(np.any(flags))
+
+
+class Interrupted(Exception):
+    """A signal of SIGNALS arrived during work that saves nothing (see `interrupt_on_signal`)."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+@contextlib.contextmanager
+def interrupt_on_signal():
+    """Within it, SIGTERM / SIGINT raise `Interrupted` at once (between two Python operations,
+    so after the device call in flight) instead of waiting for a step boundary: for work after
+    the last checkpoint, such as the final evaluation, which a rerun simply does again."""
+
+    def interrupt(signum, _frame):
+        raise Interrupted(signal.Signals(signum).name)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, interrupt) for sig in SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
