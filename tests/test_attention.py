@@ -1,5 +1,7 @@
 """Attention with a custom VJP equals reference attention; mixed precision is really mixed."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,7 +9,8 @@ import numpy as np
 import pytest
 
 from mmjax import losses
-from mmjax.models.attention import dot_product_attention
+from mmjax.models import layers
+from mmjax.models.attention import dot_product_attention, fused_qkv_attention
 from mmjax.models.two_tower import build_two_tower
 from tests.test_models import VOCAB, example_inputs, tiny_config
 
@@ -95,3 +98,63 @@ def test_bfloat16_towers_run_every_matmul_in_bf16_with_f32_accumulation():
     assert all(d[:3] == ("bfloat16", "bfloat16", "float32") for d in tower), set(tower)
     grads = jax.grad(loss)(params)
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_fused_qkv_attention_equals_separate_attention_and_gradients(dtype, causal):
+    """The fused projection's attention (one [B, T, H, 3, K] input, one cotangent of that
+    layout) is the same function as attention on the three slices, in value and gradient:
+    exactly, since the same operations run in the same order."""
+    q, k, v, mask = qkv_and_mask(seed=2)
+    qkv = jnp.stack([q, k, v], axis=3).astype(dtype)
+    cotangent = jnp.asarray(np.random.default_rng(3).normal(size=q.shape), jnp.float32)
+
+    def fused(qkv):
+        out = fused_qkv_attention(qkv, mask, causal, dtype)
+        return jnp.sum(out.astype(jnp.float32) * cotangent)
+
+    def separate(qkv):
+        q, k, v = (qkv[:, :, :, i] for i in range(3))
+        out = dot_product_attention(q, k, v, mask, causal, dtype)
+        return jnp.sum(out.astype(jnp.float32) * cotangent)
+
+    np.testing.assert_array_equal(jax.jit(fused)(qkv), jax.jit(separate)(qkv))
+    g_fused, g_separate = jax.jit(jax.grad(fused))(qkv), jax.jit(jax.grad(separate))(qkv)
+    assert g_fused.shape == qkv.shape and g_fused.dtype == qkv.dtype
+    np.testing.assert_array_equal(
+        np.asarray(g_fused, np.float32), np.asarray(g_separate, np.float32)
+    )
+
+
+def _dot_operand_types(compiled_text: str) -> list[tuple[str, str]]:
+    """(lhs, rhs) element types of every dot in a compiled CPU program, inside fusions too."""
+    types = {}  # instruction or parameter name -> element type, per computation (names repeat,
+    pairs = []  # but a dot's operands are defined in its own computation, just above it)
+    for line in compiled_text.splitlines():
+        for name, dtype in re.findall(r"(%?[\w.\-]+): (\w+)\[", line):  # computation params
+            types[name.lstrip("%")] = dtype
+        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[", line)
+        if m:
+            types[m.group(1)] = m.group(2)
+        d = re.search(r"= \w+\[[\d,]*\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\)", line)
+        if d:
+            pairs.append((types.get(d.group(1)), types.get(d.group(2))))
+    return pairs
+
+
+def test_bfloat16_dense_backward_gemms_stay_bf16_after_xla_cpu_passes():
+    """The weight gradient xᵀ·g contracts x over its rows, a dot XLA's CPU GEMM library rejects:
+    XLA then upcasts it to float32 (a third of the speed). `layers.dense` hands it a transposed
+    copy of x instead. Checked on the compiled program, where the upcast would show."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(64, 96)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(96, 128)), jnp.float32)
+
+    def loss(x, w):
+        return jnp.sum(layers.dense(x, w, jnp.bfloat16, out_dtype=jnp.float32) ** 2)
+
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile()
+    pairs = _dot_operand_types(compiled.as_text())
+    assert len(pairs) == 3, pairs  # forward, dx, dw
+    assert all(p == ("bf16", "bf16") for p in pairs), pairs

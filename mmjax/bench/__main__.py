@@ -1,5 +1,5 @@
-"""`python -m mmjax.bench {train,loss,scale,pipeline}`: step time, FLOPs, MFU, memory, and
-input-pipeline throughput.
+"""`python -m mmjax.bench {train,loss,scale,pipeline,decode}`: step time, FLOPs, MFU, memory,
+input-pipeline throughput and decoding speed.
 
 Every subcommand prints a human-readable report; with `--json` the last line of stdout is one JSON
 object (its keys are documented in the subcommand's module). `loss` and `scale` compile for
@@ -34,6 +34,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     train.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator")
     train.add_argument("--vs-open-clip", action="store_true", help="time open_clip side by side")
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    train.add_argument(
+        "--peer-settings",
+        default="float32,amp_bf16",
+        help="open_clip settings, each its own process: float32|amp_bf16, +compile for "
+        "torch.compile (e.g. float32,amp_bf16,amp_bf16+compile)",
+    )
+    train.add_argument(
+        "--peer-malloc-tuning",
+        action="store_true",
+        help="give the open_clip processes mmjax's malloc setting too (default: as a user runs it)",
+    )
 
     loss = sub.add_parser("loss", help="per-device memory of one contrastive loss variant")
     loss.add_argument("--devices", type=int, default=8)
@@ -49,16 +60,30 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     scale.add_argument("--global-batch", type=int, default=None)
     scale.add_argument("--override", action="append", default=[], help="key=value config edits")
 
-    pipe = sub.add_parser("pipeline", help="images/s of decode + augment + tokenize")
-    pipe.add_argument("--config", help=CONFIG_HELP)
+    pipe = sub.add_parser("pipeline", help="images/s of the input path next to the step's need")
+    pipe_src = pipe.add_mutually_exclusive_group()
+    pipe_src.add_argument("--config", help=CONFIG_HELP)
+    pipe_src.add_argument("--open-clip-config", help=OPEN_CLIP_HELP)
     pipe.add_argument("--batch", type=int, default=64)
     pipe.add_argument("--batches", type=int, default=20, help="timed batches per run")
     pipe.add_argument("--threads", default="0,1,2", help="grain reader threads, comma-separated")
+    pipe.add_argument("--workers", default="1,2", help="data.workers processes, comma-separated")
+    pipe.add_argument("--step-steps", type=int, default=3, help="timed train steps (0: none)")
     pipe.add_argument("--stage-examples", type=int, default=256)
     pipe.add_argument("--override", action="append", default=[], help="key=value config edits")
-    pipe.set_defaults(open_clip_config=None)
 
-    for p in (train, loss, scale, pipe):
+    dec = sub.add_parser("decode", help="captioning tokens/s with and without the KV cache")
+    dec.add_argument("--config", help=CONFIG_HELP)
+    dec.add_argument("--batch", type=int, default=32, help="images captioned per call")
+    dec.add_argument("--beam", type=int, default=3, help="beam size of the beam-search rows")
+    dec.add_argument("--lengths", default="48,64", help="caption lengths, comma-separated")
+    dec.add_argument(
+        "--decoder-depth", type=int, help="default: the recipe's captioning.decoder_depth, else 2"
+    )
+    dec.add_argument("--rounds", type=int, default=3, help="alternating with/without rounds")
+    dec.set_defaults(open_clip_config=None)
+
+    for p in (train, loss, scale, pipe, dec):
         p.add_argument("--json", action="store_true", help="print one JSON object last")
     return parser.parse_args(argv)
 
@@ -79,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         from mmjax.bench import loss as command
     elif args.command == "pipeline":
         from mmjax.bench import pipeline as command
+    elif args.command == "decode":
+        from mmjax.bench import decode as command
     else:
         from mmjax.bench import scale as command
     result = command.run(args)

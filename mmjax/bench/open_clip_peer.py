@@ -1,15 +1,19 @@
 """open_clip's training step on the same model, the reference that `--vs-open-clip` times.
 
-The step is what open_clip's own training loop does per batch in float32: forward, `ClipLoss`
-(or `SigLipLoss`), backward, gradient clipping, `torch.optim.AdamW` with the learning rate set from
-a warmup-cosine schedule, and `zero_grad`. Hyper-parameters and the weight-decay split (matrices
-decayed; biases, norms, embeddings and the temperature not) follow mmjax's optimizer, so the two
-steps do the same work. The model is randomly initialised: nothing is downloaded.
+The step is what open_clip's own training loop does per batch: forward, `ClipLoss` (or
+`SigLipLoss`), backward, gradient clipping, `torch.optim.AdamW` with the learning rate set from a
+warmup-cosine schedule, and `zero_grad`, at one of open_clip's precisions (`PRECISIONS`: float32,
+or `amp_bf16` = forward and loss under `torch.autocast("cpu"|"cuda", bfloat16)`, as its
+`--precision amp_bf16` does), optionally with the model under `torch.compile`. Hyper-parameters
+and the weight-decay split (matrices decayed; biases, norms, embeddings and the temperature not)
+follow mmjax's optimizer, so the two steps do the same work. The model is randomly initialised:
+nothing is downloaded. `mmjax.bench.peer_worker` runs it in a process of its own.
 
 torch and open_clip are optional (`pip install -e '.[bench]'`); `require()` fails with that hint
 before the benchmark spends any time compiling JAX programs.
 """
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -19,6 +23,7 @@ import ml_collections
 import numpy as np
 
 INSTALL_HINT = "--vs-open-clip needs torch and open_clip: pip install -e '.[bench]'"
+PRECISIONS = ("float32", "amp_bf16")
 
 
 def require() -> None:
@@ -67,14 +72,20 @@ def build_peer(
     tokens_BL: np.ndarray,
     threads: int | None,
     use_gpu: bool,
+    precision: str = "float32",
+    compile_model: bool = False,
 ) -> Peer:
     """open_clip's model, loss and AdamW for `open_clip_cfg`, bound to one fixed batch.
 
     `tokens_BL` are mmjax's synthetic tokens (pad 0, one end-of-text each); they are re-encoded
     with open_clip's end-of-text convention. `use_gpu` runs on CUDA when torch can see a GPU.
+    `precision` is one of PRECISIONS; `compile_model` wraps the model in `torch.compile`.
     """
     import open_clip
     import torch
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}; use one of {', '.join(PRECISIONS)}")
 
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -89,6 +100,12 @@ def build_peer(
         init_logit_bias=open_clip_cfg.get("init_logit_bias"),
     )
     model = model.to(device).train()
+    forward = torch.compile(model) if compile_model else model
+    autocast = (
+        (lambda: torch.autocast(device, dtype=torch.bfloat16))
+        if precision == "amp_bf16"
+        else contextlib.nullcontext
+    )
 
     o = config.optim
     decay, no_decay = [], []
@@ -117,8 +134,9 @@ def build_peer(
         lr = warmup_cosine(count[0], o, config.total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        outputs = model(images_BCHW, text_BL)  # (img, txt, scale[, bias]), normalised features
-        loss = loss_fn(*outputs)
+        with autocast():  # open_clip's amp: forward and loss only, backward outside
+            outputs = forward(images_BCHW, text_BL)  # (img, txt, scale[, bias]), normalised
+            loss = loss_fn(*outputs)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, o.grad_clip_norm)
         optimizer.step()

@@ -2,7 +2,9 @@
 
 The model comes from an mmjax config file (`--config`) or an open_clip model config
 (`--open-clip-config`, a JSON path or a name such as `ViT-B-16`). Each `--dtype` is one variant
-with its own compiled step; `--vs-open-clip` adds open_clip's float32 step on the same model. All
+with its own compiled step; `--vs-open-clip` adds open_clip's step on the same model at each of
+`--peer-settings` (default float32 and amp_bf16; `+compile` for torch.compile), each in a process
+of its own started with the environment a user's process has (`mmjax.bench.peer_worker`). All
 variants see one fixed synthetic batch (no input pipeline is timed) and are timed alternately:
 each of `--rounds` rounds runs `--steps` steps of every variant in turn, so slow drift of the
 machine (other jobs, thermal state) hits all of them alike. Reported times are medians over all
@@ -34,9 +36,11 @@ partitioning overhead, not speed); on accelerators all devices, batch split over
   variants: list of {framework ("mmjax" | "open_clip"), dtype, device, devices, step_s_median,
       step_s_min, step_s (every timed step), samples_per_s, model_flops_per_step,
       xla_flops_per_step, xla_over_model, model_flops_per_s, mfu, compile_s, temp_bytes,
-      argument_bytes, output_bytes, param_count}  (XLA and memory fields are null for open_clip;
-      xla_flops_per_step sums all devices, the byte counts are per device)
-  speedup_vs_open_clip: {dtype: open_clip step time / mmjax step time} (with --vs-open-clip)
+      argument_bytes, output_bytes, param_count, conditions}  (XLA and memory fields are null
+      for open_clip; xla_flops_per_step sums all devices, the byte counts are per device;
+      conditions: the peer process's {threads, glibc_tunables}, null for mmjax)
+  speedup_vs_open_clip: {mmjax dtype: {open_clip setting: its step time / mmjax step time}}
+  best_vs_best: {mmjax, open_clip: the fastest variant of each, speedup: their ratio}
 """
 
 import argparse
@@ -69,11 +73,17 @@ class Variant:
     dtype: str
     device: str
     num_devices: int
-    step: Callable[[], object]  # one training step, blocked on by the timer
+    step: Callable[[], object] | None  # one training step, blocked on by the timer
     param_count: int
     compile_s: float | None = None
     stats: dict = dataclasses.field(default_factory=dict)
     times: list = dataclasses.field(default_factory=list)
+    # A peer in its own process times its own steps: run(n) -> n step times (see peer_worker).
+    run: Callable[[int], list[float]] | None = None
+    conditions: dict = dataclasses.field(default_factory=dict)
+
+    def timed(self, steps: int) -> list[float]:
+        return self.run(steps) if self.run else common.time_calls(self.step, steps, 0)
 
 
 # open_clip model configs shipped with the benchmark (package data), found by name.
@@ -174,11 +184,12 @@ def time_alternating(
     matmuls, float32 accumulation), measured once per round too and reported as the median over
     rounds, so that load from other processes lowers the denominator as it lowers the step."""
     for v in variants:
-        common.time_calls(v.step, 0, warmup)
+        if warmup:
+            v.timed(warmup)
     measured = {dtype: [] for dtype in DTYPES}
     for _ in range(rounds):
         for v in variants:
-            v.times += common.time_calls(v.step, steps, 0)
+            v.times += v.timed(steps)
         for dtype in DTYPES:
             measured[dtype].append(common.matmul_ceiling(dtype))
     return {dtype: common.median(xs) for dtype, xs in measured.items()}
@@ -198,11 +209,19 @@ def cpu_clock() -> tuple[float, float, float] | None:
     return time.perf_counter(), busy, own.user + own.system
 
 
-def other_cores(start, end) -> float | None:
+def other_cores(start, end, children_cpu_s: float = 0.0) -> float | None:
+    """Cores kept busy between two `cpu_clock` readings by processes other than this one and
+    its peer processes (which report their own CPU seconds, `children_cpu_s`)."""
     if start is None or end is None:
         return None
     wall, busy, own = (b - a for a, b in zip(start, end, strict=True))
-    return max(busy - own, 0.0) / wall
+    return max(busy - own - children_cpu_s, 0.0) / wall
+
+
+def peak_dtype(v: Variant) -> str:
+    """The GEMM ceiling a variant is measured against: bf16 for mixed precision (mmjax bfloat16,
+    open_clip amp_bf16), else float32."""
+    return "bfloat16" if "bf" in v.dtype else "float32"
 
 
 def variant_record(v: Variant, batch: int, model_flops: int, peak_per_device: float) -> dict:
@@ -227,6 +246,7 @@ def variant_record(v: Variant, batch: int, model_flops: int, peak_per_device: fl
         "argument_bytes": v.stats.get("argument_bytes"),
         "output_bytes": v.stats.get("output_bytes"),
         "param_count": v.param_count,
+        "conditions": v.conditions or None,
     }
 
 
@@ -264,9 +284,10 @@ def run(args: argparse.Namespace) -> dict:
     if args.steps < 1 or args.rounds < 1 or args.warmup < 0:
         raise ValueError("--steps and --rounds must be >= 1 and --warmup >= 0")
     if args.vs_open_clip:
-        from mmjax.bench import open_clip_peer
+        from mmjax.bench import open_clip_peer, peer_worker
 
         open_clip_peer.require()  # before any compile: fail fast with the install hint
+        peer_settings = peer_worker.parse_settings(args.peer_settings)
 
     config, vocab, name, oc_cfg = load_config(args)
     source = "open_clip" if args.open_clip_config else "mmjax"
@@ -283,17 +304,41 @@ def run(args: argparse.Namespace) -> dict:
     for dtype in dtypes:
         _log(f"compiling mmjax {dtype} step ...")
         variants.append(build_mmjax_variant(config, vocab, dtype, devices, batch_np))
-    if args.vs_open_clip:
-        peer = open_clip_peer.build_peer(
-            oc_cfg, config, batch_np["image"], batch_np["tokens"], args.threads, platform == "gpu"
-        )
-        variants.append(
-            Variant("open_clip", "float32", peer.device, 1, peer.step, peer.param_count)
-        )
-    _log(f"timing {len(variants)} variants: {args.rounds} rounds x {args.steps} steps ...")
-    clock = cpu_clock()
-    ceiling = time_alternating(variants, args.steps, args.warmup, args.rounds)
-    others = other_cores(clock, cpu_clock())
+    peers = []
+    try:
+        for setting in peer_settings if args.vs_open_clip else ():
+            _log(f"starting open_clip {setting.name} in its own process ...")
+            peer = peer_worker.PeerProcess(
+                setting,
+                oc_cfg,
+                config,
+                batch_np,
+                args.threads,
+                platform == "gpu",
+                args.peer_malloc_tuning,
+            )
+            peers.append(peer)
+            conditions = {"threads": peer.threads, "glibc_tunables": peer.glibc_tunables}
+            variants.append(
+                Variant(
+                    "open_clip",
+                    setting.name,
+                    peer.device,
+                    1,
+                    None,
+                    peer.param_count,
+                    peer.setup_s if setting.compile else None,
+                    run=peer.run,
+                    conditions=conditions,
+                )
+            )
+        _log(f"timing {len(variants)} variants: {args.rounds} rounds x {args.steps} steps ...")
+        clock = cpu_clock()
+        ceiling = time_alternating(variants, args.steps, args.warmup, args.rounds)
+        others = other_cores(clock, cpu_clock(), sum(p.cpu_s for p in peers))
+    finally:
+        for peer in peers:
+            peer.close()
     if args.peak_tflops:
         peak, peak_source = {d: args.peak_tflops * 1e12 for d in DTYPES}, "--peak-tflops"
     else:
@@ -301,7 +346,7 @@ def run(args: argparse.Namespace) -> dict:
 
     per_sample = flops.model_flops(config, batch)
     step_flops = per_sample["train_per_step"]
-    records = [variant_record(v, batch, step_flops, peak[v.dtype]) for v in variants]
+    records = [variant_record(v, batch, step_flops, peak[peak_dtype(v)]) for v in variants]
     result = {
         "model": model_record(name, source, config, vocab),
         "batch": batch,
@@ -325,9 +370,18 @@ def run(args: argparse.Namespace) -> dict:
         "variants": records,
     }
     if args.vs_open_clip:
-        peer_s = records[-1]["step_s_median"]
+        ours = [r for r in records if r["framework"] == "mmjax"]
+        theirs = [r for r in records if r["framework"] == "open_clip"]
         result["speedup_vs_open_clip"] = {
-            r["dtype"]: peer_s / r["step_s_median"] for r in records[:-1]
+            r["dtype"]: {p["dtype"]: p["step_s_median"] / r["step_s_median"] for p in theirs}
+            for r in ours
+        }
+        best = min(ours, key=lambda r: r["step_s_median"])
+        peer_best = min(theirs, key=lambda r: r["step_s_median"])
+        result["best_vs_best"] = {
+            "mmjax": best["dtype"],
+            "open_clip": peer_best["dtype"],
+            "speedup": peer_best["step_s_median"] / best["step_s_median"],
         }
     print_report(result)
     return result
@@ -358,14 +412,21 @@ def print_report(r: dict) -> None:
     if others is not None:
         noisy = "; the times are noisy" if others > 0.1 else ""
         print(f"other processes kept {others:.2f} of {r['cpu_count']} CPUs busy meanwhile{noisy}")
-    print(f"GLIBC_TUNABLES={r['glibc_tunables'] or '(unset)'} for every variant (one process)")
+    print(f"mmjax variants: this process, GLIBC_TUNABLES={r['glibc_tunables'] or '(unset)'}")
+    for v in r["variants"]:
+        if v["conditions"]:
+            c = v["conditions"]
+            print(
+                f"open_clip {v['dtype']}: own process, {c['threads']} torch threads, "
+                f"GLIBC_TUNABLES={c['glibc_tunables'] or '(unset)'}"
+            )
     print(
         "GEMM ceiling (2048^3, one device, median over rounds): "
         + ", ".join(f"{d} {c / 1e9:.1f} GFLOP/s" for d, c in r["ceilings_flops"].items())
         + f"; MFU denominator: {r['peak_source']}"
     )
     head = (
-        f"{'variant':<18}{'step ms':>9}{'min ms':>8}{'samples/s':>11}{'GFLOP/step':>12}"
+        f"{'variant':<28}{'step ms':>9}{'min ms':>8}{'samples/s':>11}{'GFLOP/step':>12}"
         f"{'XLA/model':>10}{'GFLOP/s':>9}{'MFU':>7}{'compile s':>10}{'temp':>11}{'args':>11}"
         f"{'params':>11}"
     )
@@ -374,12 +435,18 @@ def print_report(r: dict) -> None:
         ratio = "n/a" if v["xla_over_model"] is None else f"{v['xla_over_model']:.2f}"
         compile_s = "n/a" if v["compile_s"] is None else f"{v['compile_s']:.1f}"
         print(
-            f"{v['framework'] + ' ' + v['dtype']:<18}{v['step_s_median'] * 1e3:>9.1f}"
+            f"{v['framework'] + ' ' + v['dtype']:<28}{v['step_s_median'] * 1e3:>9.1f}"
             f"{v['step_s_min'] * 1e3:>8.1f}"
             f"{v['samples_per_s']:>11.1f}{v['model_flops_per_step'] / 1e9:>12.2f}{ratio:>10}"
             f"{v['model_flops_per_s'] / 1e9:>9.1f}{v['mfu']:>7.1%}{compile_s:>10}"
             f"{common.human_bytes(v['temp_bytes']):>11}"
             f"{common.human_bytes(v['argument_bytes']):>11}{v['param_count']:>11,}"
         )
-    for dtype, s in r.get("speedup_vs_open_clip", {}).items():
-        print(f"speedup of mmjax {dtype} over open_clip float32: {s:.2f}x (step-time ratio)")
+    for dtype, ratios in r.get("speedup_vs_open_clip", {}).items():
+        for peer, ratio in ratios.items():
+            print(f"speedup of mmjax {dtype} over open_clip {peer}: {ratio:.2f}x (step-time ratio)")
+    if "best_vs_best" in r:
+        b = r["best_vs_best"]
+        print(
+            f"best vs best: mmjax {b['mmjax']} over open_clip {b['open_clip']}: {b['speedup']:.2f}x"
+        )

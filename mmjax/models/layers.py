@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.models import decoding
-from mmjax.models.attention import dot_product_attention
+from mmjax.models.attention import dot_product_attention, fused_qkv_attention
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -127,7 +127,7 @@ def dense(
     n_in = math.prod(in_dims)
     x2 = x.reshape(-1, n_in)
     w2 = w.reshape(n_in, -1)
-    if jnp.dtype(dtype) == jnp.float32:
+    if jnp.dtype(dtype) == jnp.float32:  # autodiff's backward GEMMs are the fast ones here
         y2 = jnp.dot(x2.astype(dtype), w2.astype(dtype), preferred_element_type=jnp.float32)
     else:
         y2 = _gemm_low_precision(x2, w2, jnp.dtype(dtype))
@@ -142,6 +142,17 @@ def _dot(a: jax.Array, b: jax.Array, dims, dtype: Dtype) -> jax.Array:
     )
 
 
+def _transposed(x_NI: jax.Array) -> jax.Array:
+    """x [N, I] -> [I, N] as a real row-major copy. XLA folds a plain 2-D transpose into the
+    dot's dimension numbers, and a dot whose left operand contracts over its rows is one that
+    XLA's CPU GEMM library (YNNPACK) rejects: XLA then upcasts it to float32 and runs its
+    fallback GEMM at about a third of the speed. Through a unit axis the transpose stays a copy
+    (a fraction of a millisecond) and the dot a plain [I, N] @ [N, O]: 2.3x faster in bf16 on
+    ViT-B-sized GEMMs here. (In float32 the copy does not pay: autodiff's dots are kept.)"""
+    n, i = x_NI.shape
+    return jnp.transpose(x_NI.reshape(n, i, 1), (1, 0, 2)).reshape(i, n)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _gemm_low_precision(x_NI: jax.Array, w_IO: jax.Array, dtype: Dtype) -> jax.Array:
     return _dot(x_NI, w_IO, ((1,), (0,)), dtype)
@@ -153,11 +164,13 @@ def _gemm_fwd(x_NI, w_IO, dtype):
 
 def _gemm_bwd(dtype, residuals, g_NO):
     # Autodiff would run the backward GEMMs with one float32 operand (the cotangent of a float32
-    # accumulation), i.e. at float32 speed. Both backward GEMMs here take `dtype` inputs and
-    # accumulate in float32, like the forward one.
+    # accumulation), i.e. at float32 speed, and the weight gradient as xᵀ·g with x contracting
+    # over its rows (see `_transposed`). Here both backward GEMMs take `dtype` inputs, accumulate
+    # in float32 and have shapes the CPU GEMM library accepts: g·wᵀ and transposed(x)·g.
     x_NI, w_IO = residuals
     dx_NI = _dot(g_NO, w_IO, ((1,), (1,)), dtype).astype(x_NI.dtype)
-    dw_IO = _dot(x_NI, g_NO, ((0,), (0,)), dtype).astype(w_IO.dtype)
+    x_IN = _transposed(x_NI.astype(dtype))
+    dw_IO = _dot(x_IN, g_NO, ((1,), (0,)), dtype).astype(w_IO.dtype)
     return dx_NI, dw_IO
 
 
@@ -234,6 +247,12 @@ class Attention(nn.Module):
             self.param_dtype,
         )
         qkv_BTHCK = dense(x_BTD, w_qkv, self.dtype, bias=b_qkv)
+        if cache_position is None:  # training and full-prefix passes: one fused tensor
+            qkv_BTHCK = nn.with_logical_constraint(
+                qkv_BTHCK, ("batch", "length", "act_heads", None, None)
+            )
+            out_BTHK = fused_qkv_attention(qkv_BTHCK, mask_BTS, causal, self.dtype)
+            return attention_output(self, out_BTHK, d)
         q_BTHK, k_BSHK, v_BSHK = (qkv_BTHCK[:, :, :, i] for i in range(3))
         q_BTHK = nn.with_logical_constraint(q_BTHK, ("batch", "length", "act_heads", None))
         if cache_position is not None:  # the mask returned is causal over the cache slots
@@ -248,11 +267,18 @@ def quick_gelu(x: jax.Array) -> jax.Array:
     return x * jax.nn.sigmoid(1.702 * x)
 
 
+def gelu_erf(x: jax.Array) -> jax.Array:
+    """The exact GELU, x·Φ(x), as PyTorch writes it: 0.5·x·(1 + erf(x/√2)). `jax.nn.gelu`'s exact
+    form uses erfc, which XLA expands into a piecewise polynomial with selects: on CPU about twice
+    the element-wise work of erf, in a layer whose input is the MLP's widest activation."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * math.sqrt(0.5)))
+
+
 # MLP activations by config name. "gelu" is the exact erf form (PyTorch's and BERT's default);
 # "gelu_tanh" the tanh approximation (flax's default); "quick_gelu" OpenAI CLIP's; "relu".
 ACTIVATIONS = {
     "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu": gelu_erf,
     "quick_gelu": quick_gelu,
     "relu": jax.nn.relu,
 }
