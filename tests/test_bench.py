@@ -148,7 +148,8 @@ def test_train_bench_json(tmp_path, capsys):
 
 
 def test_pipeline_bench_json(tmp_path, capsys):
-    args = ["pipeline", "--batch", "16", "--batches", "2", "--threads", "0,1"]
+    args = ["pipeline", "--batch", "16", "--batches", "2", "--threads", "0,1", "--workers", "0"]
+    args += ["--step-steps", "1"]
     args += ["--stage-examples", "8", "--override", f"data.data_dir={tmp_path}"]
     args += ["--override", "data.num_train=64", "--override", "data.num_val=8"]
     args += ["--override", "data.image_size=32", "--override", "data.augment=random_resized_crop"]
@@ -162,3 +163,45 @@ def test_pipeline_bench_json(tmp_path, capsys):
     for run in r["runs"]:
         assert run["images_per_s"] > 0
         assert run["images_per_s_per_core"] == pytest.approx(run["images_per_s"])  # 1 core used
+    # The step the loader feeds: the config's model at its dtype, on the same batch size.
+    assert r["step"]["dtype"] == "float32" and r["step"]["step_s"] > 0
+    assert r["step"]["samples_per_s"] == pytest.approx(16 / r["step"]["step_s"])
+
+
+@pytest.mark.slow
+def test_pipeline_bench_measures_worker_processes(tmp_path, capsys):
+    args = ["pipeline", "--batch", "16", "--batches", "2", "--threads", "", "--workers", "1"]
+    args += ["--step-steps", "0", "--stage-examples", "4"]
+    args += ["--override", f"data.data_dir={tmp_path}", "--override", "data.num_train=64"]
+    args += ["--override", "data.num_val=8", "--override", "data.image_size=32"]
+    assert main([*args, "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [(run["threads"], run["workers"]) for run in r["runs"]] == [(0, 1)]
+    assert r["runs"][0]["images_per_s"] > 0 and r["step"] is None
+
+
+@pytest.mark.slow
+@pytest.mark.interop
+def test_vs_open_clip_runs_each_peer_setting_in_its_own_process(tmp_path, capsys, monkeypatch):
+    """The peer at float32 and amp_bf16, each a child process with a user's environment (no JAX
+    runtime, no malloc tunable of ours even when the benchmark has one), the same model."""
+    pytest.importorskip("open_clip")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(TINY))
+    args = ["train", "--open-clip-config", str(path), "--batch", str(BATCH), "--json"]
+    args += ["--dtype", "float32", "--rounds", "1", "--steps", "1", "--warmup", "1"]
+    assert main([*args, "--vs-open-clip", "--peer-settings", "float32,amp_bf16"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    peers = [v for v in r["variants"] if v["framework"] == "open_clip"]
+    assert [v["dtype"] for v in peers] == ["float32", "amp_bf16"]
+    ours = r["variants"][0]
+    for v in peers:
+        assert v["conditions"]["glibc_tunables"] == "" and not v["conditions"]["jax_loaded"]
+        assert v["param_count"] in (ours["param_count"], ours["param_count"] - 1)  # no bias
+        assert len(v["step_s"]) == 1 and v["step_s"][0] > 0
+    assert set(r["speedup_vs_open_clip"]["float32"]) == {"float32", "amp_bf16"}
+    assert r["best_vs_best"]["open_clip"] in ("float32", "amp_bf16")
+    assert r["best_vs_best"]["speedup"] > 0
+    with pytest.raises(ValueError, match="peer setting"):
+        main([*args, "--vs-open-clip", "--peer-settings", "fp8"])

@@ -94,6 +94,7 @@ class PeerProcess:
         ready = self._read()
         self.param_count, self.device = ready["param_count"], ready["device"]
         self.threads, self.setup_s = ready["threads"], ready["setup_s"]
+        self.jax_loaded = ready["jax_loaded"]
         self.cpu_s = 0.0
 
     def _read(self) -> dict:
@@ -142,6 +143,7 @@ def serve(spec: dict) -> None:
         "device": peer.device,
         "threads": peer.threads,
         "setup_s": time.perf_counter() - start,
+        "jax_loaded": "jax" in sys.modules,  # a user's open_clip process has no JAX runtime
     }
     print(json.dumps(ready), flush=True)
     for line in sys.stdin:

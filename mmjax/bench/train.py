@@ -38,7 +38,7 @@ partitioning overhead, not speed); on accelerators all devices, batch split over
       xla_flops_per_step, xla_over_model, model_flops_per_s, mfu, compile_s, temp_bytes,
       argument_bytes, output_bytes, param_count, conditions}  (XLA and memory fields are null
       for open_clip; xla_flops_per_step sums all devices, the byte counts are per device;
-      conditions: the peer process's {threads, glibc_tunables}, null for mmjax)
+      conditions: the peer process's {threads, glibc_tunables, jax_loaded}, null for mmjax)
   speedup_vs_open_clip: {mmjax dtype: {open_clip setting: its step time / mmjax step time}}
   best_vs_best: {mmjax, open_clip: the fastest variant of each, speedup: their ratio}
 """
@@ -59,7 +59,7 @@ import numpy as np
 
 from mmjax import config as base_config
 from mmjax import parallel
-from mmjax.bench import common, flops
+from mmjax.bench import common, flops, train_report
 from mmjax.data import pipeline
 from mmjax.tasks import get_task
 from mmjax.train.step import NO_CEILING
@@ -318,7 +318,11 @@ def run(args: argparse.Namespace) -> dict:
                 args.peer_malloc_tuning,
             )
             peers.append(peer)
-            conditions = {"threads": peer.threads, "glibc_tunables": peer.glibc_tunables}
+            conditions = {
+                "threads": peer.threads,
+                "glibc_tunables": peer.glibc_tunables,
+                "jax_loaded": peer.jax_loaded,
+            }
             variants.append(
                 Variant(
                     "open_clip",
@@ -383,70 +387,5 @@ def run(args: argparse.Namespace) -> dict:
             "open_clip": peer_best["dtype"],
             "speedup": peer_best["step_s_median"] / best["step_s_median"],
         }
-    print_report(result)
+    train_report.print_report(result)
     return result
-
-
-def _g(x: float | None, unit: str = "") -> str:
-    return "n/a" if x is None else f"{x / 1e9:.3g} G{unit}"
-
-
-def print_report(r: dict) -> None:
-    m, f = r["model"], r["model_flops_per_sample"]
-    print(
-        f"model {m['name']} ({m['source']}, {m['loss']} loss): image {m['image_size']}px/"
-        f"{m['patch_size']} {m['image_depth']}x{m['image_width']} ({m['image_heads']} heads, mlp "
-        f"{m['image_mlp']}); text ctx {m['text_length']} {m['text_depth']}x{m['text_width']} "
-        f"({m['text_heads']} heads, mlp {m['text_mlp']}, vocab {m['vocab_size']}); embed "
-        f"{m['embed_dim']}"
-    )
-    print(
-        f"batch {r['batch']} on {r['devices']} {r['platform']} device(s); {r['rounds']} rounds x "
-        f"{r['steps']} steps per variant after {r['warmup']} warm-up steps"
-    )
-    print(
-        f"model FLOPs per sample, forward: image {_g(f['image'])}, text {_g(f['text'])}, logits "
-        f"{_g(f['logits'])}, total {_g(f['forward'])}; train step = 3 x forward x batch"
-    )
-    others = r["other_cpu_load"]
-    if others is not None:
-        noisy = "; the times are noisy" if others > 0.1 else ""
-        print(f"other processes kept {others:.2f} of {r['cpu_count']} CPUs busy meanwhile{noisy}")
-    print(f"mmjax variants: this process, GLIBC_TUNABLES={r['glibc_tunables'] or '(unset)'}")
-    for v in r["variants"]:
-        if v["conditions"]:
-            c = v["conditions"]
-            print(
-                f"open_clip {v['dtype']}: own process, {c['threads']} torch threads, "
-                f"GLIBC_TUNABLES={c['glibc_tunables'] or '(unset)'}"
-            )
-    print(
-        "GEMM ceiling (2048^3, one device, median over rounds): "
-        + ", ".join(f"{d} {c / 1e9:.1f} GFLOP/s" for d, c in r["ceilings_flops"].items())
-        + f"; MFU denominator: {r['peak_source']}"
-    )
-    head = (
-        f"{'variant':<28}{'step ms':>9}{'min ms':>8}{'samples/s':>11}{'GFLOP/step':>12}"
-        f"{'XLA/model':>10}{'GFLOP/s':>9}{'MFU':>7}{'compile s':>10}{'temp':>11}{'args':>11}"
-        f"{'params':>11}"
-    )
-    print(head)
-    for v in r["variants"]:
-        ratio = "n/a" if v["xla_over_model"] is None else f"{v['xla_over_model']:.2f}"
-        compile_s = "n/a" if v["compile_s"] is None else f"{v['compile_s']:.1f}"
-        print(
-            f"{v['framework'] + ' ' + v['dtype']:<28}{v['step_s_median'] * 1e3:>9.1f}"
-            f"{v['step_s_min'] * 1e3:>8.1f}"
-            f"{v['samples_per_s']:>11.1f}{v['model_flops_per_step'] / 1e9:>12.2f}{ratio:>10}"
-            f"{v['model_flops_per_s'] / 1e9:>9.1f}{v['mfu']:>7.1%}{compile_s:>10}"
-            f"{common.human_bytes(v['temp_bytes']):>11}"
-            f"{common.human_bytes(v['argument_bytes']):>11}{v['param_count']:>11,}"
-        )
-    for dtype, ratios in r.get("speedup_vs_open_clip", {}).items():
-        for peer, ratio in ratios.items():
-            print(f"speedup of mmjax {dtype} over open_clip {peer}: {ratio:.2f}x (step-time ratio)")
-    if "best_vs_best" in r:
-        b = r["best_vs_best"]
-        print(
-            f"best vs best: mmjax {b['mmjax']} over open_clip {b['open_clip']}: {b['speedup']:.2f}x"
-        )
