@@ -15,10 +15,11 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from mmjax.data.build import captions as build_captions
 from mmjax.data.build import dataset as build
 from mmjax.data.build import image_check
-from mmjax.data.build import inputs as build_sources
 from mmjax.data.build.dataset import BuildError, build_dataset
+from mmjax.data.build.tally import Tally
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,8 +141,8 @@ def test_csv_tsv_several_captions(tmp_path, fmt):
     text = "\n".join(sep.join(r) for r in rows) + "\n"
     path = tmp_path / f"caps.{fmt}"
     path.write_text(text, encoding="utf-8")
-    tally = build_sources.Tally()
-    entries = build_sources.parse_captions(os.fspath(path), tally)
+    tally = Tally()
+    entries = build_captions.parse_captions(os.fspath(path), tally, 1 << 20)
     assert entries["a.jpg"].captions == ["a dog", "一只狗"]
     expected_b = "quoted, with sep and newline" if fmt == "csv" else "quoted"
     assert entries["b.jpg"].captions == [expected_b]
@@ -150,7 +151,7 @@ def test_csv_tsv_several_captions(tmp_path, fmt):
     assert missing_row[0]["where"] == f"caps.{fmt}:{7 if fmt == 'csv' else 6}"
     path.write_text(f"image{sep}text\na.jpg{sep}x\n")
     with pytest.raises(BuildError, match="header must name"):
-        build_sources.parse_captions(os.fspath(path), tally)
+        build_captions.parse_captions(os.fspath(path), tally, 1 << 20)
 
 
 def _png_header_only(width: int, height: int) -> bytes:

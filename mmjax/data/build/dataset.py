@@ -23,31 +23,47 @@ Images: each is decoded in full with PIL before it is accepted.
   (applied), longer side above --max-side (Lanczos downscale, aspect kept), other formats (WebP,
   GIF, BMP, TIFF, AVIF; animations keep their first frame). ICC profiles are not applied.
 - Skipped, by the first reason that applies: path_outside_images, no_valid_caption,
-  missing_file, empty_file, undecodable (corrupt, truncated, or not one of the formats above),
-  too_many_pixels (PIL's decompression-bomb limit), too_small (a side < 8 px),
-  extreme_aspect_ratio (> 10:1), unsupported_mode; WebDataset also sample_without_image,
+  missing_file, file_too_large (the file or tar member is over --max-image-mib, default 64; it
+  is never read), empty_file, undecodable (corrupt, truncated, or not one of the formats
+  above), too_many_pixels (PIL's decompression-bomb limit), too_small (a side < 8 px),
+  extreme_aspect_ratio (> 10:1), unsupported_mode, decoded_too_large (width x height x bytes
+  per pixel as PIL holds it, read from the header, over --max-decoded-mib, default 256; JPEGs
+  count at the reduced scale they are decoded at); WebDataset also sample_without_image,
   sample_without_caption (no .txt/.json member), duplicate_key (a key recurring in a shard
   after other keys; the first run is kept).
 
 Captions: invalid UTF-8 -> dropped (caption_not_utf8); not a string -> dropped
-(caption_not_text); control characters removed (caption_control_chars); whitespace stripped
-and runs collapsed to one space; empty -> dropped (caption_empty); over 1000 characters ->
-truncated and kept (caption_truncated). Other issues, which do not count as bad images:
-row_unparseable, row_missing_field, path_invalid (an image path or member name that is not
-UTF-8 or holds NUL), unsafe_tar_member, extra_image_in_sample, sample_json_unparseable,
-shard_unreadable. The report also counts the normalisations (grayscale, palette, cmyk, 16bit,
-transparency, exif_rotated, downscaled, first_frame, reencoded, ...), the image files under
---images that no row names (unreferenced_files) and the ignored tar members by extension.
+(caption_not_text); control characters, terminal escape sequences (whole, e.g. `\x1b[31m`)
+and bidi embeddings, overrides and isolates (U+202A-U+202E, U+2066-U+2069) removed
+(caption_control_chars); whitespace stripped and runs collapsed to one space; empty -> dropped
+(caption_empty); over 1000 characters -> truncated and kept (caption_truncated; in CSV too,
+past the csv module's 131,072-character default). Other issues, which do not count as bad
+images: row_unparseable (also JSON nested too deeply to parse), row_missing_field, row_too_large
+(a captions-file line or CSV field over --max-text-mib, default 1), path_invalid (an image path
+or member name that is not UTF-8 or holds NUL), unsafe_tar_member, extra_image_in_sample,
+caption_file_too_large (a .txt/.json member over --max-text-mib; never read),
+sample_json_unparseable (also nested too deeply), shard_unreadable (also a pax or GNU
+long-name header over 1 MiB, or a GNU sparse 1.0 member: the shard ends there). The report
+also counts the normalisations (grayscale, palette, cmyk, 16bit, transparency, exif_rotated,
+downscaled, first_frame, reencoded, ...), the image files under --images that no row names
+(unreferenced_files) and the ignored tar members by extension.
 
 Security: image paths that are absolute or resolve outside --images (`..`, symlinks) are
 refused; tar members are read one by one with `tarfile`, never extracted, and members with
 absolute or `..` names or that are not regular files (links, devices) are never read
-(directories are skipped); nothing is unpickled; all writes go under `{data_dir}/{NAME}`
-(tfds' temporary directory and download folder too).
+(directories are skipped); nothing is unpickled. Memory: no file, member, line or header is
+read past its limit (limits.py), gzip'd shards are decompressed as a stream, and images are
+decoded only within --max-decoded-mib.
+
+Writes: everything (spool, tfds' temporary and download folders) goes into a fresh
+`{data_dir}/.{NAME}.building-*` folder; the finished dataset is renamed to `{data_dir}/{NAME}`
+and the folder removed, also when the build stops or fails, so no partial dataset is ever left
+(a killed build leaves only that folder, safe to delete).
 
 Stop (exit 2; the report is written, no dataset is): skipped images / all images above
---max-bad-fraction, or no image kept. Rebuilding a NAME needs --overwrite, which deletes the
-old `{data_dir}/{NAME}` before building (even if the new build then stops).
+--max-bad-fraction, or no image kept. Rebuilding a NAME needs --overwrite; the old
+`{data_dir}/{NAME}` is replaced only by a complete new build: a build that stops leaves it as
+it was and writes its report to `{data_dir}/{NAME}/build_report.stopped.json`.
 
 Split: a permutation by `numpy.random.default_rng(seed)` of the kept images sorted by id;
 validation gets round(val_fraction * n) images, at least 1 if val_fraction > 0 and n >= 2, and
@@ -58,114 +74,56 @@ empty one). All captions of an image stay with it.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
-import logging
 import os
 import shutil
 import sys
+import tempfile
 from collections import Counter
 
 import numpy as np
-import tensorflow_datasets as tfds
-from etils import epath
 
+from mmjax.data.build import limits as size_limits
+from mmjax.data.build.captions import parse_captions
 from mmjax.data.build.image_check import check_image
-from mmjax.data.build.inputs import (
-    MAX_EXAMPLES_PER_REASON,
-    BuildError,
-    Tally,
-    folder_candidates,
-    parse_captions,
-    unreferenced,
-    validate_args,
-    wds_candidates,
-)
+from mmjax.data.build.inputs import folder_candidates, unreferenced, validate_args, wds_candidates
+from mmjax.data.build.tally import MAX_EXAMPLES_PER_REASON, BuildError, Tally
+from mmjax.data.build.writer import VERSION, Spool, features, write_tfds
 from mmjax.data.builtin.shapes_builder import resolve_data_dir
 
 __all__ = ["BuildError", "build_dataset", "features", "main", "split_validation"]
 
-VERSION = "1.0.0"
 REPORT_FILE = "build_report.json"
+# The report of a build that stopped while an older dataset of the name exists (kept as is).
+STOPPED_REPORT_FILE = "build_report.stopped.json"
 
 
-class _Spool:
-    """Accepted images on disk between the checking pass and tfds' writing pass, so memory
-    stays flat, nothing is decoded twice and the shards are read once."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.file = open(path, "w+b")
-        self.records: list[tuple[str, list[str], int, int]] = []
-
-    def add(self, sid: str, captions: list[str], data: bytes) -> None:
-        self.records.append((sid, captions, self.file.tell(), len(data)))
-        self.file.write(data)
-
-    def read(self, offset: int, length: int) -> bytes:
-        self.file.seek(offset)
-        return self.file.read(length)
-
-    def close(self) -> None:
-        self.file.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(self.path)
-
-
-def features() -> tfds.features.FeaturesDict:
-    return tfds.features.FeaturesDict(
-        {
-            "image": tfds.features.Image(shape=(None, None, 3)),
-            "captions": tfds.features.Sequence(tfds.features.Text()),
-            "id": tfds.features.Text(),
-        }
-    )
-
-
-class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Writes the spooled examples as dataset `name` (set per instance, as tfds' AdhocBuilder)."""
-
-    VERSION = tfds.core.Version(VERSION)
-    # See shapes_builder.py: tfds' own lookup of the source file fails on Python >= 3.9.
-    code_path = epath.Path(__file__)
-    # tfds would otherwise derive its metadata folder (README, CITATIONS) from the module name.
-    pkg_dir_path = epath.Path(__file__).parent
-
-    def __init__(self, *, name: str, splits: dict[str, list], spool: _Spool, **kwargs) -> None:
-        self.name = name
-        self._splits, self._spool = splits, spool
-        super().__init__(**kwargs)
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="Built from user images and captions by mmjax.data.build.",
-            features=features(),
-            disable_shuffling=True,  # keep examples in order of id
-        )
-
-    def _split_generators(self, dl_manager):
-        del dl_manager
-        return {split: self._generate_examples(recs) for split, recs in self._splits.items()}
-
-    def _generate_examples(self, records):
-        for index, (sid, captions, offset, length) in enumerate(records):
-            yield (
-                index,
-                {"image": self._spool.read(offset, length), "captions": captions, "id": sid},
-            )
-
-
-def _prepare_out_dir(out_dir: str, overwrite: bool) -> None:
+def _existing_dataset(out_dir: str, overwrite: bool) -> bool:
+    """Whether `out_dir` holds a dataset (which the build replaces only once it is complete);
+    BuildError if it is in the way."""
     if os.path.islink(out_dir) or (os.path.exists(out_dir) and not os.path.isdir(out_dir)):
         raise BuildError(f"{out_dir} exists and is not a directory; remove it first")
     # A folder holding only the report of a build that stopped is not worth protecting.
-    if os.path.isdir(out_dir) and set(os.listdir(out_dir)) - {REPORT_FILE}:
+    if os.path.isdir(out_dir) and set(os.listdir(out_dir)) - {REPORT_FILE, STOPPED_REPORT_FILE}:
         if not overwrite:
             raise BuildError(f"{out_dir} already exists; pass --overwrite to replace it")
-        shutil.rmtree(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+        return True
+    return False
+
+
+def _move_into_place(built: str, out_dir: str, work_dir: str) -> None:
+    """Renames the finished `built` folder to `out_dir`, moving what was there into `work_dir`
+    first (a directory cannot be renamed over a non-empty one) and back if the rename fails."""
+    if not os.path.isdir(out_dir):
+        os.rename(built, out_dir)
+        return
+    replaced = os.path.join(work_dir, "replaced")
+    os.rename(out_dir, replaced)
+    try:
+        os.rename(built, out_dir)
+    except BaseException:
+        os.rename(replaced, out_dir)
+        raise
 
 
 def split_validation(count: int, val_fraction: float, seed: int) -> np.ndarray:
@@ -179,34 +137,13 @@ def split_validation(count: int, val_fraction: float, seed: int) -> np.ndarray:
     return mask
 
 
-def _write_tfds(data_dir: str, out_dir: str, name: str, splits: dict, spool: _Spool) -> str:
-    builder = _Builder(
-        name=name, splits=splits, spool=spool, data_dir=data_dir, file_format="array_record"
-    )
-    downloads = os.path.join(out_dir, ".downloads")  # tfds makes one; keep it inside out_dir
-    log = io.StringIO()  # tfds prints progress bars; they are replayed only on failure
-    absl_logger, level = logging.getLogger("absl"), logging.getLogger("absl").level
-    absl_logger.setLevel(logging.ERROR)  # hides expected warnings, e.g. about missing OpenCV
-    try:
-        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            builder.download_and_prepare(
-                download_dir=downloads,
-                download_config=tfds.download.DownloadConfig(
-                    try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP
-                ),
-            )
-    except BaseException:
-        sys.stderr.write(log.getvalue())
-        raise
-    finally:
-        absl_logger.setLevel(level)
-        shutil.rmtree(downloads, ignore_errors=True)
-    return os.fspath(builder.data_dir)
-
-
-def _write_report(report: dict) -> None:
+def _write_report(report: dict, into: str | None = None) -> None:
+    """Writes the report to its `report_path`, or under that name into the folder `into`."""
+    path = report["report_path"]
+    if into is not None:
+        path = os.path.join(into, os.path.basename(path))
     # backslashreplace: file names that are not UTF-8 still give a valid JSON file.
-    with open(report["report_path"], "w", encoding="utf-8", errors="backslashreplace") as handle:
+    with open(path, "w", encoding="utf-8", errors="backslashreplace") as handle:
         json.dump(report, handle, ensure_ascii=False, indent=2)
         handle.write("\n")
 
@@ -226,90 +163,118 @@ def build_dataset(
     seed: int = 0,
     max_bad_fraction: float = 0.1,
     max_side: int = 512,
+    max_image_mib: float = size_limits.DEFAULT_MAX_IMAGE_MIB,
+    max_text_mib: float = size_limits.DEFAULT_MAX_TEXT_MIB,
+    max_decoded_mib: float = size_limits.DEFAULT_MAX_DECODED_MIB,
     overwrite: bool = False,
 ) -> dict:
     """Builds `{data_dir}/{name}/1.0.0/` (no config level) and returns the report.
 
     Raises BuildError for bad arguments (nothing written), an existing dataset without
-    `overwrite`, or too many bad images (only `{data_dir}/{name}/build_report.json` written).
+    `overwrite`, or too many bad images (only the report written). The dataset is written into
+    a temporary folder under `data_dir` and renamed into place when complete: a build that
+    stops or fails leaves no partial dataset and never touches an existing one.
     """
     # Paths may come as pathlib objects; the report stores them as text.
     images_dir, captions_file, webdataset, data_dir = (
         os.fspath(p) if p else None for p in (images_dir, captions_file, webdataset, data_dir)
     )
     options = dict(locals())
+    limits_mib = {k: options[k] for k in ("max_image_mib", "max_text_mib", "max_decoded_mib")}
     shards = validate_args(
         **{k: options[k] for k in ("name", "images_dir", "captions_file", "webdataset")},
         **{k: options[k] for k in ("val_fraction", "max_bad_fraction", "max_side", "seed")},
+        limits_mib=limits_mib,
+    )
+    limits = size_limits.Limits.from_mib(
+        image=max_image_mib, text=max_text_mib, decoded=max_decoded_mib
     )
     data_dir = options["data_dir"] = resolve_data_dir(data_dir)
     out_dir = os.path.join(data_dir, name)
     tally = Tally()
     # Parse before touching the output, so a bad header never costs an old dataset.
-    entries = parse_captions(captions_file, tally) if captions_file else {}
-    _prepare_out_dir(out_dir, overwrite)
+    entries = parse_captions(captions_file, tally, limits.text) if captions_file else {}
+    replacing = _existing_dataset(out_dir, overwrite)
     report = {"name": name, "status": "stopped", "dataset_path": None, "options": options}
     report["report_path"] = os.path.join(out_dir, REPORT_FILE)
     if captions_file:
         extra = unreferenced(images_dir, entries)
         report["unreferenced_files"] = len(extra)
         report["unreferenced_examples"] = extra[:MAX_EXAMPLES_PER_REASON]
-        candidates = folder_candidates(images_dir, entries, os.path.basename(captions_file), tally)
+        base = os.path.basename(captions_file)
+        candidates = folder_candidates(images_dir, entries, base, tally, limits)
     else:
-        candidates = wds_candidates(shards, tally)
-    spool = _Spool(os.path.join(out_dir, f".spool-{os.getpid()}.bin"))
+        candidates = wds_candidates(shards, tally, limits)
+    os.makedirs(data_dir, exist_ok=True)
+    work_dir = tempfile.mkdtemp(prefix=f".{name}.building-", dir=data_dir)
+    spool = Spool(os.path.join(work_dir, "spool.bin"))
     try:
         for sid, where, captions, data in candidates:
-            checked = check_image(data, max_side=max_side)
+            checked = check_image(data, max_side=max_side, max_decoded_bytes=limits.decoded)
             if checked.reason:
                 tally.skip(checked.reason, where, checked.detail)
                 continue
             tally.fixes.update(checked.fixes)
             spool.add(sid, captions, checked.data)
-        kept, skipped = len(spool.records), sum(tally.skipped.values())
-        total = kept + skipped
-        report.update(
-            total_images=total,
-            kept_images=kept,
-            skipped_images=skipped,
-            bad_fraction=skipped / total if total else 0.0,
-            skipped=dict(tally.skipped.most_common()),
-            issues=dict(tally.issues.most_common()),
-            normalised=dict(tally.fixes.most_common()),
-            ignored_tar_members=dict(tally.ignored.most_common()),
-            examples=tally.examples,
-        )
-        stop = None
-        if kept == 0:
-            stop = f"no usable image among {total} (top reasons: {_top(tally.skipped) or 'none'})"
-        elif report["bad_fraction"] > max_bad_fraction:
-            stop = (
-                f"{skipped} of {total} images are bad ({report['bad_fraction']:.1%} > "
-                f"--max-bad-fraction {max_bad_fraction:.1%}); top reasons: {_top(tally.skipped)}"
-            )
+        _count(report, tally, len(spool.records))
+        stop = _stop_reason(report, tally, max_bad_fraction)
         if stop:
             report["message"] = stop
+            if replacing:  # the old dataset and its report stay as they are
+                report["report_path"] = os.path.join(out_dir, STOPPED_REPORT_FILE)
+            os.makedirs(out_dir, exist_ok=True)
             _write_report(report)
             raise BuildError(f"{stop}; no dataset written; report: {report['report_path']}")
         records = sorted(spool.records)
-        is_val = split_validation(kept, val_fraction, seed)
+        is_val = split_validation(len(records), val_fraction, seed)
         splits = {
             "train": [r for r, v in zip(records, is_val, strict=True) if not v],
             "validation": [r for r, v in zip(records, is_val, strict=True) if v],
         }
         # tfds cannot store an empty split, so an empty validation split is left out.
-        written = {split: recs for split, recs in splits.items() if recs}
-        report["dataset_path"] = _write_tfds(data_dir, out_dir, name, written, spool)
+        write_tfds(work_dir, name, {split: recs for split, recs in splits.items() if recs}, spool)
+        report["status"] = "built"
+        report["dataset_path"] = os.path.join(out_dir, VERSION)
+        report["splits"] = {
+            split: {"images": len(recs), "captions": sum(len(r[1]) for r in recs)}
+            for split, recs in splits.items()
+        }
+        built = os.path.join(work_dir, name)
+        _write_report(report, into=built)
+        _move_into_place(built, out_dir, work_dir)
     finally:
         spool.close()
-    report["status"] = "built"
-    report["splits"] = {
-        split: {"images": len(recs), "captions": sum(len(r[1]) for r in recs)}
-        for split, recs in splits.items()
-    }
-    _write_report(report)
+        shutil.rmtree(work_dir, ignore_errors=True)
     _print_summary(report)
     return report
+
+
+def _count(report: dict, tally: Tally, kept: int) -> None:
+    skipped = sum(tally.skipped.values())
+    total = kept + skipped
+    report.update(
+        total_images=total,
+        kept_images=kept,
+        skipped_images=skipped,
+        bad_fraction=skipped / total if total else 0.0,
+        skipped=dict(tally.skipped.most_common()),
+        issues=dict(tally.issues.most_common()),
+        normalised=dict(tally.fixes.most_common()),
+        ignored_tar_members=dict(tally.ignored.most_common()),
+        examples=tally.examples,
+    )
+
+
+def _stop_reason(report: dict, tally: Tally, max_bad_fraction: float) -> str | None:
+    total, skipped = report["total_images"], report["skipped_images"]
+    if report["kept_images"] == 0:
+        return f"no usable image among {total} (top reasons: {_top(tally.skipped) or 'none'})"
+    if report["bad_fraction"] > max_bad_fraction:
+        return (
+            f"{skipped} of {total} images are bad ({report['bad_fraction']:.1%} > "
+            f"--max-bad-fraction {max_bad_fraction:.1%}); top reasons: {_top(tally.skipped)}"
+        )
+    return None
 
 
 def _print_summary(report: dict) -> None:
@@ -380,7 +345,30 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PX",
         help="downscale images whose longer side is larger (default 512)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing NAME")
+    limits = parser.add_argument_group(
+        "size limits (a file, member or row over one is skipped and counted, never read)"
+    )
+    for flag, default, what in [
+        ("--max-image-mib", size_limits.DEFAULT_MAX_IMAGE_MIB, "an image file or tar member"),
+        (
+            "--max-text-mib",
+            size_limits.DEFAULT_MAX_TEXT_MIB,
+            "a .txt/.json member, a line or CSV field of --captions",
+        ),
+        (
+            "--max-decoded-mib",
+            size_limits.DEFAULT_MAX_DECODED_MIB,
+            "an image's decoded pixels (width x height x bytes per pixel, read from its header)",
+        ),
+    ]:
+        limits.add_argument(
+            flag, type=float, default=default, metavar="MIB", help=f"{what} (default {default:g})"
+        )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing NAME (only once the new build is complete)",
+    )
     args = parser.parse_args(argv)
     try:
         build_dataset(**vars(args))

@@ -1,14 +1,20 @@
 """Validation and normalisation of one image for `mmjax.data.build` (policy: see dataset.py).
 
-`check_image(data, max_side=...)` decodes the bytes with PIL and returns either the bytes to
-store (the original file when it already is an 8-bit RGB JPEG/PNG that needs no change, else a
-PNG of the normalised 8-bit RGB image) or a skip reason.
+`check_image(data, max_side=..., max_decoded_bytes=...)` decodes the bytes with PIL and returns
+either the bytes to store (the original file when it already is an 8-bit RGB JPEG/PNG that
+needs no change, else a PNG of the normalised 8-bit RGB image) or a skip reason.
+
+Memory: an image is decoded only if its pixels fit `max_decoded_bytes` as PIL holds them (the
+header gives size and mode before anything is decoded; JPEGs count at the reduced scale they
+are decoded at), and a large one is downscaled before any conversion that would copy it, so
+the peak stays near the decoded size.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -23,6 +29,12 @@ _SIXTEEN_BIT = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 _WITH_ALPHA = ("RGBA", "RGBa", "LA", "PA")
 _SUPPORTED_MODES = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "F", *_SIXTEEN_BIT, *_WITH_ALPHA)
 _ORIENTATION_TAG = 0x0112
+# Bytes per pixel as PIL stores a decoded image: one for bilevel, grayscale and palette, two
+# for 16-bit grayscale, four for everything else (RGB is padded to four).
+_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, **dict.fromkeys(_SIXTEEN_BIT[1:], 2)}
+# Modes whose downscale before the conversion to RGB gives the same image (up to rounding:
+# PIL resizes RGBA and LA premultiplied, as compositing on white is linear in that space).
+_RESIZE_FIRST = ("L", "LA", "RGB", "RGBA", *_SIXTEEN_BIT)
 # PNG IHDR: 8-byte signature, 4-byte length, b"IHDR", width, height, then bit depth, colour type.
 _PNG_BIT_DEPTH, _PNG_COLOR_TYPE, _PNG_TRUECOLOR = 24, 25, 2
 
@@ -105,12 +117,20 @@ def _allowed_formats() -> list[str]:
     return [name for name in ALLOWED_FORMATS if name in Image.OPEN]
 
 
-def check_image(data: bytes, *, max_side: int) -> Checked:
+def decoded_bytes(img: Image.Image) -> int:
+    """The memory PIL takes for the pixels of `img` (as opened: nothing decoded yet)."""
+    width, height = img.size
+    return width * height * _BYTES_PER_PIXEL.get(img.mode, 4)
+
+
+def check_image(data: bytes, *, max_side: int, max_decoded_bytes: int = 256 << 20) -> Checked:
     """Decodes `data` fully and returns what to store, or why the image is skipped."""
     if not data:
         return _skip("empty_file")
     try:
-        img = Image.open(io.BytesIO(data), formats=_allowed_formats())
+        with warnings.catch_warnings():  # PIL warns above half its limit; ours decides first
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=_allowed_formats())
     except Image.DecompressionBombError as error:
         return _skip("too_many_pixels", str(error))
     except Exception as error:  # PIL raises many types on bad data (OSError, SyntaxError, ...)
@@ -129,6 +149,9 @@ def check_image(data: bytes, *, max_side: int) -> Checked:
                 # Lets libjpeg decode at 1/2, 1/4 or 1/8 scale, never below the final size:
                 # much faster for camera-sized photos; the resize below does the rest.
                 img.draft(None, fit_size(width, height, max_side))
+            if decoded_bytes(img) > max_decoded_bytes:
+                detail = f"{img.size[0]}x{img.size[1]} {img.mode}: {decoded_bytes(img)} bytes"
+                return _skip("decoded_too_large", f"{detail}, over --max-decoded-mib")
             img.load()  # decodes every pixel: raises on truncated or corrupt data
         except Exception as error:
             return _skip("undecodable", f"{type(error).__name__}: {error}")
@@ -150,8 +173,10 @@ def _normalise(img: Image.Image, data: bytes, max_side: int, *, fits: bool) -> C
             fixes.append("exif_rotated")
         except Exception:  # malformed EXIF: store the pixels as they are
             fixes.append("exif_unreadable")
-    img = _to_rgb(img, fixes)
     target = fit_size(*img.size, max_side)
+    if target != img.size and img.mode in _RESIZE_FIRST and "transparency" not in img.info:
+        img = img.resize(target, Image.Resampling.LANCZOS)  # converting now costs little
+    img = _to_rgb(img, fixes)
     if target != img.size:
         img = img.resize(target, Image.Resampling.LANCZOS)
     if not fits:

@@ -1,17 +1,16 @@
-"""Inputs of `mmjax.data.build`: argument checks, the captions file + image folder, WebDataset.
+"""Inputs of `mmjax.data.build`: argument checks, the image folder, WebDataset shards.
 
 Each reader yields the images to decode as `(id, where, captions, bytes)` and records every row,
-caption, member or sample it drops in a `Tally`, under the reasons that build.py's docstring
-lists, so that the report accounts for everything in the input.
+caption, member or sample it drops in a `Tally`, under the reasons that dataset.py's docstring
+lists, so that the report accounts for everything in the input. No read is larger than a limit
+of `limits.Limits`: a file or member over one is counted and never read.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import glob
-import io
-import json
+import math
 import os
 import posixpath
 import re
@@ -19,146 +18,21 @@ import tarfile
 from collections import Counter
 from collections.abc import Iterator
 
+from mmjax.data.build.captions import SURROGATE, Entry, caption_values, clean_caption, parse_json
+from mmjax.data.build.limits import BoundedTarInfo, Limits, mib, read_at_most
+from mmjax.data.build.tally import BuildError, Tally
+
 NAME_RE = re.compile(r"[a-z][a-z0-9_]*")  # tfds' rule for dataset names
 CAPTION_FORMATS = (".jsonl", ".csv", ".tsv")
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 FOLDER_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif")
-MAX_CAPTION_CHARS = 1000
-MAX_EXAMPLES, MAX_EXAMPLES_PER_REASON = 20, 5
-# Text is decoded with errors="surrogateescape", so invalid UTF-8 bytes become lone surrogates
-# (as do "\ud800"-style JSON escapes); neither can be stored as UTF-8.
-_SURROGATE = re.compile("[\ud800-\udfff]")
-# Control characters that str.split() does not already treat as whitespace.
-_CONTROL = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f]")
-
-
-class BuildError(ValueError):
-    """A problem with the user's arguments or data; the CLI prints it and exits with 2."""
-
-
-class Tally:
-    """Counts per reason, and the first examples (a few per reason, so none crowds out)."""
-
-    def __init__(self) -> None:
-        self.skipped: Counter[str] = Counter()  # images, each counted under one reason
-        self.issues: Counter[str] = Counter()  # captions, rows and tar members
-        self.fixes: Counter[str] = Counter()  # normalisations of kept images
-        self.ignored: Counter[str] = Counter()  # tar members with other extensions
-        self.examples: list[dict[str, str]] = []
-
-    def skip(self, reason: str, where: str, detail: str = "") -> None:
-        self.skipped[reason] += 1
-        self._example(reason, where, detail, self.skipped[reason])
-
-    def issue(self, reason: str, where: str, detail: str = "") -> None:
-        self.issues[reason] += 1
-        self._example(reason, where, detail, self.issues[reason])
-
-    def _example(self, reason: str, where: str, detail: str, count: int) -> None:
-        if len(self.examples) < MAX_EXAMPLES and count <= MAX_EXAMPLES_PER_REASON:
-            self.examples.append({"reason": reason, "where": where, "detail": detail[:300]})
-
-
-def _clean_caption(value: object, tally: Tally, where: str) -> str | None:
-    if not isinstance(value, str):
-        tally.issue("caption_not_text", where, repr(value)[:100])
-        return None
-    if _SURROGATE.search(value):
-        tally.issue("caption_not_utf8", where)
-        return None
-    text = _CONTROL.sub("", value)
-    if text != value:
-        tally.issue("caption_control_chars", where)
-    text = " ".join(text.split())
-    if not text:
-        tally.issue("caption_empty", where)
-        return None
-    if len(text) > MAX_CAPTION_CHARS:
-        tally.issue("caption_truncated", where, f"{len(text)} characters")
-        text = text[:MAX_CAPTION_CHARS].rstrip()
-    return text
-
-
-def _caption_values(obj: dict) -> list | None:
-    """The raw captions of a JSON object, or None when it has neither caption field."""
-    if "caption" not in obj and "captions" not in obj:
-        return None
-    values = [obj["caption"]] if "caption" in obj else []
-    if "captions" in obj:
-        many = obj["captions"]
-        values.extend(many if isinstance(many, list) else [many])
-    return values
-
-
-@dataclasses.dataclass
-class _Entry:
-    line: int  # first row naming the image
-    outside: bool
-    captions: list[str] = dataclasses.field(default_factory=list)
-
-
-def _read_text(path: str) -> str:
-    with open(path, "rb") as handle:
-        return handle.read().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
-
-
-def parse_captions(path: str, tally: Tally) -> dict[str, _Entry]:
-    """Image id -> its captions, gathered over the whole file in file order."""
-    text, base, entries = _read_text(path), os.path.basename(path), {}
-
-    def add(line: int, image: object, values: list | None) -> None:
-        where = f"{base}:{line}"
-        if not isinstance(image, str) or not image.strip() or values is None:
-            tally.issue("row_missing_field", where)
-            return
-        if _SURROGATE.search(image) or "\x00" in image:
-            tally.issue("path_invalid", where, "not UTF-8, or contains NUL")
-            return
-        image = image.strip()
-        key = posixpath.normpath(image)
-        outside = os.path.isabs(image) or key == ".." or key.startswith("../")
-        entry = entries.setdefault(key, _Entry(line=line, outside=outside))
-        entry.captions.extend(c for v in values if (c := _clean_caption(v, tally, where)))
-
-    if path.lower().endswith(".jsonl"):
-        # Split on "\n" only: str.splitlines() would also split at U+2028 or U+0085, which
-        # JSON allows unescaped inside strings.
-        for line, row in enumerate(text.split("\n"), 1):
-            if not row.strip():
-                continue
-            try:
-                obj = json.loads(row)
-            except ValueError as error:
-                tally.issue("row_unparseable", f"{base}:{line}", str(error))
-                continue
-            if not isinstance(obj, dict):
-                tally.issue("row_unparseable", f"{base}:{line}", "not a JSON object")
-                continue
-            add(line, obj.get("image"), _caption_values(obj))
-        return entries
-    delimiter = "\t" if path.lower().endswith(".tsv") else ","
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    try:
-        header = [column.strip().lower() for column in next(reader, [])]
-        if "image" not in header or "caption" not in header:
-            raise BuildError(f"{path}: the header must name 'image' and 'caption', got {header}")
-        image_at, caption_at = header.index("image"), header.index("caption")
-        for row in reader:
-            if not row:
-                continue  # a blank line
-            complete = len(row) > max(image_at, caption_at)
-            image = row[image_at] if complete else None
-            add(reader.line_num, image, [row[caption_at]] if complete else None)
-    except csv.Error as error:
-        raise BuildError(f"{path}: line {reader.line_num}: {error}") from error
-    return entries
 
 
 Candidate = tuple[str, str, list[str], bytes]  # id, where (for the report), captions, bytes
 
 
 def folder_candidates(
-    images_dir: str, entries: dict[str, _Entry], base: str, tally: Tally
+    images_dir: str, entries: dict[str, Entry], base: str, tally: Tally, limits: Limits
 ) -> Iterator[Candidate]:
     root = os.path.realpath(images_dir)
     for key in sorted(entries):
@@ -173,14 +47,23 @@ def folder_candidates(
         else:
             try:
                 with open(real, "rb") as handle:
-                    data = handle.read()
+                    size = os.fstat(handle.fileno()).st_size
+                    # (A file that grows after fstat is caught by the bounded read.)
+                    data = read_at_most(handle, limits.image) if size <= limits.image else None
             except OSError as error:
                 tally.skip("missing_file", where, str(error))
+                continue
+            if data is None:
+                tally.skip("file_too_large", where, _over(size, limits.image, "image"))
                 continue
             yield key, where, entry.captions, data
 
 
-def unreferenced(images_dir: str, entries: dict[str, _Entry]) -> list[str]:
+def _over(size: int, limit: int, kind: str) -> str:
+    return f"{size} bytes, over --max-{kind}-mib ({mib(limit)})"
+
+
+def unreferenced(images_dir: str, entries: dict[str, Entry]) -> list[str]:
     """Image files under --images that no row names (reported, not counted as bad)."""
     found = []
     for folder, dirs, files in os.walk(images_dir):
@@ -197,85 +80,145 @@ def shard_name(path: str) -> str:
     return re.sub(r"\.(tar(\.\w+)?|tgz)$", "", os.path.basename(path))
 
 
-def wds_candidates(shards: list[str], tally: Tally) -> Iterator[Candidate]:
+def wds_candidates(shards: list[str], tally: Tally, limits: Limits) -> Iterator[Candidate]:
     for shard in shards:
         name = shard_name(shard)
         try:
-            with tarfile.open(shard, "r:*") as tar:
-                yield from _tar_samples(tar, name, tally)
+            # Compressed shards are decompressed as a stream, a block at a time.
+            with tarfile.open(shard, "r:*", tarinfo=BoundedTarInfo) as tar:
+                yield from _tar_samples(tar, name, tally, limits)
         except (tarfile.TarError, OSError, EOFError) as error:
             tally.issue("shard_unreadable", name, f"{type(error).__name__}: {error}")
 
 
-def _tar_samples(tar: tarfile.TarFile, shard: str, tally: Tally) -> Iterator[Candidate]:
+@dataclasses.dataclass
+class _Sample:
+    """The members of one WebDataset sample read so far."""
+
+    has_image: bool = False
+    image: bytes | None = None  # None with has_image: the member was over --max-image-mib
+    image_detail: str = ""
+    texts: list[tuple[str, bytes]] = dataclasses.field(default_factory=list)  # (ext, bytes)
+    caption_members: int = 0  # .txt/.json members, read or refused for their size
+
+
+def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The headers one by one. tarfile keeps each one it reads in `tar.members`, a list that a
+    shard of millions of tiny members (a few KB gzip'd) would grow without bound; samples need
+    only the current one."""
+    while (member := tar.next()) is not None:
+        tar.members.clear()
+        yield member
+
+
+def _tar_samples(
+    tar: tarfile.TarFile, shard: str, tally: Tally, limits: Limits
+) -> Iterator[Candidate]:
     seen: set[str] = set()
-    key, parts = None, None  # the sample being read; parts is None for a skipped duplicate
-    for member in tar:  # streams the headers; extractall is never used
-        if member.isdir():
-            continue  # structure, not data
-        where = f"{shard}/{member.name}"
-        if not member.isreg() or member.name.startswith("/") or ".." in member.name.split("/"):
-            kind = "absolute or '..' name" if member.isreg() else "link or special file"
-            tally.issue("unsafe_tar_member", where, kind)
-            continue
-        if _SURROGATE.search(member.name):
-            tally.issue("path_invalid", where, "not UTF-8")
-            continue
-        folder, base = posixpath.split(posixpath.normpath(member.name))
-        stem, _, ext = base.partition(".")
-        member_key = posixpath.join(folder, stem)
-        if member_key != key:
-            if parts is not None:
-                yield from _finish_sample(f"{shard}/{key}", parts, tally)
-            key, parts = member_key, None
-            if member_key in seen:
-                tally.skip("duplicate_key", f"{shard}/{member_key}")
+    key, sample = None, None  # the sample being read; None for a skipped duplicate
+    try:
+        for member in _members(tar):  # extractall is never used
+            if member.isdir():
+                continue  # structure, not data
+            where = f"{shard}/{member.name}"
+            if not member.isreg() or member.name.startswith("/") or ".." in member.name.split("/"):
+                kind = "absolute or '..' name" if member.isreg() else "link or special file"
+                tally.issue("unsafe_tar_member", where, kind)
                 continue
-            seen.add(member_key)
-            parts = {"image": [], "txt": [], "json": []}
-        if parts is None:
-            continue
-        ext = ext.lower()
-        group = "image" if ext in WDS_IMAGE_EXTS else ext
-        if group not in parts:
-            tally.ignored[ext or "(none)"] += 1
-        elif group == "image" and parts["image"]:
+            if SURROGATE.search(member.name):
+                tally.issue("path_invalid", where, "not UTF-8")
+                continue
+            folder, base = posixpath.split(posixpath.normpath(member.name))
+            stem, _, ext = base.partition(".")
+            member_key = posixpath.join(folder, stem)
+            if member_key != key:
+                if sample is not None:
+                    yield from _finish_sample(f"{shard}/{key}", sample, tally)
+                key, sample = member_key, None
+                if member_key in seen:
+                    tally.skip("duplicate_key", f"{shard}/{member_key}")
+                    continue
+                seen.add(member_key)
+                sample = _Sample()
+            if sample is not None:
+                _add_member(tar, member, ext.lower(), sample, where, tally, limits)
+    except (tarfile.TarError, OSError, EOFError) as error:
+        broken = error  # counted by the caller, after the sample read so far
+    else:
+        broken = None
+    # After a break too: the sample holds only members that were read in full.
+    if sample is not None:
+        yield from _finish_sample(f"{shard}/{key}", sample, tally)
+    if broken is not None:
+        raise broken
+
+
+def _add_member(tar, member, ext: str, sample: _Sample, where: str, tally, limits) -> None:
+    """Reads the member into `sample` if it is one, and fits its limit (member.size is what the
+    reader returns at most, also for sparse members, so it is checked before reading)."""
+    if ext in WDS_IMAGE_EXTS:
+        if sample.has_image:
             tally.issue("extra_image_in_sample", where)
+        elif member.size > limits.image:
+            sample.has_image, sample.image_detail = True, _over(member.size, limits.image, "image")
         else:
-            parts[group].append(tar.extractfile(member).read())
-    if parts is not None:
-        yield from _finish_sample(f"{shard}/{key}", parts, tally)
+            sample.has_image, sample.image = True, tar.extractfile(member).read()
+    elif ext in ("txt", "json"):
+        sample.caption_members += 1
+        if member.size > limits.text:
+            tally.issue("caption_file_too_large", where, _over(member.size, limits.text, "text"))
+        else:
+            sample.texts.append((ext, tar.extractfile(member).read()))
+    else:
+        tally.ignored[ext or "(none)"] += 1
 
 
-def _finish_sample(sid: str, parts: dict[str, list[bytes]], tally: Tally) -> Iterator[Candidate]:
-    if not parts["image"]:
+def _finish_sample(sid: str, sample: _Sample, tally: Tally) -> Iterator[Candidate]:
+    if not sample.has_image:
         tally.skip("sample_without_image", sid)
         return
-    if not parts["txt"] and not parts["json"]:
+    if not sample.caption_members:
         tally.skip("sample_without_caption", sid)
         return
     values: list = []
-    for raw in parts["txt"]:
-        lines = raw.decode("utf-8", errors="surrogateescape").split("\n")
-        values.extend([line for line in lines if line.strip()] or [""])
-    for raw in parts["json"]:
-        try:
-            obj = json.loads(raw.decode("utf-8", errors="surrogateescape"))
-        except ValueError as error:
-            tally.issue("sample_json_unparseable", sid, str(error))
-            continue
-        values.extend((_caption_values(obj) or []) if isinstance(obj, dict) else [])
-    captions = [c for v in values if (c := _clean_caption(v, tally, sid))]
+    texts = {"txt": [], "json": []}
+    for ext, raw in sample.texts:
+        texts[ext].append(raw.decode("utf-8", errors="surrogateescape"))
+    for text in texts["txt"]:  # each non-empty line is a caption
+        values.extend([line for line in text.split("\n") if line.strip()] or [""])
+    for text in texts["json"]:
+        obj, error = parse_json(text)
+        if error:
+            tally.issue("sample_json_unparseable", sid, error)
+        elif isinstance(obj, dict):
+            values.extend(caption_values(obj) or [])
+    captions = [c for v in values if (c := clean_caption(v, tally, sid))]
     if not captions:
         tally.skip("no_valid_caption", sid)
-        return
-    yield sid, sid, captions, parts["image"][0]
+    elif sample.image is None:
+        tally.skip("file_too_large", sid, sample.image_detail)
+    else:
+        yield sid, sid, captions, sample.image
 
 
 def validate_args(
-    *, name, images_dir, captions_file, webdataset, val_fraction, max_bad_fraction, max_side, seed
+    *,
+    name,
+    images_dir,
+    captions_file,
+    webdataset,
+    val_fraction,
+    max_bad_fraction,
+    max_side,
+    seed,
+    limits_mib: dict[str, float],
 ) -> list[str]:
-    """Checks the arguments before any slow work; returns the WebDataset shards, if any."""
+    """Checks the arguments before any slow work; returns the WebDataset shards, if any.
+    `limits_mib`: option name (e.g. "max_image_mib") -> its value."""
+    for option, value in limits_mib.items():
+        if not isinstance(value, int | float) or not 0 < value < math.inf:
+            flag = "--" + option.replace("_", "-")
+            raise BuildError(f"{flag} must be a positive number of MiB, got {value!r}")
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise BuildError(
             f"invalid name {name!r}: use lowercase letters, digits and '_', starting with a letter"
