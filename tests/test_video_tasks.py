@@ -192,6 +192,7 @@ def test_settings_the_video_tasks_cannot_run_fail_before_compiling(name):
         "got 'shapes'": lambda c: c.data.update(name="shapes"),
         "video.kind": lambda c: c.video.update(kind="3d"),
         "not divisible by video.tubelet_size": lambda c: c.video.update(frames=5),
+        "tubelet_size=0 must be a positive": lambda c: c.video.update(tubelet_size=0),
         "stem_channels": lambda c: c.model.image.update(stem_channels=(16,)),
     }
     if name == "video_contrastive":  # it distills from a video teacher run, if given one

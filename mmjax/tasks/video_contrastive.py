@@ -57,6 +57,8 @@ def validate_video(config, task: str) -> None:
         raise ConfigError(f"video.kind={v.kind!r} is unknown; use one of {', '.join(KINDS)}")
     if v.frames < 2:
         raise ConfigError(f"video.frames={v.frames}: motion needs at least 2 frames")
+    if v.kind == "tubelet" and v.tubelet_size < 1:  # before it divides below
+        raise ConfigError(f"video.tubelet_size={v.tubelet_size} must be a positive integer")
     if v.kind == "tubelet" and v.frames % v.tubelet_size:
         raise ConfigError(
             f"video.frames={v.frames} is not divisible by video.tubelet_size={v.tubelet_size}"
