@@ -6,9 +6,9 @@ with its own compiled step; `--vs-open-clip` adds open_clip's step on the same m
 `--peer-settings` (default float32 and amp_bf16; `+compile` for torch.compile), each in a process
 of its own started with the environment a user's process has (`mmjax.bench.peer_worker`). All
 variants see one fixed synthetic batch (no input pipeline is timed) and are timed alternately:
-each of `--rounds` rounds runs `--steps` steps of every variant in turn, so slow drift of the
-machine (other jobs, thermal state) hits all of them alike. Reported times are medians over all
-rounds.
+each of `--rounds` rounds runs `--steps` steps of every variant in turn (each block after a
+second of idle time and one untimed step, see `time_alternating`), so slow drift of the machine
+(other jobs, thermal state) hits all of them alike. Reported times are medians over all rounds.
 
 MFU = analytic model FLOPs per second (`mmjax.bench.flops`: 2 × multiply-adds of the matmuls,
 training = 3 × forward) over a peak: `--peak-tflops` per device if given, else the measured GEMM
@@ -65,6 +65,7 @@ from mmjax.tasks import get_task
 from mmjax.train.step import NO_CEILING
 
 DTYPES = ("float32", "bfloat16")
+SETTLE_S = 1.0  # idle seconds before each variant's timed block (see time_alternating)
 
 
 @dataclasses.dataclass
@@ -182,13 +183,21 @@ def time_alternating(
 ) -> dict[str, float]:
     """Times every variant round-robin; returns the GEMM ceiling of one device per dtype (2048³
     matmuls, float32 accumulation), measured once per round too and reported as the median over
-    rounds, so that load from other processes lowers the denominator as it lowers the step."""
+    rounds, so that load from other processes lowers the denominator as it lowers the step.
+
+    Each variant's block starts after `SETTLE_S` of idle time (torch's OpenMP threads keep
+    spinning for a while after a peer's step) and with one untimed step: the first step after
+    another variant ran pays for memory the other one touched (on ViT-B-32 the mmjax bf16 step
+    took 2.1-3.2 s first, then 1.2-1.3 s), which no user training one model ever sees. Every
+    variant, the peers included, gets the same treatment."""
     for v in variants:
         if warmup:
             v.timed(warmup)
     measured = {dtype: [] for dtype in DTYPES}
     for _ in range(rounds):
         for v in variants:
+            time.sleep(SETTLE_S)
+            v.timed(1)
             v.times += v.timed(steps)
         for dtype in DTYPES:
             measured[dtype].append(common.matmul_ceiling(dtype))

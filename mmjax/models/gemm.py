@@ -77,9 +77,12 @@ def _gemm_bwd(dtype, residuals, g_NO):
     # in float32 and have shapes the CPU GEMM library accepts: g·wᵀ and transposed(x)·g.
     x_NI, w_IO = residuals
     dx_NI = _dot(g_NO, w_IO, ((1,), (1,)), dtype).astype(x_NI.dtype)
-    x_IN = _transposed(x_NI.astype(dtype))
-    dw_IO = _dot(x_IN, g_NO, ((1,), (0,)), dtype).astype(w_IO.dtype)
-    return dx_NI, dw_IO
+    if jax.default_backend() == "cpu":
+        x_IN = _transposed(x_NI.astype(dtype))
+        dw_IO = _dot(x_IN, g_NO, ((1,), (0,)), dtype)
+    else:  # GPU/TPU GEMMs read a transposed operand in place: a copy would only cost bandwidth
+        dw_IO = _dot(x_NI, g_NO, ((0,), (0,)), dtype)
+    return dx_NI, dw_IO.astype(w_IO.dtype)
 
 
 _gemm_low_precision.defvjp(_gemm_fwd, _gemm_bwd)
