@@ -11,6 +11,7 @@ import sys
 import time
 
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -19,7 +20,9 @@ from mmjax import main
 from mmjax.checkpoint import DATA_ITEM, Checkpointer
 from mmjax.checkpoint_errors import CheckpointDamagedError, CheckpointStorageError, is_damage
 from mmjax.data import pipeline, stream_position
+from mmjax.errors import ConfigError
 from mmjax.train import workdir_lock
+from mmjax.train.resume_check import check_checkpoints_fit
 from mmjax.train.workdir_lock import WorkdirBusyError, WorkdirLock
 from tests.test_eval_tasks import tiny_config
 
@@ -44,7 +47,7 @@ def take(iterator, n):
 
 def state_of(value: float):
     # Enough arrays that a damaged file leaves many reads in flight (the noise test needs them).
-    return {f"w{i}": jnp.full((64,), value + i) for i in range(40)}
+    return {f"w{i}": jnp.full((64,), value + i, jnp.float32) for i in range(40)}
 
 
 def saved_run(tmp_path, steps=(2, 4)):
@@ -137,6 +140,23 @@ def test_damage_is_told_from_other_errors():
     assert not is_damage(ValueError("tree structures do not match"))  # a config mismatch
     assert not is_damage(MemoryError())
     assert not is_damage(OSError(errno.EIO, "Input/output error"))
+
+
+def test_a_state_of_other_shapes_or_another_task_does_not_fit(tmp_path):
+    directory = saved_run(tmp_path)
+    workdir = str(tmp_path)
+    config = ml_collections.ConfigDict({"task": "contrastive", "model": {"width": 64}})
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump({"task": "contrastive", "model": {"width": 32}}, f)
+    narrower = {k: v[:32] for k, v in state_of(0).items()}
+    with pytest.raises(ConfigError, match=r"w0 is float32\[64\] there, float32\[32\] here"):
+        check_checkpoints_fit(Checkpointer(directory), narrower, config, workdir)
+    with pytest.raises(ConfigError, match=r"model\.width: 32 -> 64"):
+        check_checkpoints_fit(Checkpointer(directory), narrower, config, workdir)
+    check_checkpoints_fit(Checkpointer(directory), state_of(0), config, workdir)  # fits
+    config.task = "captioning"  # the same arrays, but another task's
+    with pytest.raises(ConfigError, match='task: "contrastive" -> "captioning"'):
+        check_checkpoints_fit(Checkpointer(directory), state_of(0), config, workdir)
 
 
 # --- the data position -------------------------------------------------------------------

@@ -1,16 +1,22 @@
 """Corrupt and half-written checkpoints: detected, set aside, the previous good one restored,
 and the resumed run ends bit-identical to an uninterrupted one."""
 
+import errno
 import glob
 import os
+import re
+import shutil
 
 import jax
 import numpy as np
 import pytest
+from orbax.checkpoint._src.handlers.json_checkpoint_handler import JsonCheckpointHandler
 
 from mmjax import evaluate, main, parallel
 from mmjax.checkpoint import Checkpointer
+from mmjax.checkpoint_errors import CheckpointStorageError
 from mmjax.data import pipeline
+from mmjax.errors import ConfigError
 from mmjax.main import train as run
 from mmjax.metrics import read_metrics
 from mmjax.tasks import get_task
@@ -126,3 +132,73 @@ def test_half_written_save_is_ignored(reference, tmp_path, monkeypatch):
     run(_config(data_dir, 8), workdir)
     losses, ref_losses = _losses(workdir), _losses(reference_dir)
     assert [losses[s] for s in (7, 8)] == [ref_losses[s] for s in (7, 8)]
+
+
+def _copy_of(reference_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference_dir, workdir)
+    return workdir
+
+
+def _snapshot(workdir):
+    """Every file of the workdir's checkpoints and its config.json, with their bytes."""
+    files = glob.glob(os.path.join(workdir, "checkpoints", "**", "*"), recursive=True)
+    files.append(os.path.join(workdir, "config.json"))
+    return {f: open(f, "rb").read() for f in sorted(files) if os.path.isfile(f)}
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (lambda c: c.model.image.update(depth=2), "model.image.depth: 1 -> 2"),
+        (lambda c: c.optim.update(frozen_prefixes=("text/",)), "optim.frozen_prefixes"),
+    ],
+    ids=["deeper_model", "other_optimizer_state"],
+)
+def test_a_changed_config_stops_before_training_and_changes_nothing(
+    reference, tmp_path, change, named
+):
+    """Once, any restore error set the checkpoints aside as "unreadable" and restarted from
+    step 0; a config change is not damage: one error naming it, and everything kept."""
+    data_dir, reference_dir = reference
+    workdir = _copy_of(reference_dir, tmp_path)
+    before = _snapshot(workdir)
+    config = _config(data_dir, 10)
+    change(config)
+    with pytest.raises(ConfigError, match=re.escape(named)) as caught:
+        run(config, workdir)
+    assert "does not fit this run" in str(caught.value) and "\n" not in str(caught.value)
+    assert _snapshot(workdir) == before  # checkpoints and config.json untouched
+    assert not os.path.exists(os.path.join(workdir, "checkpoints", "corrupt"))
+    assert evaluate.main(["--workdir", workdir, "--tasks", "zeroshot:digits"]) == 0
+
+
+def test_rerunning_a_finished_run_logs_its_final_evaluation_once(reference, tmp_path):
+    data_dir, reference_dir = reference
+    workdir = _copy_of(reference_dir, tmp_path)
+    run(_config(data_dir, 8), workdir)  # as after a kill between the final row and summary
+    finals = [r for r in read_metrics(workdir) if "zeroshot/digits/top1" in r]
+    assert [r["step"] for r in finals] == [8]
+
+
+def test_disk_full_mid_run_names_the_last_good_checkpoint(reference, tmp_path, monkeypatch, capsys):
+    """The save of step 4 fails in orbax's background commit, as a full disk makes it fail."""
+    data_dir, _ = reference
+    workdir = str(tmp_path / "run")
+    real_save = JsonCheckpointHandler._save_fn
+
+    async def disk_full_at_step_4(self, x, directory):
+        if f"{os.sep}4.orbax-checkpoint-tmp" in str(directory):
+            raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+        return await real_save(self, x, directory)
+
+    monkeypatch.setattr(JsonCheckpointHandler, "_save_fn", disk_full_at_step_4)
+    with pytest.raises(CheckpointStorageError) as caught:
+        run(_config(data_dir, 8), workdir)
+    message = str(caught.value)
+    assert "No space left on device" in message and "\n" not in message
+    assert f"the last good checkpoint is {workdir}/checkpoints/2" in message
+    assert "Traceback" not in capsys.readouterr().err
+    assert Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == [2]
+    monkeypatch.undo()  # space freed: the rerun resumes from step 2 and finishes
+    assert run(_config(data_dir, 8), workdir)["steps"] == 8
