@@ -3,6 +3,8 @@ pass at that position, cached captions equal the prefix-rerunning ones token for
 and briefly trained weights, one device and the 8-device mesh), and the parameters are those of
 the decoder trained without a cache."""
 
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,7 @@ import pytest
 
 from configs import captioning, default
 from mmjax import losses, parallel
+from mmjax.bench.__main__ import main
 from mmjax.models import decoding
 from mmjax.models.causal_decoder import CausalDecoder
 from mmjax.models.coca import CoCa, build_coca, caption
@@ -188,3 +191,26 @@ def test_cached_captions_on_the_8_device_mesh_are_the_learned_ones(coca):
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             tokens, _ = decode(model, sharded_params, sharded_images, beam, cache=True)
         np.testing.assert_array_equal(tokens, padded(CAPTIONS), err_msg=f"beam {beam}")
+
+
+@pytest.mark.slow
+def test_decode_bench_reports_both_paths_with_the_same_captions(tmp_path, capsys):
+    recipe = tmp_path / "tiny_captioning.py"
+    recipe.write_text(
+        "from configs import captioning\nfrom tests.conftest import tiny\n\n\n"
+        "def get_config():\n    return tiny(captioning.get_config())\n"
+    )
+    args = ["decode", "--config", str(recipe), "--batch", "2", "--lengths", "6,8"]
+    assert main([*args, "--rounds", "1", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["decoder_depth"] == 2 and r["beam"] == 3  # the recipe's
+    assert [(run["mode"], run["length"]) for run in r["runs"]] == [
+        ("greedy", 6),
+        ("beam", 6),
+        ("greedy", 8),
+        ("beam", 8),
+    ]
+    for run in r["runs"]:
+        assert run["same_captions"], run
+        assert run["cache_tokens_per_s"] == pytest.approx(2 * (run["length"] - 1) / run["cache_s"])
+        assert run["speedup"] == pytest.approx(run["no_cache_s"] / run["cache_s"])
