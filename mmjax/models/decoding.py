@@ -82,7 +82,9 @@ def reorder(cache: dict | None, rows_N: jax.Array) -> dict | None:
     at a step). CONTEXT rows stay: every beam of an example has the same conditioning input."""
     if not cache or CACHE not in cache:
         return cache
-    return {**cache, CACHE: jax.tree.map(lambda x: jnp.take(x, rows_N, axis=0), cache[CACHE])}
+    # "clip": the rows are in range, and the default out-of-range fill is an extra pass.
+    take = lambda x: jnp.take(x, rows_N, axis=0, mode="clip")
+    return {**cache, CACHE: jax.tree.map(take, cache[CACHE])}
 
 
 def prefix_step(logits_fn: Callable[[jax.Array], jax.Array]) -> StepFn:
