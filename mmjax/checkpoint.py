@@ -32,7 +32,8 @@ DATA_ITEM = "data_position"
 
 
 class Checkpointer:
-    """Keeps the newest `keep` checkpoints under `directory`, each holding `state` and `data`."""
+    """Keeps the newest `keep` checkpoints under `directory`, each holding the train state
+    (`state/`) and the data iterator's position (`data_position/`)."""
 
     def __init__(self, directory: str, keep: int = 2, async_save: bool = True):
         options = ocp.CheckpointManagerOptions(
@@ -224,8 +225,15 @@ def leaf_specs(tree) -> dict[str, tuple]:
     specs = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         keys = (getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
-        specs["/".join(map(str, keys))] = (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
+        specs["/".join(map(str, keys))] = (tuple(leaf.shape), _dtype_name(leaf.dtype))
     return specs
+
+
+def _dtype_name(dtype) -> str:
+    try:
+        return np.dtype(dtype).name
+    except TypeError:  # an extended dtype (e.g. a PRNG key's) has no numpy equivalent
+        return str(dtype)
 
 
 def save_params(directory: str, params) -> None:

@@ -61,13 +61,12 @@ class PositionedIterator(grain.DatasetIterator):
         # as far as anyone can tell: restore it as it is.
         old = (state.pop(BATCH_KEY, self.geometry[0]), state.pop(EPOCH_KEY, self.geometry[1]))
         if old != self.geometry:
-            saved = state["next_index"]
-            state["next_index"], repeated = remap(saved, old, self.geometry)
-            epoch = saved // old[1]
+            state["next_index"], repeated = remap(state["next_index"], old, self.geometry)
+            epoch, step_in_epoch = divmod(state["next_index"], self.geometry[1])
             metrics.note(
                 f"warning: the global batch size changed from {old[0]} to {self.geometry[0]} "
-                f"since the checkpoint; continuing at sample {(saved % old[1]) * old[0]} of epoch "
-                f"{epoch} (batch {state['next_index']} of the new stream)"
+                f"since the checkpoint; continuing at sample {step_in_epoch * self.geometry[0]} "
+                f"of epoch {epoch}"
                 + (f", {repeated} samples of this epoch are seen again" if repeated else ""),
                 err=True,
             )
