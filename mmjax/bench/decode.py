@@ -3,7 +3,7 @@
 The CoCa captioner of a config (`--config`, default the base config; the decoder depth is the
 recipe's `captioning.decoder_depth` where it has one, else `--decoder-depth`) with random
 weights, on random images. For each caption length in `--lengths`, greedy decoding and beam
-search (`--beam`) are compiled twice: with the cache (`coca.caption(cache=True)`, what the
+search (`--beam`, if > 1) are compiled twice: with the cache (`coca.caption(cache=True)`, what the
 captioning evaluation runs: one new token per position against key/value caches) and without
 (the whole prefix rerun at every position). Each timed call captions `--batch` images (the image
 tower included, once per call); the variants alternate for `--rounds` rounds and the median
@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> dict:
     runs = []
     for length in lengths:
         model, params = captioner(config, vocab, length, depth)
-        for mode, beam in (("greedy", 1), ("beam", args.beam)):
+        modes = [("greedy", 1)] + ([("beam", args.beam)] if args.beam > 1 else [])
+        for mode, beam in modes:
 
             def compiled(cache, beam=beam, length=length, model=model):
                 fn = lambda p, x: caption(model, p, x, length, beam, bos, eot, pad, cache=cache)
