@@ -92,6 +92,16 @@ def get_config() -> ml_collections.ConfigDict:
             pre_norm=False,  # LayerNorm before the first block (open_clip's ln_pre)
         )
     )
+    # kind: "vit" (the tower above) or "resnet" (open_clip's modified ResNet, the RN50/RN101
+    # image towers; mmjax/models/resnet.py): `layers` bottleneck blocks per stage (RN50:
+    # (3, 4, 6, 3)), `resnet_width` stem channels (open_clip's width; the final feature map has
+    # 32x that), an attention-pooling head of `num_heads` heads projecting to `width`; norm:
+    # "batch" (running statistics in the train state, frozen at eval) or "group" (no state).
+    # patch_size, depth, mlp_dim, pool, posemb, stem_channels and pre_norm are the ViT's only.
+    c.model.image.kind = "vit"
+    c.model.image.layers = (3, 4, 6, 3)
+    c.model.image.resnet_width = 64
+    c.model.image.norm = "batch"
     c.model.text = ml_collections.ConfigDict(
         # eot_id / pad_id: the tokenizer's (byte tokenizer: EOT 2, PAD 0); causal towers pool
         # at the first EOT.

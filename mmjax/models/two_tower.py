@@ -9,8 +9,12 @@ import ml_collections
 
 from mmjax.errors import ConfigError
 from mmjax.models.layers import ACTIVATIONS, REMAT_POLICIES, Dtype, dense, param
+from mmjax.models.resnet import check_resnet_config, resnet_from_config
 from mmjax.models.text import TextTransformer
 from mmjax.models.vision import ViT
+
+# model.image.kind values: a Vision Transformer or open_clip's modified ResNet.
+IMAGE_KINDS = ("vit", "resnet")
 
 # Top-level parameter subtrees of TwoTower's optional training-only parts (see its docstring).
 TRAINING_PARTS = ("discriminator", "teacher")
@@ -117,19 +121,23 @@ def build_towers(config: ml_collections.ConfigDict, vocab_size: int) -> tuple[Vi
         scan_layers=m.scan_layers,
         activation=m.activation,
     )
-    image = ViT(
-        patch_size=m.image.patch_size,
-        width=m.image.width,
-        depth=m.image.depth,
-        num_heads=m.image.num_heads,
-        mlp_dim=m.image.mlp_dim,
-        pool=m.image.pool,
-        posemb=m.image.posemb,
-        stem_channels=tuple(m.image.stem_channels),
-        patch_bias=m.image.patch_bias,
-        pre_norm=m.image.pre_norm,
-        **shared,
-    )
+    # (A ResNet has no Transformer blocks: remat, scan_layers and activation do not apply.)
+    if m.image.get("kind", "vit") == "resnet":
+        image = resnet_from_config(m.image, dtype)
+    else:
+        image = ViT(
+            patch_size=m.image.patch_size,
+            width=m.image.width,
+            depth=m.image.depth,
+            num_heads=m.image.num_heads,
+            mlp_dim=m.image.mlp_dim,
+            pool=m.image.pool,
+            posemb=m.image.posemb,
+            stem_channels=tuple(m.image.stem_channels),
+            patch_bias=m.image.patch_bias,
+            pre_norm=m.image.pre_norm,
+            **shared,
+        )
     if m.text.kind == "transformer":
         text = TextTransformer(
             vocab_size=vocab_size,
@@ -165,6 +173,12 @@ def validate_towers(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"model.activation={m.activation!r} is unknown; use one of {', '.join(ACTIVATIONS)}"
         )
+    if m.image.get("kind", "vit") not in IMAGE_KINDS:
+        raise ConfigError(
+            f"model.image.kind={m.image.kind!r} is unknown; use one of {', '.join(IMAGE_KINDS)}"
+        )
+    if m.image.get("kind", "vit") == "resnet":
+        check_resnet_config(config)
     # Sizes first: the divisibility checks below would divide by them.
     sizes = {"model.embed_dim": m.embed_dim}
     for tower in ("image", "text"):
