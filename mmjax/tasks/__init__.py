@@ -21,6 +21,8 @@ TASKS = {
     "text_classification": "mmjax.tasks.text_classification",
     "video_contrastive": "mmjax.tasks.video_contrastive",
     "video_qa": "mmjax.tasks.video_qa",
+    "speech_to_text": "mmjax.tasks.speech_to_text",
+    "image_tokenizer": "mmjax.tasks.image_tokenizer",
 }
 
 

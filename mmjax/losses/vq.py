@@ -1,0 +1,73 @@
+"""Vector-quantisation losses of a VQ-VAE (`mmjax.models.vqvae`), pure functions in float32.
+
+    codebook   ‖sg(z) − q‖²: moves each used code towards the encoder vectors assigned to it;
+    commitment ‖z − sg(q)‖²: keeps the encoder's vectors near their codes;
+    restart    Σ_dead ‖c_k − sg(t_k)‖² / K: dead-code restarts without mutable state (below).
+
+Dead-code restarts: a code no grid vector of the (global) batch chose is *dead* for this step,
+and is pulled towards a target: the batch's grid vectors that its codes represent worst (largest
+1 − cos), the r-th dead code (in index order) towards the r-th worst vector. So unused codes are
+re-seeded where the codebook misses the data, from in-batch statistics alone: the step stays a
+pure function of (params, batch), deterministic, identical on any mesh, and a resumed run
+restarts the same codes. A used code gets no restart gradient.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _sq_dist(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.sum(jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32)), axis=-1)
+
+
+def codebook_loss(z_ND: jax.Array, q_ND: jax.Array) -> jax.Array:
+    """Mean ‖sg(z) − q‖² over vectors (gradient only to the codes)."""
+    return jnp.mean(_sq_dist(jax.lax.stop_gradient(z_ND), q_ND))
+
+
+def commitment_loss(z_ND: jax.Array, q_ND: jax.Array) -> jax.Array:
+    """Mean ‖z − sg(q)‖² over vectors (gradient only to the encoder)."""
+    return jnp.mean(_sq_dist(z_ND, jax.lax.stop_gradient(q_ND)))
+
+
+def code_counts(codes: jax.Array, codebook_size: int) -> jax.Array:
+    """How many times each code occurs in `codes` (any shape), float32 [K]."""
+    one_hot = jax.nn.one_hot(codes.reshape(-1), codebook_size, dtype=jnp.float32)
+    return jnp.sum(one_hot, axis=0)
+
+
+def usage_stats(counts_K: jax.Array) -> dict[str, jax.Array]:
+    """Fraction of codes used at least once, and the perplexity exp(H) of the code frequencies
+    (K when every code is used equally, 1 when one code takes everything)."""
+    p_K = counts_K / jnp.maximum(jnp.sum(counts_K), 1.0)
+    entropy = -jnp.sum(jnp.where(p_K > 0, p_K * jnp.log(jnp.where(p_K > 0, p_K, 1.0)), 0.0))
+    return {"used_fraction": jnp.mean(counts_K > 0), "perplexity": jnp.exp(entropy)}
+
+
+def restart_targets(
+    z_ND: jax.Array, q_ND: jax.Array, dead_K: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(targets [K, D], stop-gradient) for the dead codes: dead code number r (counting dead
+    codes in index order) gets the r-th worst-represented vector of `z_ND` (largest ‖z − q‖);
+    rows of live codes are meaningless and masked by the caller. Also returns the vectors'
+    indices into `z_ND` [K] (for tests and logs)."""
+    z_ND = jax.lax.stop_gradient(z_ND.astype(jnp.float32))
+    error_N = _sq_dist(z_ND, jax.lax.stop_gradient(q_ND))
+    n, k = z_ND.shape[0], dead_K.shape[0]
+    _, worst = jax.lax.top_k(error_N, min(n, k))
+    rank_K = jnp.cumsum(dead_K.astype(jnp.int32)) - 1
+    index_K = worst[jnp.clip(rank_K, 0, None) % worst.shape[0]]
+    return z_ND[index_K], index_K
+
+
+def restart_loss(
+    z_ND: jax.Array, q_ND: jax.Array, codebook_KD: jax.Array, counts_K: jax.Array
+) -> jax.Array:
+    """Σ over codes unused in the batch of ‖c_k − t_k‖² / K (see the module doc): gradient only
+    to the dead codes' rows."""
+    dead_K = counts_K == 0
+    targets_KD, _ = restart_targets(z_ND, q_ND, dead_K)
+    per_code = _sq_dist(codebook_KD, targets_KD)
+    return jnp.sum(jnp.where(dead_K, per_code, 0.0)) / codebook_KD.shape[0]
