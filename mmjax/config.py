@@ -110,9 +110,14 @@ def get_config() -> ml_collections.ConfigDict:
     # kind: "transformer" (the tower above, trained from scratch) or "hf_bert" (a pretrained
     # Hugging Face BERT from the folder hf_dir, "" = the packaged all-MiniLM-L6-v2, mean-pooled;
     # width/depth/heads then come from its config.json). frozen: no gradient through the tower.
+    # "lstm" | "gru": a recurrent tower (mmjax/models/recurrent.py) of `depth` layers of `width`
+    # units, pooled at the last real token; bidirectional: width // 2 units each way; embed_dim:
+    # its token embedding width (0 = width). Recurrent-only settings are errors on other kinds.
     c.model.text.kind = "transformer"
     c.model.text.hf_dir = ""
     c.model.text.frozen = False
+    c.model.text.bidirectional = False
+    c.model.text.embed_dim = 0
     c.model.activation = "gelu_tanh"  # MLP activation: gelu_tanh | gelu (exact) | quick_gelu
     # Memory knobs (outputs are identical with every setting): what each block keeps for the
     # backward pass, "none" | "dots" (GEMM outputs) | "full" (recompute the block); and whether

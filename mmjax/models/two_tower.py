@@ -9,9 +9,14 @@ import ml_collections
 
 from mmjax.errors import ConfigError
 from mmjax.models.layers import ACTIVATIONS, REMAT_POLICIES, Dtype, dense, param
+from mmjax.models.recurrent import CELLS as RECURRENT_KINDS
+from mmjax.models.recurrent import RecurrentTextTower
 from mmjax.models.resnet import check_resnet_config, resnet_from_config
 from mmjax.models.text import TextTransformer
 from mmjax.models.vision import ViT
+
+# model.text.kind values: a Transformer trained here, a pretrained BERT, or a recurrent tower.
+TEXT_KINDS = ("transformer", "hf_bert", *RECURRENT_KINDS)
 
 # model.image.kind values: a Vision Transformer or open_clip's modified ResNet.
 IMAGE_KINDS = ("vit", "resnet")
@@ -157,8 +162,20 @@ def build_towers(config: ml_collections.ConfigDict, vocab_size: int) -> tuple[Vi
 
         bert = bert_from_config(read_config(m.text.hf_dir or minilm_dir()), dtype=dtype)
         text = BertTextTower(bert, pad_id=m.text.pad_id, frozen=m.text.frozen)
+    elif m.text.kind in RECURRENT_KINDS:
+        text = RecurrentTextTower(
+            kind=m.text.kind,
+            vocab_size=vocab_size,
+            width=m.text.width,
+            depth=m.text.depth,
+            embed_dim=m.text.embed_dim,
+            bidirectional=m.text.bidirectional,
+            pad_id=m.text.pad_id,
+            eot_id=m.text.eot_id,
+            dtype=dtype,
+        )
     else:
-        raise ValueError(f"model.text.kind={m.text.kind!r}; use 'transformer' or 'hf_bert'")
+        raise ValueError(f"model.text.kind={m.text.kind!r}; use one of {', '.join(TEXT_KINDS)}")
     return image, text
 
 
@@ -193,17 +210,41 @@ def validate_towers(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"data.image_size={size} is not divisible by model.image.patch_size={patch}"
         )
-    for tower in ("image", "text"):
+    # A recurrent text tower has no heads: its num_heads/mlp_dim are unused.
+    for tower in ("image",) if m.text.kind in RECURRENT_KINDS else ("image", "text"):
         t = m[tower]
         if t.width % t.num_heads:
             raise ConfigError(
                 f"model.{tower}.width={t.width} is not divisible by "
                 f"model.{tower}.num_heads={t.num_heads}"
             )
-    if m.text.kind not in ("transformer", "hf_bert"):
-        raise ConfigError(f"model.text.kind={m.text.kind!r} is unknown; use transformer or hf_bert")
+    if m.text.kind not in TEXT_KINDS:
+        raise ConfigError(
+            f"model.text.kind={m.text.kind!r} is unknown; use one of {', '.join(TEXT_KINDS)}"
+        )
+    _check_recurrent(m.text)
     if m.text.kind == "hf_bert":
         _check_hf_bert(m.text.hf_dir)
+
+
+def _check_recurrent(text: ml_collections.ConfigDict) -> None:
+    """ConfigError for the recurrent-only text settings on another kind, or a bidirectional
+    recurrent tower of odd width (each direction has width // 2 units)."""
+    if text.kind not in RECURRENT_KINDS:
+        for key, unset in (("bidirectional", False), ("embed_dim", 0)):
+            if text[key] != unset:
+                raise ConfigError(
+                    f"model.text.{key}={text[key]!r} is a setting of the recurrent text towers "
+                    f"(model.text.kind=lstm or gru), not of kind={text.kind!r}; leave it unset"
+                )
+        return
+    if not isinstance(text.embed_dim, int) or text.embed_dim < 0:
+        raise ConfigError(f"model.text.embed_dim={text.embed_dim!r}: 0 (= width) or a positive int")
+    if text.bidirectional and text.width % 2:
+        raise ConfigError(
+            f"model.text.width={text.width} is odd: a bidirectional tower gives each direction "
+            "width // 2 units; use an even width"
+        )
 
 
 def _check_hf_bert(hf_dir: str) -> None:
