@@ -131,6 +131,7 @@ RECIPE_OF_TASK = {
     "text_classification": "text_classification",
     "video_contrastive": "video_contrastive",
     "video_qa": "video_qa",
+    "image_tokenizer": "image_tokenizer",
 }
 
 

@@ -49,8 +49,9 @@ def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
 def to_pixels(images_BHWC: jax.Array) -> jax.Array:
     """Normalised images (the model's input and output space) -> pixel values in [0, 1]
     (clipped), float32."""
-    mean = jnp.asarray(preprocess.IMAGE_MEAN)
-    std = jnp.asarray(preprocess.IMAGE_STD)
+    lead = (None,) * (images_BHWC.ndim - 1)
+    mean = jnp.asarray(preprocess.IMAGE_MEAN)[lead]
+    std = jnp.asarray(preprocess.IMAGE_STD)[lead]
     return jnp.clip(images_BHWC.astype(jnp.float32) * std + mean, 0.0, 1.0)
 
 
@@ -80,7 +81,7 @@ class Conv(Precision):
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
             preferred_element_type=jnp.float32,
         )
-        return (y + bias.astype(jnp.float32)).astype(self.dtype)
+        return (y + bias.astype(jnp.float32)[None, None, None]).astype(self.dtype)
 
 
 class ResBlock(Precision):

@@ -175,7 +175,7 @@ class ReconstructionEvaluator:
         train = sources.open_source(d, d.name, d.split)
         rows = np.arange(min(len(train), _MEAN_IMAGE_SAMPLES))
         mean_image = to_pixels(EvalImages(train, d.image_size, rows)[:]).mean(axis=0)
-        chance_mse = float(jnp.mean(jnp.square(to_pixels(self.images) - mean_image)))
+        chance_mse = float(jnp.mean(jnp.square(to_pixels(self.images) - mean_image[None])))
         self.chance = psnr(chance_mse)
         self.codebook_size = model.codebook_size
         self.batch_size, self.sharding = config.eval.batch_size, sharding
