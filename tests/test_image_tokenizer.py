@@ -1,0 +1,230 @@
+"""The image tokenizer (task=image_tokenizer): VQ-VAE round trip, straight-through gradients,
+dead-code restarts, sharded = single device, bad settings and workdirs, exact resume."""
+
+import json
+import os
+import shutil
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from configs import image_tokenizer as recipe
+from mmjax import parallel
+from mmjax.errors import ConfigError
+from mmjax.losses import vq
+from mmjax.main import train as run
+from mmjax.metrics import read_metrics
+from mmjax.models.vqvae import VQVAE, build_vqvae, grid_size, l2_normalize
+from mmjax.tasks import get_task
+from mmjax.tasks.image_tokenizer import load_image_tokenizer, pixel_mse
+from mmjax.train.step import NO_CEILING
+from mmjax.train.trainer import build_trainer
+from mmjax.train.validate import validate_config
+from tests.conftest import tiny
+
+SIZE = 16  # 16 px through two stride-2 levels: a 4x4 grid
+
+
+def tiny_config(data_dir=None) -> ml_collections.ConfigDict:
+    c = tiny(recipe.get_config(), data_dir, image_size=SIZE)
+    c.vqvae.update(codebook_size=16, code_dim=4, channels=(8, 16), res_blocks=1)
+    c.optim.warmup_steps = 1
+    return c
+
+
+def images(n=4, seed=0):
+    return jax.random.normal(jax.random.key(seed), (n, SIZE, SIZE, 3))
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+    model = build_vqvae(tiny_config())
+    return model, jax.jit(model.init)(jax.random.key(0), images(1))["params"]
+
+
+def test_round_trip_shapes_range_and_determinism(model_and_params):
+    model, params = model_and_params
+    x = images()
+    encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=VQVAE.encode))
+    decode = jax.jit(lambda p, c: model.apply({"params": p}, c, method=VQVAE.decode))
+    codes = encode(params, x)
+    assert codes.shape == (4, 4, 4) and codes.dtype == jnp.int32
+    assert grid_size(tiny_config()) == 4 and model.downsample == 4
+    assert int(codes.min()) >= 0 and int(codes.max()) < model.codebook_size
+    np.testing.assert_array_equal(encode(params, x), codes)
+    recon = decode(params, codes)
+    assert recon.shape == x.shape and recon.dtype == jnp.float32
+    # Training's forward pass decodes exactly the codes that `encode` picks (straight-through
+    # changes gradients, not values): fp32 rounding of z + (q - z) is the only difference.
+    out = jax.jit(model.apply)({"params": params}, x)
+    np.testing.assert_array_equal(out.codes_Bhw, codes)
+    np.testing.assert_allclose(out.images_BHWC, recon, atol=1e-5)
+    # Decoding a code grid and encoding the image gives codes of the same grid and range.
+    again = encode(params, recon)
+    assert again.shape == codes.shape and int(again.max()) < model.codebook_size
+
+
+def test_straight_through_gradient_reaches_the_encoder_not_the_codebook(model_and_params):
+    model, params = model_and_params
+    x = images()
+
+    def recon_loss(p):
+        return jnp.mean(jnp.square(model.apply({"params": p}, x).images_BHWC - x))
+
+    grads = jax.jit(jax.grad(recon_loss))(params)
+    norm = lambda tree: float(optax.tree.norm(tree))
+    assert norm(grads["encoder"]) > 1e-6 and norm(grads["decoder"]) > 1e-6
+    # The codes enter the decoder only through stop_gradient(q - z): the codebook learns from
+    # the codebook loss alone.
+    assert norm(grads["codebook"]) == 0.0
+
+
+def test_restart_targets_are_the_worst_represented_vectors():
+    z = l2_normalize(jax.random.normal(jax.random.key(1), (10, 4)))
+    q = l2_normalize(jax.random.normal(jax.random.key(5), (10, 4)))
+    dead = jnp.array([False, True, False, True, True, False])
+    targets, index = vq.restart_targets(z, q, dead)
+    # Dead codes 1, 3, 4 get the worst, second and third worst represented vectors.
+    worst = np.argsort(-np.sum((np.asarray(z) - np.asarray(q)) ** 2, axis=1))
+    assert [int(index[k]) for k in (1, 3, 4)] == worst[:3].tolist()
+    np.testing.assert_array_equal(targets[3], z[worst[1]])
+    codebook = l2_normalize(jax.random.normal(jax.random.key(2), (6, 4)))
+    counts = jnp.where(dead, 0.0, 5.0)
+    grad = jax.grad(lambda c: vq.restart_loss(z, q, c, counts))(codebook)
+    assert np.all(np.abs(np.asarray(grad)[~np.asarray(dead)]) == 0)
+    assert np.all(np.linalg.norm(np.asarray(grad)[np.asarray(dead)], axis=1) > 0)
+
+
+def _usage_after_training(restart_weight: float, steps: int = 60) -> float:
+    """Fraction of 16 codes used by 256 data vectors after Adam on codebook (+ restart) loss,
+    starting with half the codes on the far side of the sphere from every data vector."""
+    z = l2_normalize(jnp.abs(jax.random.normal(jax.random.key(3), (256, 4))))  # one orthant
+    near = jnp.abs(jax.random.normal(jax.random.key(4), (8, 4)))
+    param = 0.02 * l2_normalize(jnp.concatenate([near, -near - 0.5]))  # 8 codes never chosen
+
+    def loss(p):
+        codebook = l2_normalize(p)
+        codes = jnp.argmax(z @ jax.lax.stop_gradient(codebook).T, axis=-1)
+        q = codebook[codes]
+        counts = vq.code_counts(codes, 16)
+        return vq.codebook_loss(z, q) + restart_weight * vq.restart_loss(z, q, codebook, counts)
+
+    tx = optax.adam(5e-3)
+
+    @jax.jit
+    def step(p, opt):
+        updates, opt = tx.update(jax.grad(loss)(p), opt)
+        return optax.apply_updates(p, updates), opt
+
+    opt = tx.init(param)
+    for _ in range(steps):
+        param, opt = step(param, opt)
+    codes = jnp.argmax(z @ l2_normalize(param).T, axis=-1)
+    return float(vq.usage_stats(vq.code_counts(codes, 16))["used_fraction"])
+
+
+def test_dead_code_restarts_reseed_unused_codes():
+    assert _usage_after_training(restart_weight=0.0) <= 0.5  # the far codes stay dead
+    assert _usage_after_training(restart_weight=1.0) == 1.0
+
+
+def one_step(config, devices):
+    mesh = parallel.make_mesh(config.mesh, devices)
+    trainer = build_trainer(get_task(config.task), config, mesh, vocab_size=256)
+    state = trainer.init(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.normal(size=(config.batch_size, SIZE, SIZE, 3)).astype(np.float32)}
+    with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
+        state, m = trainer.step(
+            state, parallel.global_batch(batch, trainer.batch_sharding), NO_CEILING
+        )
+    return jax.device_get(m), jax.device_get(state.params)
+
+
+@pytest.mark.multidevice
+def test_sharded_step_equals_single_device():
+    config = tiny_config()
+    config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+    single_metrics, single_params = one_step(config, jax.devices()[:1])
+    config.mesh = ml_collections.ConfigDict(dict(data=8, fsdp=1, tensor=1))
+    sharded_metrics, sharded_params = one_step(config, jax.devices())
+    # The code counts (hence dead codes and restart targets) are over the global batch; fp32
+    # reductions reorder across devices: 1e-5 relative (1e-6 absolute) is the contract.
+    for key in ("train/loss", "train/loss/restart", "train/codes_used", "train/mse"):
+        np.testing.assert_allclose(sharded_metrics[key], single_metrics[key], rtol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        sharded_params,
+        single_params,
+    )
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"data.image_size": 18}, "not divisible by 4"),
+        ({"data.name": "reviews"}, "trains on images"),
+        ({"vqvae.commitment": -1.0}, "vqvae.commitment=-1.0 must be >= 0"),
+        ({"vqvae.codebook_size": 1}, "must be >= 2"),
+        ({"eval.tasks": ("zeroshot:shapes",)}, "evaluates reconstructions"),
+    ],
+)
+def test_bad_settings_are_refused_before_building(change, message):
+    config = tiny_config()
+    for dotted, value in change.items():
+        section, key = dotted.split(".")
+        config[section][key] = value
+    with pytest.raises(ConfigError, match=message):
+        validate_config(config, get_task("image_tokenizer"))
+
+
+def test_load_image_tokenizer_names_the_command_for_a_bad_workdir(tmp_path):
+    command = "python train.py --config configs/image_tokenizer.py --workdir"
+    with pytest.raises(ConfigError, match="does not exist.*" + command):
+        load_image_tokenizer(str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="no readable config.json.*" + command):
+        load_image_tokenizer(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"task": "contrastive"}))
+    with pytest.raises(ConfigError, match="task='contrastive', not an image tokenizer"):
+        load_image_tokenizer(str(tmp_path))
+    (tmp_path / "config.json").write_text(tiny_config().to_json())
+    with pytest.raises(ConfigError, match="no checkpoint yet.*" + command):
+        load_image_tokenizer(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_run_resumes_exactly_and_loads_as_a_tokenizer(tmp_path, data_dir):
+    """A run restarted from its step-2 checkpoint ends with the same losses and PSNR as the
+    uninterrupted run; `load_image_tokenizer` then reproduces the run's validation MSE."""
+
+    def config():
+        c = tiny_config(data_dir)
+        c.total_steps, c.checkpoint_every, c.keep_checkpoints = 4, 2, 3
+        return c
+
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    first = run(config(), str(full))
+    shutil.copytree(full, resumed)
+    for name in ["metrics.jsonl", "summary.json"]:
+        os.remove(resumed / name)
+    shutil.rmtree(resumed / "checkpoints" / "4")
+    second = run(config(), str(resumed))
+    losses = lambda w: [r["train/loss"] for r in read_metrics(str(w)) if "train/loss" in r]
+    assert losses(resumed) == losses(full)[2:]
+    assert second["task/score"] == first["task/score"]
+    assert first["task/metric_name"] == "psnr" and first["task/chance"] > 0
+
+    model, variables = load_image_tokenizer(str(full))
+    from mmjax.data import sources
+    from mmjax.eval.embed import EvalImages
+
+    c = config()
+    x = EvalImages(sources.open_source(c.data, "shapes", "validation"), SIZE)[:]
+    codes = model.apply(variables, x, method=VQVAE.encode)
+    mse = pixel_mse(model.apply(variables, codes, method=VQVAE.decode), x)
+    np.testing.assert_allclose(float(jnp.mean(mse)), first["image_tokenizer/mse"], rtol=1e-4)
