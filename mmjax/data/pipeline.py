@@ -51,28 +51,17 @@ def train_source(data_cfg: ml_collections.ConfigDict) -> sources.Source:
     return source
 
 
-class DecodeAndPickCaption(grain.transforms.RandomMap):
-    """Decodes and augments the image, and tokenizes one of the example's captions, chosen at
-    random: the first (canonical) caption with probability `first_caption_prob`, else one of
-    the others uniformly.
+class DecodeImage(grain.transforms.RandomMap):
+    """An example -> {"image": the uint8 training view of its image} (`preprocess.train_view`
+    with the `data` settings); captions and labels are not read."""
 
-    grain seeds the generator from (pipeline seed, stream position), and the position
-    encodes the epoch, so the choices are deterministic and differ between epochs.
-    """
-
-    def __init__(self, tokenizer, data_cfg: ml_collections.ConfigDict):
-        self._tokenizer = tokenizer
-        self._first_prob = data_cfg.first_caption_prob
+    def __init__(self, data_cfg: ml_collections.ConfigDict):
         self._size = data_cfg.image_size
         self._augment = data_cfg.augment
         self._crop_scale = tuple(data_cfg.crop_scale)
         self._flip = data_cfg.flip
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict:
-        captions = element["captions"]
-        # Always draw both numbers, so the stream of choices does not depend on the outcome.
-        use_first = rng.random() < self._first_prob
-        other = 1 + rng.integers(len(captions) - 1) if len(captions) > 1 else 0
         image = preprocess.train_view(
             preprocess.decode(element["image"]),
             self._size,
@@ -81,6 +70,29 @@ class DecodeAndPickCaption(grain.transforms.RandomMap):
             flip=self._flip,
             rng=rng,
         )
+        return {"image": image}
+
+
+class DecodeAndPickCaption(grain.transforms.RandomMap):
+    """Decodes and augments the image (`DecodeImage`), and tokenizes one of the example's
+    captions, chosen at random: the first (canonical) caption with probability
+    `first_caption_prob`, else one of the others uniformly.
+
+    grain seeds the generator from (pipeline seed, stream position), and the position
+    encodes the epoch, so the choices are deterministic and differ between epochs.
+    """
+
+    def __init__(self, tokenizer, data_cfg: ml_collections.ConfigDict):
+        self._tokenizer = tokenizer
+        self._first_prob = data_cfg.first_caption_prob
+        self._image = DecodeImage(data_cfg)
+
+    def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict:
+        captions = element["captions"]
+        # Always draw both numbers, so the stream of choices does not depend on the outcome.
+        use_first = rng.random() < self._first_prob
+        other = 1 + rng.integers(len(captions) - 1) if len(captions) > 1 else 0
+        image = self._image.random_map(element, rng)["image"]
         caption = captions[0 if use_first else other]
         return {"image": image, "tokens": self._tokenizer.encode([caption])[0]}
 

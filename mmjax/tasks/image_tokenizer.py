@@ -21,13 +21,12 @@ import dataclasses
 import json
 import os
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mmjax.data import pipeline, preprocess, sources
+from mmjax.data import pipeline, sources
 from mmjax.errors import ConfigError
 from mmjax.eval.embed import EvalImages, jit_encoder, predict_all
 from mmjax.losses import vq
@@ -42,27 +41,6 @@ MAKE_ONE = "python train.py --config configs/image_tokenizer.py --workdir {}"
 # Training images averaged into the mean image of `task/chance` (a sample is plenty for a mean).
 _MEAN_IMAGE_SAMPLES = 2000
 LOSS_TERMS = ("recon", "codebook", "commitment", "restart")
-
-
-class DecodeImage(grain.transforms.RandomMap):
-    """An example -> {"image": its uint8 training view}; captions and labels are not read."""
-
-    def __init__(self, data_cfg: ml_collections.ConfigDict):
-        self._size = data_cfg.image_size
-        self._augment = data_cfg.augment
-        self._crop_scale = tuple(data_cfg.crop_scale)
-        self._flip = data_cfg.flip
-
-    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-        image = preprocess.train_view(
-            preprocess.decode(element["image"]),
-            self._size,
-            augment=self._augment,
-            crop_scale=self._crop_scale,
-            flip=self._flip,
-            rng=rng,
-        )
-        return {"image": image}
 
 
 def pixel_mse(recon_BHWC: jax.Array, images_BHWC: jax.Array) -> jax.Array:
@@ -154,7 +132,7 @@ class ImageTokenizerTask(Task):
         d = config.data
         return pipeline.train_batches(
             sources.open_source(d, d.name, d.split),
-            DecodeImage(d),
+            pipeline.DecodeImage(d),
             config,
             process_index,
             process_count,
