@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mmjax import parallel
+from mmjax import model_state, parallel
 from mmjax.data import pipeline, preprocess, sources
 
 
@@ -83,7 +83,7 @@ def class_predictor(
 
     def argmax(params, batch):
         args = [batch[k] for k in names] if names else [batch]
-        return jnp.argmax(model.apply({"params": params}, *args), -1)
+        return jnp.argmax(model.apply(model_state.variables(params), *args), -1)
 
     predict = jit_encoder(argmax, sharding)
     return lambda params: predict_all(predict, params, inputs, batch_size, sharding)
@@ -124,10 +124,12 @@ class Embedder:
         self.tokenizer = pipeline.tokenizer_for(config.data)
         self._sharding = sharding
         self._image = jit_encoder(
-            lambda p, x: model.apply({"params": p}, x, method=model.encode_image), sharding
+            lambda p, x: model.apply(model_state.variables(p), x, method=model.encode_image),
+            sharding,
         )
         self._text = jit_encoder(
-            lambda p, x: model.apply({"params": p}, x, method=model.encode_text), sharding
+            lambda p, x: model.apply(model_state.variables(p), x, method=model.encode_text),
+            sharding,
         )
 
     def images(self, params, view) -> np.ndarray:

@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 
+from mmjax import model_state
 from mmjax.data import pipeline
 from mmjax.data.builtin import shapes
 from mmjax.eval import embed, retrieval, zeroshot
@@ -38,10 +39,12 @@ class ShapesEvaluator:
                     tokenizer.encode(texts),
                 )
         self._encode_image = embed.jit_encoder(
-            lambda p, x: model.apply({"params": p}, x, method=model.encode_image), sharding
+            lambda p, x: model.apply(model_state.variables(p), x, method=model.encode_image),
+            sharding,
         )
         self._encode_text = embed.jit_encoder(
-            lambda p, x: model.apply({"params": p}, x, method=model.encode_text), sharding
+            lambda p, x: model.apply(model_state.variables(p), x, method=model.encode_text),
+            sharding,
         )
 
     @property

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mmjax import model_state
 from mmjax.data import pipeline, preprocess, sources
 from mmjax.data.builtin import labelled
 from mmjax.errors import ConfigError
@@ -32,11 +33,17 @@ class ClassificationObjective:
         self.inputs = inputs  # the batch fields the model takes, in order
 
     def __call__(self, params: dict, batch: dict, step=None):
-        logits_BC = self.model.apply({"params": params}, *(batch[k] for k in self.inputs))
+        loss, logs, _ = self.with_state(params, {}, batch, step)
+        return loss, logs
+
+    def with_state(self, params: dict, state: dict, batch: dict, step=None):
+        """(loss, logs, new state) of a model with state (BatchNorm: `mmjax.model_state`)."""
+        inputs = (batch[k] for k in self.inputs)
+        logits_BC, state = model_state.apply_training(self.model.apply, params, state, *inputs)
         labels_B = batch["label"]
         loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits_BC, labels_B))
         accuracy = jnp.mean(jnp.argmax(logits_BC, axis=-1) == labels_B)
-        return loss, {"train/accuracy": accuracy}
+        return loss, {"train/accuracy": accuracy}, state
 
 
 def accuracy_by_group(prefix: str, correct, groups, group_names) -> dict[str, float]:

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from mmjax import losses
+from mmjax import losses, model_state
 from mmjax.train.gradcache import PER_EXAMPLE
 
 TERMS = ("contrastive", "triplet", "adversarial", "distill_logits", "distill_embed")
@@ -93,20 +93,35 @@ class ContrastiveObjective:
         `aux[PER_EXAMPLE]` for the terms that need more than the student's embeddings."""
         return self._embed(params, batch, step, return_tokens=False)[:3]
 
+    def with_state(
+        self, params: dict, state: dict, batch: dict, step: jax.Array | None = None
+    ) -> tuple[jax.Array, dict, dict]:
+        """`__call__` for a model with state (BatchNorm statistics, see `mmjax.model_state`):
+        (loss, logs, the state after this batch)."""
+        img_BE, txt_BE, aux, _, _, new_state = self._embed(params, batch, step, False, state)
+        return *self.loss(img_BE, txt_BE, aux), new_state
+
     def embed_with_tokens(
         self, params: dict, batch: dict, step: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array, dict, jax.Array, jax.Array]:
         """`embed`, and the towers' token streams `img_BND`, `txt_BLD` (from the same pass) for
         the terms of a composed objective. They are not part of `aux`: GradCache averages aux
         entries other than `aux[PER_EXAMPLE]` over microbatches."""
-        return self._embed(params, batch, step, return_tokens=True)
+        return self._embed(params, batch, step, return_tokens=True)[:5]
 
-    def _embed(self, params: dict, batch: dict, step: jax.Array | None, return_tokens: bool):
+    def _embed(
+        self,
+        params: dict,
+        batch: dict,
+        step: jax.Array | None,
+        return_tokens: bool,
+        state: dict | None = None,
+    ):
         images, tokens = batch["image"], batch["tokens"]
         # Flax ignores the parameters of parts a method does not run (teacher, discriminator,
         # and the decoder or fusion of a model that holds this two-tower one).
-        img_BE, txt_BE, aux = self.model.apply(
-            {"params": params}, images, tokens, return_tokens=return_tokens
+        (img_BE, txt_BE, aux), state = model_state.apply_training(
+            self.model.apply, params, state or {}, images, tokens, return_tokens=return_tokens
         )
         img_BND = aux.pop("image_tokens_BND", None)
         txt_BLD = aux.pop("text_tokens_BLD", None)
@@ -133,7 +148,7 @@ class ContrastiveObjective:
             aux = {**aux, "adversarial_lambda": lam}
         if per_example:
             aux = {**aux, PER_EXAMPLE: per_example}
-        return img_BE, txt_BE, aux, img_BND, txt_BLD
+        return img_BE, txt_BE, aux, img_BND, txt_BLD, state
 
     def loss(self, img_BE: jax.Array, txt_BE: jax.Array, aux: dict) -> tuple[jax.Array, dict]:
         terms, logs = self.terms(img_BE, txt_BE, aux)

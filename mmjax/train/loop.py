@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from mmjax import checkpoint, metrics, parallel
+from mmjax import checkpoint, metrics, model_state, parallel
 from mmjax.data import sources
 from mmjax.data.prefetch import DevicePrefetch
 from mmjax.errors import ConfigError, DataError, EvalSpecError
@@ -153,7 +153,7 @@ def _run(task: Task, config: ml_collections.ConfigDict, workdir: str) -> dict:
                         writer.progress(done, loss, mfu)
                     eval_due = config.eval_every and done % config.eval_every == 0
                     if eval_due and done < config.total_steps:
-                        writer.write(done, evaluator(state.params))
+                        writer.write(done, evaluator(_eval_input(state)))
                     if save_due:
                         ckpt.save(done, state, batches)
                     if stop:
@@ -178,7 +178,7 @@ def _run(task: Task, config: ml_collections.ConfigDict, workdir: str) -> dict:
         skipped = int(jax.device_get(state.skipped))
         try:
             with interrupt_on_signal():
-                final = evaluator(state.params)
+                final = evaluator(_eval_input(state))
         except Interrupted as e:
             writer.close()
             metrics.note(
@@ -202,6 +202,11 @@ def _run(task: Task, config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.close()
     metrics.note(json.dumps({k: v for k, v in summary.items() if k != "workdir"}, sort_keys=True))
     return summary
+
+
+def _eval_input(state) -> object:
+    """What the evaluator takes: the parameters, with the model's state frozen if it has one."""
+    return model_state.with_state(state.params, state.model_state)
 
 
 def _last_logged_loss(workdir: str) -> float:

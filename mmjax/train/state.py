@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from mmjax import parallel
+from mmjax import model_state, parallel
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -25,6 +25,9 @@ class TrainState(flax.struct.PyTreeNode):
     skipped: jax.Array
     last_skipped: jax.Array
     skip_streak: jax.Array
+    # The model's non-parameter variables (`mmjax.model_state`: BatchNorm running statistics),
+    # {} for a stateless model. Updated with the parameters, checkpointed and sharded with them.
+    model_state: dict
 
 
 def sharded_initializer(
@@ -42,7 +45,7 @@ def sharded_initializer(
     """
 
     def boxed_state(key: jax.Array) -> TrainState:
-        params = init_variables(key)["params"]
+        params, state = model_state.split(init_variables(key))
         # Initialising the optimizer on boxed params gives its moments the same logical axes.
         zero = jnp.zeros((), jnp.int32)
         return TrainState(
@@ -52,6 +55,7 @@ def sharded_initializer(
             skipped=zero,
             last_skipped=zero,
             skip_streak=zero,
+            model_state=state,
         )
 
     abstract_boxed = jax.eval_shape(boxed_state, rng)

@@ -35,8 +35,19 @@ def train_step(
     The decision is made before the update and the update runs under `lax.cond`: checking the
     new parameters instead (as this step once did) needs their norm before the state can be
     chosen, i.e. a select pass over every parameter and both moments after the update, which
-    cost 6-8% of the tiny CLIP step on CPU (see README Performance)."""
-    if microbatches == 1:
+    cost 6-8% of the tiny CLIP step on CPU (see README Performance).
+
+    A model with state (`state.model_state` not empty: BatchNorm statistics) trains through a
+    `StatefulObjective`; its new state is kept exactly when the update is applied."""
+    new_model_state = state.model_state
+    if state.model_state:  # (a static fact: the state's structure)
+        stateful = lambda p: _loss_and_aux(
+            objective.with_state(p, state.model_state, batch, state.step)
+        )
+        (loss, (logs, new_model_state)), grads = jax.value_and_grad(stateful, has_aux=True)(
+            state.params
+        )
+    elif microbatches == 1:
         (loss, logs), grads = jax.value_and_grad(objective, has_aux=True)(
             state.params, batch, state.step
         )
@@ -51,12 +62,14 @@ def train_step(
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (loss <= loss_ceiling)
 
-    def update(grads, params, opt_state):
+    def update(grads, params, opt_state, _, model_state):
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
+        return optax.apply_updates(params, updates), opt_state, model_state
 
-    keep = lambda grads, params, opt_state: (params, opt_state)
-    params, opt_state = jax.lax.cond(ok, update, keep, grads, state.params, state.opt_state)
+    keep = lambda grads, params, opt_state, model_state, _: (params, opt_state, model_state)
+    params, opt_state, model_state = jax.lax.cond(
+        ok, update, keep, grads, state.params, state.opt_state, state.model_state, new_model_state
+    )
     step = state.step + 1
     new_state = state.replace(
         step=step,
@@ -65,6 +78,7 @@ def train_step(
         skipped=state.skipped + (~ok).astype(jnp.int32),
         last_skipped=jnp.where(ok, state.last_skipped, step),
         skip_streak=jnp.where(ok, 0, state.skip_streak + 1),
+        model_state=model_state,
     )
     metrics = {
         "train/loss": loss,
@@ -75,6 +89,12 @@ def train_step(
         **logs,
     }
     return new_state, metrics
+
+
+def _loss_and_aux(out: tuple) -> tuple:
+    """`(loss, logs, new_model_state)` -> `(loss, (logs, new_model_state))` for has_aux."""
+    loss, logs, new_model_state = out
+    return loss, (logs, new_model_state)
 
 
 def jit_train_step(objective, tx, schedule, state_shardings, batch_sharding, microbatches=1):

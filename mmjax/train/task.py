@@ -10,7 +10,8 @@ specific to it:
     batch size 1) with the keys and shapes the objective reads: it initialises the model;
   - `objective(model, config, mesh, rules)`: an `Objective`, `(params, batch, step) -> (loss,
     logs)`, pure and jittable; a `SplitObjective` (`embed` + `loss`) also supports GradCache
-    microbatches;
+    microbatches; a `StatefulObjective` also trains a model with state (BatchNorm statistics,
+    see `mmjax.model_state`), which the trainer refuses for any other objective;
   - `train_iterator(config, process_index, process_count)`: a checkpointable iterator of
     host-local batches (build it with `pipeline.batched_stream`);
   - `evaluator(config, model, batch_sharding)`: `params -> {metric: float}`; task runs report
@@ -68,6 +69,19 @@ class SplitObjective(Objective, Protocol):
     def embed(self, params: dict, batch: dict, step: jax.Array) -> tuple: ...
 
     def loss(self, img_BE: jax.Array, txt_BE: jax.Array, aux: dict) -> tuple[jax.Array, dict]: ...
+
+
+@runtime_checkable
+class StatefulObjective(Objective, Protocol):
+    """An objective that also trains a model with state (`mmjax.model_state`: the collections
+    `model.init` creates besides `params`, e.g. BatchNorm's `batch_stats`):
+    `with_state(params, model_state, batch, step) -> (loss, logs, new_model_state)`, applying
+    the model with `model_state.apply_training`. The step keeps `new_model_state` only when it
+    applies the update; evaluators get the state frozen (`model_state.variables`)."""
+
+    def with_state(
+        self, params: dict, model_state: dict, batch: dict, step: jax.Array
+    ) -> tuple[jax.Array, dict, dict]: ...
 
 
 class Task(abc.ABC):

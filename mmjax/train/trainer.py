@@ -9,10 +9,11 @@ import ml_collections
 from jax.sharding import Mesh, NamedSharding
 
 from mmjax import parallel
+from mmjax.errors import ConfigError
 from mmjax.train import optimizer
 from mmjax.train import state as train_state
 from mmjax.train import step as train_step
-from mmjax.train.task import Objective, Task
+from mmjax.train.task import Objective, StatefulObjective, Task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,11 @@ def build_trainer(
     )
     batch_sharding = parallel.batch_sharding(mesh, rules)
     objective = task.objective(model, config, mesh, rules)
+    if abstract.model_state and not isinstance(objective, StatefulObjective):
+        raise ConfigError(
+            f"task={task.name}'s objective cannot train a model with state "
+            f"({', '.join(abstract.model_state)}: BatchNorm); use model.image.norm=group"
+        )
     step = train_step.jit_train_step(
         objective,
         tx,
