@@ -29,6 +29,7 @@ from mmjax.losses.matching import (
 from mmjax.losses.mlm import mask_tokens, mlm_loss
 from mmjax.losses.multitask import weighted_sum
 from mmjax.losses.reduce import masked_mean
+from mmjax.losses.text_to_image import image_nll, text_nll
 from mmjax.losses.triplet import (
     bidirectional_triplet,
     cosine_similarity,
@@ -47,6 +48,7 @@ __all__ = [
     "dann_lambda",
     "embedding_distill_loss",
     "gradient_reversal",
+    "image_nll",
     "itm_batch_indices",
     "itm_loss",
     "l2_normalize",
@@ -61,6 +63,7 @@ __all__ = [
     "similarity_kd_loss",
     "softmax_contrastive",
     "take_pairs",
+    "text_nll",
     "triplet_from_similarity",
     "triplet_loss",
     "weighted_sum",

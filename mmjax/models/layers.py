@@ -254,11 +254,17 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x_BTD: jax.Array, mask_BTS: jax.Array | None = None, causal: bool = False
+        self,
+        x_BTD: jax.Array,
+        mask_BTS: jax.Array | None = None,
+        causal: bool = False,
+        cache_position: jax.Array | int | None = None,
     ) -> jax.Array:
+        """`cache_position`: decoding with key/value caches (see `Attention`)."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = LayerNorm(name="ln_attn", **kw)(x_BTD)
-        x_BTD = x_BTD + Attention(self.num_heads, name="attn", **kw)(h, mask_BTS, causal)
+        attn = Attention(self.num_heads, name="attn", **kw)
+        x_BTD = x_BTD + attn(h, mask_BTS, causal, cache_position)
         h = LayerNorm(name="ln_mlp", **kw)(x_BTD)
         x_BTD = x_BTD + Mlp(self.mlp_dim, activation=self.activation, name="mlp", **kw)(h)
         return nn.with_logical_constraint(x_BTD, ACT_BTD)

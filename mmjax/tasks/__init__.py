@@ -21,6 +21,7 @@ TASKS = {
     "text_classification": "mmjax.tasks.text_classification",
     "video_contrastive": "mmjax.tasks.video_contrastive",
     "video_qa": "mmjax.tasks.video_qa",
+    "text_to_image": "mmjax.tasks.text_to_image",
     "speech_to_text": "mmjax.tasks.speech_to_text",
     "image_tokenizer": "mmjax.tasks.image_tokenizer",
 }
