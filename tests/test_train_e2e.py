@@ -87,6 +87,13 @@ def test_every_config_runs_one_step(path, data_dir, tmp_path):
         run(teacher, str(tmp_path / "teacher"))
         config = load_config(path)
         config.distill.teacher = str(tmp_path / "teacher")
+    elif path.endswith("text_to_image.py"):  # reads an image tokenizer run: one step of it
+        tokenizer = load_config(os.path.join(REPO, "configs", "image_tokenizer.py"))
+        tokenizer.total_steps, tokenizer.batch_size, tokenizer.eval.batch_size = 1, 16, 32
+        tokenizer.data.update(data_dir=data_dir, num_train=512, num_val=96)
+        run(tokenizer, str(tmp_path / "tokenizer"))
+        config = load_config(path)
+        config.image_tokenizer_from = str(tmp_path / "tokenizer")
     else:
         config = load_config(path)
     config.total_steps = 1
