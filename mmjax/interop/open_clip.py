@@ -9,7 +9,9 @@ or unexpected weights and shape mismatches raise, listing them.
 Layouts: open_clip stores Linear weights [out, in] and a fused attention projection
 `in_proj_weight` [3·D, D] ordered (q|k|v, head, head_dim); mmjax stores kernels [in, out] and the
 fused q/k/v kernel heads-major [D, H, 3, K] (see `layers.Attention`). The patch embedding conv
-[W, C, p, q] becomes the [p·q·C, W] kernel of a matmul over flattened patches.
+[W, C, p, q] becomes the [p·q·C, W] kernel of a matmul over flattened patches. ResNet image towers
+(RN50, ...) map through `open_clip_resnet`, their BatchNorm statistics into the `batch_stats`
+collection of the variables.
 """
 
 from collections.abc import Callable, Mapping
@@ -19,7 +21,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from mmjax.interop import open_clip_resnet
 from mmjax.interop.open_clip_config import mmjax_config_from_open_clip
+from mmjax.models.resnet import ResNet
 from mmjax.models.two_tower import TwoTower, build_two_tower
 
 Array = np.ndarray
@@ -82,6 +86,25 @@ def _layer_norm(theirs: str, ours: str) -> dict[str, Rule]:
 def conversion_rules(model: TwoTower, cfg: dict) -> dict[str, Rule]:
     """open_clip state_dict name -> (mmjax parameter path, to-mmjax, to-open_clip)."""
     img, txt = model.image, model.text
+    rules: dict[str, Rule] = {
+        "token_embedding.weight": ("text/token_embedding", _same, _same),
+        "positional_embedding": ("text/pos_embedding", _same, _same),
+        "text_projection": ("text_projection", _same, _same),
+        "logit_scale": ("logit_scale", _same, _same),
+        **_layer_norm("ln_final", "text/encoder/ln_final"),
+    }
+    if cfg.get("init_logit_bias") is not None:
+        rules["logit_bias"] = ("logit_bias", _same, _same)
+    for i in range(txt.depth):
+        prefix = f"transformer.resblocks.{i}."
+        rules.update(_rules_for_block(prefix, f"text/encoder/block{i}", txt.num_heads))
+    if isinstance(img, ResNet):
+        return {**rules, **open_clip_resnet.rules(img)}
+    return {**rules, **_vit_rules(img)}
+
+
+def _vit_rules(img) -> dict[str, Rule]:
+    """The ViT image tower's rules (see `conversion_rules`)."""
     p = img.patch_size
 
     def patch_in(w):  # conv [W, C, p, q] -> [p·q·C, W], matching the patch flattening order
@@ -95,23 +118,13 @@ def conversion_rules(model: TwoTower, cfg: dict) -> dict[str, Rule]:
         "visual.class_embedding": ("image/cls_token", _same, _same),
         "visual.positional_embedding": ("image/pos_embedding", _same, _same),
         "visual.proj": ("image_projection", _same, _same),
-        "token_embedding.weight": ("text/token_embedding", _same, _same),
-        "positional_embedding": ("text/pos_embedding", _same, _same),
-        "text_projection": ("text_projection", _same, _same),
-        "logit_scale": ("logit_scale", _same, _same),
         **_layer_norm("visual.ln_post", "image/encoder/ln_final"),
-        **_layer_norm("ln_final", "text/encoder/ln_final"),
     }
     if img.pre_norm:
         rules.update(_layer_norm("visual.ln_pre", "image/ln_pre"))
-    if cfg.get("init_logit_bias") is not None:
-        rules["logit_bias"] = ("logit_bias", _same, _same)
     for i in range(img.depth):
         prefix = f"visual.transformer.resblocks.{i}."
         rules.update(_rules_for_block(prefix, f"image/encoder/block{i}", img.num_heads))
-    for i in range(txt.depth):
-        prefix = f"transformer.resblocks.{i}."
-        rules.update(_rules_for_block(prefix, f"text/encoder/block{i}", txt.num_heads))
     return rules
 
 
@@ -161,7 +174,8 @@ def _leaf_paths(tree: dict, prefix: str = "") -> list[str]:
 
 
 def build(model_cfg: dict) -> tuple[TwoTower, dict]:
-    """The mmjax model of an open_clip config and its abstract (shape-only) parameters."""
+    """The mmjax model of an open_clip config and its abstract (shape-only) variables: the
+    parameters, and under `batch_stats` a ResNet's BatchNorm statistics."""
     config, vocab = mmjax_config_from_open_clip(model_cfg)
     model = build_two_tower(config, vocab)
     size, length = config.data.image_size, config.data.text_length
@@ -171,13 +185,28 @@ def build(model_cfg: dict) -> tuple[TwoTower, dict]:
         jax.ShapeDtypeStruct((1, size, size, 3), np.float32),
         jax.ShapeDtypeStruct((1, length), np.int32),
     )
-    return model, nn.unbox(abstract["params"])
+    abstract = nn.unbox(abstract)
+    return model, {**abstract["params"], **_stats_tree(abstract.get("batch_stats"))}
+
+
+def _stats_tree(stats: dict | None) -> dict:
+    """BatchNorm statistics placed beside the parameters under the rule paths' prefix."""
+    return {open_clip_resnet.STATE_PREFIX.rstrip("/"): stats} if stats else {}
+
+
+def _variables(tree: dict) -> dict:
+    """Flax variables from the combined tree of `build`'s layout."""
+    key = open_clip_resnet.STATE_PREFIX.rstrip("/")
+    params = {k: v for k, v in tree.items() if k != key}
+    return {"params": params, **({key: tree[key]} if key in tree else {})}
 
 
 def load(model_cfg: dict, state_dict) -> tuple[TwoTower, dict]:
     """(model, variables) with open_clip weights; raises listing every unmatched name."""
     model, abstract = build(model_cfg)
     weights = read_state_dict(state_dict)
+    for name in open_clip_resnet.counters(weights):  # BatchNorm counters: not model weights
+        del weights[name]
     rules = conversion_rules(model, model_cfg)
     missing = sorted(set(rules) - set(weights))
     unexpected = sorted(set(weights) - set(rules))
@@ -198,22 +227,31 @@ def load(model_cfg: dict, state_dict) -> tuple[TwoTower, dict]:
                 f"the model's {path} is {want.shape}"
             )
         _set(params, path, value.astype(want.dtype))
+    if isinstance(model.image, ResNet):
+        open_clip_resnet.identity_projection(params)
     uncovered = sorted(set(_leaf_paths(abstract)) - set(_leaf_paths(params)))
     for path in uncovered:
         if path != "logit_bias":  # CLIP configs have no bias: it stays at its (unused) init
             raise ValueError(f"no open_clip weight for mmjax parameter {path}")
         _set(params, path, np.zeros((), np.float32))
-    return model, {"params": params}
+    return model, _variables(params)
 
 
 def export(model_cfg: dict, variables: dict) -> dict[str, Array]:
     """open_clip state_dict (numpy arrays) of mmjax variables of this config."""
     model, _ = build(model_cfg)
     params = jax.device_get(variables["params"])
-    return {
-        name: np.ascontiguousarray(to_open_clip(np.asarray(_get(params, path))))
-        for name, (path, _, to_open_clip) in conversion_rules(model, model_cfg).items()
+    rules = conversion_rules(model, model_cfg)
+    if isinstance(model.image, ResNet):
+        params = open_clip_resnet.fold_projection(params)
+    tree = {**params, **_stats_tree(jax.device_get(variables.get("batch_stats")))}
+    out = {
+        name: np.ascontiguousarray(to_open_clip(np.asarray(_get(tree, path))))
+        for name, (path, _, to_open_clip) in rules.items()
     }
+    for name in open_clip_resnet.counter_names(rules):  # (see open_clip_resnet)
+        out[name] = np.zeros((), np.int64)
+    return out
 
 
 def _latest_params_dir(path: Path) -> Path:
@@ -254,7 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         source = _latest_params_dir(Path(args.export))
         restored = checkpoint.ocp.StandardCheckpointer().restore(str(source.absolute()))
         params = restored["params"] if "params" in restored else restored
-        save_file(export(cfg, {"params": params}), args.out)
+        # A train workdir's state also holds the model's state (a ResNet's BatchNorm statistics).
+        state = restored.get("model_state") or {}
+        save_file(export(cfg, {"params": params, **state}), args.out)
         print(
             f"wrote {args.out} from {source}; load it with open_clip's load_state_dict(strict=True)"
         )
@@ -262,6 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.checkpoint and args.workdir):
         parser.error("import needs --checkpoint and --workdir (or use --export DIR --out FILE)")
     _, variables = load(cfg, args.checkpoint)
+    if set(variables) != {"params"}:
+        parser.error(
+            "this model has BatchNorm statistics besides its parameters (a ResNet image tower), "
+            "and the import writes a parameters checkpoint only; use "
+            "mmjax.interop.open_clip.load(config, weights) from Python"
+        )
     workdir = Path(args.workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoint.save_params(str(workdir / "params"), variables["params"])

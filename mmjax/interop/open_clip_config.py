@@ -18,6 +18,7 @@ from pathlib import Path
 import ml_collections
 
 from mmjax import config as base_config
+from mmjax.interop import open_clip_resnet
 
 _INSTALL_HINT = "pass a path to a JSON file, or install open_clip: pip install -e '.[interop]'"
 
@@ -182,9 +183,10 @@ def mmjax_config_from_open_clip(
         if sub.get("block_type") not in (None, "default"):
             raise ValueError(f"{section}.block_type={sub['block_type']!r} cannot be represented")
     layers = vision.get("layers", 12)
-    if isinstance(layers, list | tuple):
-        raise ValueError(f"vision_cfg.layers={layers!r} is a ResNet tower; mmjax has only ViTs")
-    if vision.get("pool_type", "tok") != "tok":
+    resnet = isinstance(layers, list | tuple)  # open_clip's ModifiedResNet (RN50, ...)
+    if resnet and vision.get("patch_size") is not None:
+        raise ValueError("vision_cfg.patch_size is set on a ResNet tower (layers is a list)")
+    if not resnet and vision.get("pool_type", "tok") != "tok":
         raise ValueError(
             f"vision_cfg.pool_type={vision['pool_type']!r} cannot be represented: mmjax pools "
             "with a class token ('tok') or averages without one"
@@ -205,7 +207,7 @@ def mmjax_config_from_open_clip(
 
     v_width = int(vision.get("width", 768))
     head_width = int(vision.get("head_width", 64))
-    if v_width % head_width:
+    if not resnet and v_width % head_width:
         raise ValueError(f"vision_cfg.width={v_width} is not a multiple of head_width={head_width}")
     t_width, t_heads = int(text.get("width", 512)), int(text.get("heads", 8))
     if t_width % t_heads:
@@ -220,18 +222,21 @@ def mmjax_config_from_open_clip(
     c.data.image_size = _square("vision_cfg", "image_size", vision.get("image_size", 224))
     c.data.text_length = int(text.get("context_length", 77))
     c.model.embed_dim = int(cfg["embed_dim"])
-    c.model.image.update(
-        patch_size=_square("vision_cfg", "patch_size", vision.get("patch_size", 16)),
-        width=v_width,
-        depth=int(layers),
-        num_heads=v_width // head_width,
-        mlp_dim=_mlp_dim("vision_cfg", v_width, float(vision.get("mlp_ratio", 4.0))),
-        pool="cls",
-        posemb=posembs[pos_type],
-        stem_channels=(),
-        patch_bias=False,
-        pre_norm=not vision.get("no_ln_pre", False),
-    )
+    if resnet:
+        c.model.image.update(open_clip_resnet.image_config(vision, c.model.embed_dim))
+    else:
+        c.model.image.update(
+            patch_size=_square("vision_cfg", "patch_size", vision.get("patch_size", 16)),
+            width=v_width,
+            depth=int(layers),
+            num_heads=v_width // head_width,
+            mlp_dim=_mlp_dim("vision_cfg", v_width, float(vision.get("mlp_ratio", 4.0))),
+            pool="cls",
+            posemb=posembs[pos_type],
+            stem_channels=(),
+            patch_bias=False,
+            pre_norm=not vision.get("no_ln_pre", False),
+        )
     c.model.text.update(
         width=t_width,
         depth=int(text.get("layers", 12)),

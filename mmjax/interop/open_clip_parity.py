@@ -1,20 +1,23 @@
-"""Parity report: every open_clip ViT config against mmjax, with random weights.
+"""Parity report: open_clip ViT and ResNet configs against mmjax, with random weights.
 
     python -m mmjax.interop.open_clip_parity [--models ViT-B-32 ViT-B-16 ...] [--max-params 1.5e9]
 
 For each model config shipped with open_clip: build it in open_clip (random init, fp32, no
 download), load its state_dict into mmjax (`mmjax.interop.open_clip.load`), and report the
 relative error of `encode_image` / `encode_text` on 2 random images and 2 token rows, plus the
-strict re-export check. Configs mmjax cannot represent are listed with the reason; configs larger
-than `--max-params` are skipped (both copies must fit in host memory).
+strict re-export check (eval mode: a ResNet's BatchNorm uses its running statistics). Configs
+mmjax cannot represent are listed with the reason; configs larger than `--max-params` are
+skipped (both copies must fit in host memory).
 """
 
 import argparse
+import functools
 import gc
 import json
 import time
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -32,6 +35,9 @@ DEFAULT_MODELS = (
     "ViT-bigG-14",
     "ViT-B-16-SigLIP",
     "ViT-SO400M-14-SigLIP",
+    "RN50",
+    "RN101",
+    "RN50x4",
 )
 
 
@@ -65,7 +71,9 @@ def check(name: str, max_params: float) -> dict:
     with torch.no_grad():
         ref_img = ref.encode_image(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
         ref_txt = ref.encode_text(torch.from_numpy(tokens)).numpy()
-    img = np.asarray(model.apply(variables, jnp.asarray(images), method=model.encode_image))
+    # Jitted: a ResNet run op by op (hundreds of small convolutions) is slower than compiling.
+    encode_image = jax.jit(functools.partial(model.apply, method=model.encode_image))
+    img = np.asarray(encode_image(variables, jnp.asarray(images)))
     txt = np.asarray(
         model.apply(variables, jnp.asarray(tokens, jnp.int32), method=model.encode_text)
     )

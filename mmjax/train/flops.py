@@ -130,17 +130,25 @@ def jaxpr_train_flops(closed: core.ClosedJaxpr, differentiable: list[bool]) -> i
     return _Counter().count(closed.jaxpr, differentiable)[0]
 
 
-def train_step_flops(objective, abstract_params, example_batch: dict, batch_size: int) -> int:
+def train_step_flops(
+    objective, abstract_params, example_batch: dict, batch_size: int, abstract_model_state=None
+) -> int:
     """Model FLOPs of one training step of `objective` on a global batch of `batch_size`
     examples shaped like `example_batch` (one example each). Trace it under the run's mesh and
-    axis rules. Raises `UncountableError` when the count depends on run-time values."""
+    axis rules. Raises `UncountableError` when the count depends on run-time values. A model
+    with state (`abstract_model_state` not empty) is traced through `objective.with_state`."""
     batch = {
         k: jax.ShapeDtypeStruct((batch_size, *np.shape(v)[1:]), np.asarray(v).dtype)
         for k, v in example_batch.items()
     }
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_params)
     step = jax.ShapeDtypeStruct((), jnp.int32)
-    closed = jax.make_jaxpr(objective)(params, batch, step)
+    if abstract_model_state:  # (its state is an input, not trained: after the parameters)
+        state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_model_state)
+        traced = lambda p, b, s, m: objective.with_state(p, m, b, s)[:2]
+        closed = jax.make_jaxpr(traced)(params, batch, step, state)
+    else:
+        closed = jax.make_jaxpr(objective)(params, batch, step)
     n_params = len(jax.tree.leaves(params))
     differentiable = [i < n_params for i in range(len(closed.jaxpr.invars))]
     return jaxpr_train_flops(closed, differentiable)

@@ -195,6 +195,7 @@ def build_meter(config, trainer, start_step: int) -> IntervalMeter:
             trainer.abstract_state.params,
             trainer.task.example_batch(config),
             config.batch_size,
+            trainer.abstract_state.model_state,
         )
     except flops.UncountableError as e:
         metrics.note(f"perf/mfu and perf/model_flops_per_second are not reported: {e}")
