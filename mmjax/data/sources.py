@@ -41,7 +41,8 @@ from mmjax.errors import ConfigError, DataError, NotPreparedError
 # Every dataset mmjax generates itself -> what its examples are: "image_text" (image, captions;
 # opened by `open_source`), "labelled" (image, text, label: `labelled.load`), "clips" (moving
 # shapes with captions and questions: `clips.load_clips`, `clips.load_qa`), "sentences" (text,
-# label: `reviews.load`).
+# label: `reviews.load`), "speech" (spoken utterances and transcripts, English / Mandarin:
+# `speech_builder`, read by task=speech_to_text).
 BUILTIN = {
     "shapes": "image_text",
     "digits": "image_text",
@@ -49,6 +50,8 @@ BUILTIN = {
     "shapes_vqa": "labelled",
     "moving_shapes": "clips",
     "reviews": "sentences",
+    "speech": "speech",
+    "speech_zh": "speech",
 }
 
 
