@@ -5,11 +5,15 @@
     restart    Σ_dead ‖c_k − sg(t_k)‖² / K: dead-code restarts without mutable state (below).
 
 Dead-code restarts: a code no grid vector of the (global) batch chose is *dead* for this step,
-and is pulled towards a target: the batch's grid vectors that its codes represent worst (largest
-1 − cos), the r-th dead code (in index order) towards the r-th worst vector. So unused codes are
-re-seeded where the codebook misses the data, from in-batch statistics alone: the step stays a
-pure function of (params, batch), deterministic, identical on any mesh, and a resumed run
-restarts the same codes. A used code gets no restart gradient.
+and is pulled towards a target among the batch's vectors: the one that maximises its cosine
+similarity to the code plus the vector's quantisation error ‖z − q‖² (near the code, and badly
+represented by the codebook). Near: the target moves little from step to step, so a dead code
+gets there instead of chasing targets across the sphere (targets chosen by error alone jump
+between batches, and dead codes never arrived). Badly represented: two dead codes that head for
+the same vector split once one of them arrives, since it then represents that vector well. The
+step stays a pure function of (params, batch): deterministic, the same on any mesh, and a
+resumed run restarts the same codes; no usage counters are needed. A used code gets no restart
+gradient.
 """
 
 from __future__ import annotations
@@ -46,20 +50,13 @@ def usage_stats(counts_K: jax.Array) -> dict[str, jax.Array]:
     return {"used_fraction": jnp.mean(counts_K > 0), "perplexity": jnp.exp(entropy)}
 
 
-def restart_targets(
-    z_ND: jax.Array, q_ND: jax.Array, dead_K: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """(targets [K, D], stop-gradient) for the dead codes: dead code number r (counting dead
-    codes in index order) gets the r-th worst-represented vector of `z_ND` (largest ‖z − q‖);
-    rows of live codes are meaningless and masked by the caller. Also returns the vectors'
-    indices into `z_ND` [K] (for tests and logs)."""
+def restart_targets(z_ND: jax.Array, q_ND: jax.Array, codebook_KD: jax.Array) -> jax.Array:
+    """Indices [K] into `z_ND` of every code's restart target (see the module doc): argmax over
+    vectors of cos(code, z) + ‖z − q‖², without gradient. Only dead codes use theirs."""
     z_ND = jax.lax.stop_gradient(z_ND.astype(jnp.float32))
     error_N = _sq_dist(z_ND, jax.lax.stop_gradient(q_ND))
-    n, k = z_ND.shape[0], dead_K.shape[0]
-    _, worst = jax.lax.top_k(error_N, min(n, k))
-    rank_K = jnp.cumsum(dead_K.astype(jnp.int32)) - 1
-    index_K = worst[jnp.clip(rank_K, 0, None) % worst.shape[0]]
-    return z_ND[index_K], index_K
+    sim_KN = jax.lax.stop_gradient(codebook_KD.astype(jnp.float32)) @ z_ND.T
+    return jnp.argmax(sim_KN + error_N[None], axis=1)
 
 
 def restart_loss(
@@ -68,6 +65,8 @@ def restart_loss(
     """Σ over codes unused in the batch of ‖c_k − t_k‖² / K (see the module doc): gradient only
     to the dead codes' rows."""
     dead_K = counts_K == 0
-    targets_KD, _ = restart_targets(z_ND, q_ND, dead_K)
+    targets_KD = jax.lax.stop_gradient(z_ND.astype(jnp.float32))[
+        restart_targets(z_ND, q_ND, codebook_KD)
+    ]
     per_code = _sq_dist(codebook_KD, targets_KD)
     return jnp.sum(jnp.where(dead_K, per_code, 0.0)) / codebook_KD.shape[0]
