@@ -41,9 +41,36 @@ def image_tokens(config: ml_collections.ConfigDict) -> int:
     return patches + (1 if m.pool == "cls" else 0)
 
 
+def resnet_forward_flops(config: ml_collections.ConfigDict) -> int:
+    """Per-sample forward FLOPs of the ResNet image tower (`mmjax.models.resnet`): its
+    convolutions (2·k²·C_in·C_out per output pixel) and the attention pool (key and value
+    projections of every position, one query, its attention and output projection)."""
+    m = config.model.image
+    conv = lambda side, k, c_in, c_out: 2 * side * side * k * k * c_in * c_out
+    w, side = m.resnet_width, config.data.image_size // 2
+    flops = conv(side, 3, 3, w // 2) + conv(side, 3, w // 2, w // 2) + conv(side, 3, w // 2, w)
+    side, channels = side // 2, w  # the stem's average pool
+    for stage, blocks in enumerate(m.layers):
+        planes = w * 2**stage
+        for b in range(blocks):
+            stride = 2 if stage > 0 and b == 0 else 1
+            flops += conv(side, 1, channels, planes) + conv(side, 3, planes, planes)
+            out_side = side // stride  # the average pool after the 3×3 convolution
+            flops += conv(out_side, 1, planes, 4 * planes)
+            if b == 0:  # the shortcut's 1×1 convolution
+                flops += conv(out_side, 1, channels, 4 * planes)
+            side, channels = out_side, 4 * planes
+    n = side * side + 1  # positions and their mean
+    flops += 2 * 2 * n * channels * channels + 2 * channels * channels  # keys, values; one query
+    flops += 2 * 2 * n * channels + 2 * channels * m.width  # attention, output projection
+    return flops + 2 * m.width * config.model.embed_dim  # the two-tower projection
+
+
 def image_forward_flops(config: ml_collections.ConfigDict) -> int:
     """Per-sample forward FLOPs of the image tower and its projection."""
     m = config.model.image
+    if m.get("kind", "vit") == "resnet":
+        return resnet_forward_flops(config)
     side, channels, flops = config.data.image_size, 3, 0
     for out_channels in m.stem_channels:  # 3×3 stride-2 convolutions
         side = -(-side // 2)
