@@ -38,18 +38,27 @@ EXPANSION = 4  # a bottleneck block's output channels per inner channel
 STRIDE = 32  # input size / final feature-map size
 
 
-class BatchNorm(Precision):
+class _ChannelNorm(Precision):
+    """A normalisation with a learned per-channel scale and bias (the last axis)."""
+
+    epsilon: float = 1e-5
+    scale_init: nn.initializers.Initializer = nn.initializers.ones
+
+    def affine(self, c: int) -> tuple[jax.Array, jax.Array]:
+        scale = param(self, "scale", self.scale_init, (c,), ("norm",), self.param_dtype)
+        bias = param(self, "bias", nn.initializers.zeros, (c,), ("norm",), self.param_dtype)
+        return scale, bias
+
+
+class BatchNorm(_ChannelNorm):
     """BatchNorm over all axes but the last (channels); see the module docstring."""
 
     momentum: float = 0.1  # PyTorch's: running = (1 - m)·running + m·batch
-    epsilon: float = 1e-5
-    scale_init: nn.initializers.Initializer = nn.initializers.ones
 
     @nn.compact
     def __call__(self, x_BHWC: jax.Array) -> jax.Array:
         c = x_BHWC.shape[-1]
-        scale = param(self, "scale", self.scale_init, (c,), ("norm",), self.param_dtype)
-        bias = param(self, "bias", nn.initializers.zeros, (c,), ("norm",), self.param_dtype)
+        scale, bias = self.affine(c)
         stat = lambda name, init: self.variable(
             STATE_COLLECTION,
             name,
@@ -76,17 +85,14 @@ class BatchNorm(Precision):
         return y.astype(self.dtype)
 
 
-class GroupNorm(Precision):
-    """GroupNorm with float32 statistics, groups of `channels / gcd(channels, 32)` channels."""
-
-    epsilon: float = 1e-5
-    scale_init: nn.initializers.Initializer = nn.initializers.ones
+class GroupNorm(_ChannelNorm):
+    """GroupNorm with float32 statistics over gcd(channels, 32) groups (32 for every ResNet
+    width that is a multiple of 32)."""
 
     @nn.compact
     def __call__(self, x_BHWC: jax.Array) -> jax.Array:
         c = x_BHWC.shape[-1]
-        scale = param(self, "scale", self.scale_init, (c,), ("norm",), self.param_dtype)
-        bias = param(self, "bias", nn.initializers.zeros, (c,), ("norm",), self.param_dtype)
+        scale, bias = self.affine(c)
         g = math.gcd(c, 32)
         x32 = x_BHWC.astype(jnp.float32)
         xg = x32.reshape(*x32.shape[:-1], g, c // g)
