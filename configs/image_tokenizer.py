@@ -16,7 +16,7 @@ def get_config():
     c.task = "image_tokenizer"
     c.data.name = "shapes"
     c.data.image_size = 64
-    c.total_steps = 1500
+    c.total_steps = 1000
     c.batch_size = 32
     c.eval_every = 500
     c.checkpoint_every = 500
