@@ -19,12 +19,12 @@ def get_config():
     # The image tokenizer's run directory (task=image_tokenizer): its newest checkpoint is loaded
     # when a run starts and never updated.
     c.image_tokenizer_from = "workdirs/image_tokenizer"
-    c.total_steps = 1500
-    c.batch_size = 64
+    c.total_steps = 900
+    c.batch_size = 32
     c.eval_every = 0  # sampling 128 images is the expensive part of an evaluation
-    c.checkpoint_every = 500
+    c.checkpoint_every = 300
     c.optim.learning_rate = 1e-3
-    c.optim.warmup_steps = 100
+    c.optim.warmup_steps = 50
     c.optim.text_frozen_steps = 0  # no text tower
     c.data.first_caption_prob = 0.8  # mostly the full description: every attribute named
     c.data.text_length = 64  # a Chinese full description is ~50 bytes

@@ -20,7 +20,7 @@ ordered by cosine similarity, best first (DALL-E's CLIP reranking).
 compositions (`mmjax.eval.generated_images`), `--num` samples each, judged from the pixels
 (`mmjax.eval.image_judge`): the accuracy of every attribute over all samples and, with
 --rerank-with, of the best sample per prompt; printed as a table and written to
-DIR/judge.json (default DIR: W/judge) with DIR/grid.png (the first 8 prompts, their best 8).
+DIR/judge.json (default DIR: W/judge) with DIR/grid.png (the first 8 prompts, their best 4).
 
 Bad input (a workdir that is not a text_to_image run, no checkpoint, a prompt longer than the
 model's context, a rerank run that cannot embed) prints one line `error: ...` and exits with

@@ -13,7 +13,7 @@ from mmjax.eval import image_judge
 from mmjax.eval.generated_images import CHANCE, SCORED, Generator, heldout_prompts, judged
 from mmjax.parallel import batch_sharding
 
-GRID_PROMPTS = 8  # rows of the judge's grid.png, its best samples per row
+GRID_PROMPTS, GRID_SAMPLES = 8, 4  # grid.png: the first prompts (rows), their best samples
 
 
 def best_per_prompt(scores_MP: np.ndarray, samples: int) -> np.ndarray:
@@ -73,9 +73,10 @@ def judge_report(run, sampling, args, out: str, reranker) -> str:
     with open(os.path.join(out, "judge.json"), "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2, ensure_ascii=False)
     rows = min(GRID_PROMPTS, len(prompts))
-    cols = min(8, k)
+    cols = min(GRID_SAMPLES, k)
     picked = [p * k + rank_KP[p, c] for p in range(rows) for c in range(cols)]
-    Image.fromarray(grid_image(images[picked], cols)).save(os.path.join(out, "grid.png"))
+    grid = Image.fromarray(grid_image(images[picked], cols))
+    grid.save(os.path.join(out, "grid.png"), optimize=True)
     return table(record, out)
 
 

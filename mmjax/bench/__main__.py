@@ -72,7 +72,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     pipe.add_argument("--stage-examples", type=int, default=256)
     pipe.add_argument("--override", action="append", default=[], help="key=value config edits")
 
-    dec = sub.add_parser("decode", help="captioning tokens/s with and without the KV cache")
+    dec = sub.add_parser(
+        "decode", help="captioning or text→image tokens/s with and without the KV cache"
+    )
     dec.add_argument("--config", help=CONFIG_HELP)
     dec.add_argument("--batch", type=int, default=32, help="images captioned per call")
     dec.add_argument("--beam", type=int, default=3, help="beam size of the beam-search rows")
@@ -81,6 +83,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--decoder-depth", type=int, help="default: the recipe's captioning.decoder_depth, else 2"
     )
     dec.add_argument("--rounds", type=int, default=3, help="alternating with/without rounds")
+    dec.add_argument(
+        "--codebook-size", type=int, default=512, help="text_to_image recipes: image codes"
+    )
     dec.set_defaults(open_clip_config=None)
 
     for p in (train, loss, scale, pipe, dec):

@@ -13,6 +13,15 @@ finish. `same_captions`: the two variants' captions of the last round are identi
 
 JSON keys: config, batch, beam, decoder_depth, rounds, runs [{mode (greedy|beam), length,
 cache_tokens_per_s, no_cache_tokens_per_s, speedup, same_captions, cache_s, no_cache_s}].
+
+A text→image recipe (`config.task == "text_to_image"`, e.g. configs/text_to_image.py) benches
+its prior instead (`image_sampling.sample_codes`, random weights, `--codebook-size` codes on the
+grid of an 8-pixel-per-token tokenizer, `--batch` prompts of `data.text_length` tokens): greedy
+and sampled (the recipe's temperature/top-k/top-p; guidance when it sets one) rows, with the
+cache (prefix once, then one position per step) and without (the whole [text; codes] buffer
+rerun per position). tokens/s = prompts × image tokens per second; `same_captions` says the two
+variants sampled the same codes (the same key). `length` is the number of image tokens and
+`decoder_depth` the prior's depth.
 """
 
 from __future__ import annotations
@@ -70,6 +79,8 @@ def run(args: argparse.Namespace) -> dict:
     if not lengths or min(lengths) < 2 or args.batch < 1 or args.beam < 1 or args.rounds < 1:
         raise ValueError("--lengths must be integers >= 2; --batch, --beam, --rounds >= 1")
     config, vocab, name, _ = load_config(args)
+    if config.task == "text_to_image":
+        return run_prior(args, config, vocab, name)
     depth = args.decoder_depth
     if depth is None:
         depth = config.captioning.decoder_depth if "captioning" in config else 2
@@ -90,23 +101,8 @@ def run(args: argparse.Namespace) -> dict:
             _log(f"compiling {mode} (beam {beam}), length {length}")
             fns = {"cache": compiled(True), "no_cache": compiled(False)}
             seconds, out = time_variants(fns, params, images, args.rounds)
-            positions = args.batch * (length - 1)
-            row = {
-                "mode": mode,
-                "length": length,
-                "cache_s": seconds["cache"],
-                "no_cache_s": seconds["no_cache"],
-                "cache_tokens_per_s": positions / seconds["cache"],
-                "no_cache_tokens_per_s": positions / seconds["no_cache"],
-                "speedup": seconds["no_cache"] / seconds["cache"],
-                "same_captions": bool(np.array_equal(out["cache"][0], out["no_cache"][0])),
-            }
-            runs.append(row)
-            _log(
-                f"{mode:6s} L={length:3d}: cache {row['cache_tokens_per_s']:9.0f} tok/s, "
-                f"no cache {row['no_cache_tokens_per_s']:8.0f} tok/s, {row['speedup']:.1f}x, "
-                f"same captions: {row['same_captions']}"
-            )
+            same = np.array_equal(out["cache"][0], out["no_cache"][0])
+            runs.append(_row(mode, length, seconds, args.batch * (length - 1), same))
     print(report(name, args, depth, runs))
     return {
         "config": name,
@@ -116,6 +112,63 @@ def run(args: argparse.Namespace) -> dict:
         "rounds": args.rounds,
         "runs": runs,
     }
+
+
+def run_prior(args, config, vocab: int, name: str) -> dict:
+    from mmjax.models.image_prior import TextImagePrior
+    from mmjax.models.image_sampling import Sampling, sample_codes
+
+    t, length = config.text_to_image, int(config.data.text_length)
+    grid = int(config.data.image_size) // 8
+    prior = TextImagePrior(
+        vocab, args.codebook_size, length, grid * grid, t.width, t.depth, t.num_heads, t.mlp_dim
+    )
+    text = jax.random.randint(jax.random.key(1), (args.batch, length), 3, vocab)
+    codes = jnp.zeros((1, grid * grid), jnp.int32)
+    params = nn.unbox(jax.jit(prior.init)(jax.random.key(0), text[:1], codes)["params"])
+    uncond = jnp.asarray([1, 2] + [0] * (length - 2), jnp.int32)
+    recipe = Sampling(float(t.temperature), int(t.top_k), float(t.top_p), float(t.guidance))
+    runs = []
+    for mode, sampling in (("greedy", Sampling(temperature=0.0)), ("sampled", recipe)):
+
+        def compiled(cache, sampling=sampling):
+            fn = lambda p, x: sample_codes(prior, p, x, jax.random.key(2), sampling, uncond, cache)
+            return jax.jit(fn)
+
+        _log(f"compiling {mode}, {grid * grid} image tokens after {length} text tokens")
+        fns = {"cache": compiled(True), "no_cache": compiled(False)}
+        seconds, out = time_variants(fns, params, text, args.rounds)
+        same = np.array_equal(out["cache"], out["no_cache"])
+        runs.append(_row(mode, grid * grid, seconds, args.batch * grid * grid, same))
+    one_beam = argparse.Namespace(**{**vars(args), "beam": 1})
+    print(report(name, one_beam, int(t.depth), runs).replace("captions", "codes"))
+    return {
+        "config": name,
+        "batch": args.batch,
+        "beam": 1,
+        "decoder_depth": int(t.depth),
+        "rounds": args.rounds,
+        "runs": runs,
+    }
+
+
+def _row(mode: str, length: int, seconds: dict, positions: int, same: bool) -> dict:
+    """One timed variant pair: tokens/s of both, the speedup, whether outputs matched."""
+    row = {
+        "mode": mode,
+        "length": length,
+        "cache_s": seconds["cache"],
+        "no_cache_s": seconds["no_cache"],
+        "cache_tokens_per_s": positions / seconds["cache"],
+        "no_cache_tokens_per_s": positions / seconds["no_cache"],
+        "speedup": seconds["no_cache"] / seconds["cache"],
+        "same_captions": bool(same),
+    }
+    _log(
+        f"{mode:7s} L={length:3d}: cache {row['cache_tokens_per_s']:9.0f} tok/s, no cache "
+        f"{row['no_cache_tokens_per_s']:8.0f} tok/s, {row['speedup']:.1f}x, same: {same}"
+    )
+    return row
 
 
 def report(name: str, args, depth: int, runs: list[dict]) -> str:
