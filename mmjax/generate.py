@@ -140,14 +140,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.num < 1 or args.prompts < 1:
             raise UsageError(f"--num {args.num} and --prompts {args.prompts} must be >= 1")
+        if not args.judge and not args.out:
+            raise UsageError("--out is missing: the folder to write the images to")
         config = generator_config(workdir)
         prompt = None if args.judge else check_prompt(args.text, config)
         get_task(config.task).validate(config)  # e.g. its image tokenizer run is still there
         ckpt, step = _open_checkpoint(workdir, None)
         sampling = sampling_from(args, config)
         rerank = open_reranker(os.path.abspath(args.rerank_with)) if args.rerank_with else None
-        if not args.judge and not args.out:
-            raise UsageError("--out is missing: the folder to write the images to")
         out = args.out or os.path.join(workdir, "judge")
         run = build_run(workdir, config, ckpt, step)
         ckpt.close()

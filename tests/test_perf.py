@@ -132,14 +132,20 @@ RECIPE_OF_TASK = {
     "video_contrastive": "video_contrastive",
     "video_qa": "video_qa",
     "image_tokenizer": "image_tokenizer",
+    "text_to_image": "text_to_image",
 }
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))
-def test_every_task_counts_its_model_flops(task, data_dir, tmp_path):
+def test_every_task_counts_its_model_flops(task, data_dir, tmp_path, monkeypatch):
     recipe = importlib.import_module(f"configs.{RECIPE_OF_TASK[task]}")
     config = tiny(recipe.get_config(), data_dir)
     assert config.task == task
+    if task == "text_to_image":  # a random image tokenizer instead of a trained run's
+        from mmjax.tasks import text_to_image
+        from tests.test_text_to_image import random_tokenizer_run
+
+        monkeypatch.setattr(text_to_image, "_tokenizer_run", random_tokenizer_run)
     if task == "text_classification":  # a vectors file of its own: the packaged MiniLM vectors
         # need the interop extra, which the fast tier does not install
         path = tmp_path / "vectors.txt"

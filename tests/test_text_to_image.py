@@ -152,13 +152,19 @@ def tiny_tokenizer_config():
     return c
 
 
+def random_tokenizer_run(workdir=None):
+    """(model, variables) of a random tiny VQ-VAE (16 codes, 8 pixels per token): what
+    `image_tokenizer_from` gives tests that need no trained tokenizer."""
+    model = build_vqvae(tiny_tokenizer_config())
+    return model, nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))
+
+
 @pytest.fixture
 def random_tokenizer(monkeypatch):
     """`image_tokenizer_from` answered by a random VQ-VAE (2×2 codes of 16 at 16 px)."""
-    model = build_vqvae(tiny_tokenizer_config())
-    variables = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))
-    monkeypatch.setattr(text_to_image, "_tokenizer_run", lambda workdir: (model, variables))
-    return variables
+    run = random_tokenizer_run()
+    monkeypatch.setattr(text_to_image, "_tokenizer_run", lambda workdir: run)
+    return run[1]
 
 
 def tiny_t2i(data_dir=None, tokenizer_from="tokenizer"):
@@ -190,6 +196,7 @@ def one_step(config, devices):
     return np.array(values), jax.device_get(state.params), before
 
 
+@pytest.mark.slow  # two compiles of the whole train step: past the fast tier's budget
 @pytest.mark.multidevice
 def test_one_sharded_step_equals_single_device(random_tokenizer):
     single = tiny_t2i()
@@ -310,3 +317,23 @@ def test_generate_writes_reranked_images_deterministically(tmp_path, data_dir, t
     assert sorted(e["sample"] for e in scores["images"]) == [0, 1, 2, 3]
     for name in files:  # the same seed: the same images, bit for bit
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+
+
+@pytest.mark.slow
+def test_decode_bench_samples_the_same_codes_with_and_without_the_cache(tmp_path, capsys):
+    from mmjax.bench.__main__ import main
+
+    spec = tmp_path / "tiny_t2i.py"
+    spec.write_text(
+        "from configs import text_to_image\n\n\ndef get_config():\n"
+        "    c = text_to_image.get_config()\n"
+        "    c.text_to_image.update(width=32, depth=2, num_heads=2, mlp_dim=64)\n"
+        "    c.data.update(image_size=32, text_length=16)\n    return c\n"
+    )
+    args = ["decode", "--config", str(spec), "--batch", "2", "--rounds", "1", "--json"]
+    assert main([*args, "--codebook-size", "16"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [(r["mode"], r["length"]) for r in result["runs"]] == [("greedy", 16), ("sampled", 16)]
+    for run in result["runs"]:
+        assert run["same_captions"], run
+        assert run["cache_tokens_per_s"] == pytest.approx(2 * 16 / run["cache_s"])
