@@ -19,7 +19,7 @@ def get_config():
     c.batch_size = 32
     c.eval_every = 400  # transcribing the 200 validation clips (greedy and beam) is the slow part
     c.checkpoint_every = 400
-    c.optim.learning_rate = 1e-3
+    c.optim.learning_rate = 2e-3
     c.optim.warmup_steps = 60
     c.optim.text_frozen_steps = 0  # no text tower here
     c.data.name = "speech"

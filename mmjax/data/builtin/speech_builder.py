@@ -55,8 +55,11 @@ class MmjaxSpeech(tfds.core.GeneratorBasedBuilder):
     """Synthesised utterances of the shapes captions and digit strings (see `speech.py`)."""
 
     # Bump when `speech.py` changes what is written for a given config.
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        "1.0.0": "Initial release.",
+        "1.1.0": "Background noise at 20-40 dB SNR (was 12-35).",
+    }
     BUILDER_CONFIGS: ClassVar[list[SpeechConfig]] = [
         make_config(language="en", num_train=3000, num_val=200, seed=0)
     ]
