@@ -151,3 +151,25 @@ def test_resnet_settings_are_checked():
         target[key.split(".")[-1]] = value
         with pytest.raises(ConfigError, match=match):
             validate_towers(bad)
+
+
+def test_resnet_step_flops_equal_the_analytic_count():
+    """The FLOPs traced from the train step of a BatchNorm ResNet (through its stateful
+    objective) equal `bench/flops.py`'s analytic count: convolutions and the attention pool."""
+    from mmjax.bench import flops as analytic
+    from mmjax.train import flops
+
+    config = resnet_config()
+    config.data.image_size = 64  # a 2x2 final map: the attention pool sees 5 positions
+    config.model.image.layers = (1, 2, 1, 1)
+    mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
+    trainer = build_trainer(get_task(config.task), config, mesh, VOCAB)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
+        traced = flops.train_step_flops(
+            trainer.objective,
+            trainer.abstract_state.params,
+            trainer.task.example_batch(config),
+            config.batch_size,
+            trainer.abstract_state.model_state,
+        )
+    assert traced == analytic.train_step_flops(config, config.batch_size)
