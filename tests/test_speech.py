@@ -152,6 +152,7 @@ def test_cached_decoding_equals_full_recompute():
     np.testing.assert_allclose(cached[1], full[1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # two train-step compiles: ~100 s on the loaded 2 cores
 @pytest.mark.multidevice
 def test_sharded_step_equals_single_device():
     rng = np.random.default_rng(0)
