@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from mmjax import checkpoint, parallel
+from mmjax import checkpoint, model_state, parallel
 from mmjax.eval import evaluators as eval_tasks
 from mmjax.interop import open_clip_config
 from mmjax.tasks import get_task
@@ -188,7 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if kind == "train":
                 _, state = ckpt.restore_state(trainer.abstract_state, step)
                 ckpt.close()
-                params, source = state.params, {"kind": "train", "step": step}
+                # (with a ResNet's BatchNorm statistics, frozen: see mmjax/model_state.py)
+                params = model_state.with_state(state.params, state.model_state)
+                source = {"kind": "train", "step": step}
             else:
                 path = os.path.join(workdir, "params")
                 params = checkpoint.restore_params(path, trainer.abstract_state.params)

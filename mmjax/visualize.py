@@ -42,7 +42,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from mmjax import checkpoint, parallel
+from mmjax import checkpoint, model_state, parallel
 from mmjax.data import pipeline, preprocess, tokenizers
 from mmjax.eval import maps
 from mmjax.evaluate import UsageError, _open_checkpoint, load_config
@@ -164,7 +164,7 @@ def _restore_params(ckpt, abstract_state, step: int, newest: bool) -> tuple[dict
         for i, s in enumerate(steps):
             try:
                 _, state = ckpt.restore_state(abstract_state, s)
-                return state.params, s
+                return model_state.with_state(state.params, state.model_state), s
             except Exception as e:
                 if i == len(steps) - 1:
                     raise UsageError(f"checkpoint {s} is unreadable: {e}") from e

@@ -44,7 +44,8 @@ def image_tokens(config: ml_collections.ConfigDict) -> int:
 def resnet_forward_flops(config: ml_collections.ConfigDict) -> int:
     """Per-sample forward FLOPs of the ResNet image tower (`mmjax.models.resnet`): its
     convolutions (2·k²·C_in·C_out per output pixel) and the attention pool (key and value
-    projections of every position, one query, its attention and output projection)."""
+    projections of every position, one query and its attention, and the output projection of
+    the pooled output and of every position's token, see `resnet.AttentionPool`)."""
     m = config.model.image
     conv = lambda side, k, c_in, c_out: 2 * side * side * k * k * c_in * c_out
     w, side = m.resnet_width, config.data.image_size // 2
@@ -62,7 +63,7 @@ def resnet_forward_flops(config: ml_collections.ConfigDict) -> int:
             side, channels = out_side, 4 * planes
     n = side * side + 1  # positions and their mean
     flops += 2 * 2 * n * channels * channels + 2 * channels * channels  # keys, values; one query
-    flops += 2 * 2 * n * channels + 2 * channels * m.width  # attention, output projection
+    flops += 2 * 2 * n * channels + 2 * n * channels * m.width  # attention, output projections
     return flops + 2 * m.width * config.model.embed_dim  # the two-tower projection
 
 

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax import model_state
 from mmjax.models.layers import dense
 
 
@@ -57,7 +58,7 @@ class AttentionMaps:
     def __call__(self, model: nn.Module, params, images, tokens_BL) -> Maps:
         tokens_BL = jnp.asarray(tokens_BL)
         logits_BC, attention = jax.jit(
-            lambda p, *x: model.apply({"params": p}, *x, method=self._forward)
+            lambda p, *x: model.apply(model_state.variables(p), *x, method=self._forward)
         )(params, images, tokens_BL, tokens_BL != self._pad_id)
         attn_LN = np.asarray(jnp.mean(attention["text_to_image"][0], axis=0), np.float32)
         probs_C = np.asarray(jax.nn.softmax(logits_BC[0]), np.float32)
@@ -78,7 +79,7 @@ class SimilarityMaps:
 
     def __call__(self, model: nn.Module, params, images, tokens_BL) -> Maps:
         patch_BNE, img_BE, txt_BE = jax.jit(
-            lambda p, *x: model.apply({"params": p}, *x, method=_patch_and_text)
+            lambda p, *x: model.apply(model_state.variables(p), *x, method=_patch_and_text)
         )(params, images, jnp.asarray(tokens_BL))
         unit = lambda x: x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-6)
         patch_NE, img_E, txt_E = (unit(np.asarray(x[0])) for x in (patch_BNE, img_BE, txt_BE))

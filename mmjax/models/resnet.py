@@ -176,13 +176,19 @@ class Bottleneck(Precision):
 
 class AttentionPool(Precision):
     """CLIP's attention pooling: the mean of the map, prepended to it, plus learned positions;
-    the first position's multi-head attention output, projected to `width`."""
+    the first position's multi-head attention output, projected to `width`.
+
+    Returns (pooled_BD, tokens_BND): besides the pooled output, one `width`-wide token per
+    position of the map, its value projection through the same output projection (the attention
+    output of a position attending only to itself, MaskCLIP's dense features). So a ResNet's
+    tokens live in the space of its pooled output, as a ViT's do: the similarity maps, fusion
+    modules and decoders that read a tower's tokens take them as they are."""
 
     num_heads: int
     width: int
 
     @nn.compact
-    def __call__(self, x_BNC: jax.Array) -> jax.Array:
+    def __call__(self, x_BNC: jax.Array) -> tuple[jax.Array, jax.Array]:
         n, c = x_BNC.shape[1:]
         if c % self.num_heads:
             raise ValueError(f"ResNet features {c} are not divisible by num_heads {self.num_heads}")
@@ -217,11 +223,14 @@ class AttentionPool(Precision):
             )
             return (y + b.astype(jnp.float32)[None, None]).astype(self.dtype)
 
-        # Only the first position's output is kept, so only its query is computed.
+        # Only the first position's output is pooled, so only its query is computed.
         q_B1HK = project("query", x[:, :1])
         k_BSHK, v_BSHK = project("key", x), project("value", x)
         out_B1HK = dot_product_attention(q_B1HK, k_BSHK, v_BSHK, None, False, self.dtype)
-        return attention_output(self, out_B1HK, self.width, init)[:, 0]
+        # One output projection for the pooled output and the tokens (see the docstring).
+        both_BSHK = jnp.concatenate([out_B1HK, v_BSHK[:, 1:]], axis=1)
+        both_BSD = attention_output(self, both_BSHK, self.width, init)
+        return both_BSD[:, 0], both_BSD[:, 1:]
 
 
 class ResNet(Precision):
@@ -229,8 +238,8 @@ class ResNet(Precision):
     `base_width` stem channels (open_clip's `width`), an attention-pooling head with `num_heads`
     heads projecting to `width` (the tower's output width; open_clip's `output_dim`).
 
-    Returns (pooled_BD, tokens_BNC): the pooled output and the final feature map as tokens
-    [B, (H/32)·(W/32), 32·base_width].
+    Returns (pooled_BD, tokens_BND): the pooled output and a `width`-wide token per position of
+    the final feature map (see `AttentionPool`), N = (H/32)·(W/32).
     """
 
     layers: tuple[int, ...]
@@ -259,15 +268,13 @@ class ResNet(Precision):
                 stride = 2 if stage > 0 and i == 0 else 1
                 x = Bottleneck(planes, stride, name=f"layer{stage + 1}_{i}", **kw)(x)
         b, fh, fw, c = x.shape
-        tokens_BNC = x.reshape(b, fh * fw, c)
-        pooled_BD = AttentionPool(
+        return AttentionPool(
             self.num_heads,
             self.width,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="attnpool",
-        )(tokens_BNC)
-        return pooled_BD, tokens_BNC
+        )(x.reshape(b, fh * fw, c))
 
 
 def resnet_from_config(image: ml_collections.ConfigDict, dtype: jnp.dtype) -> ResNet:
