@@ -2,8 +2,6 @@
 dead-code restarts, sharded = single device, bad settings and workdirs, exact resume."""
 
 import json
-import os
-import shutil
 
 import flax.linen as nn
 import jax
@@ -15,10 +13,10 @@ import pytest
 
 from configs import image_tokenizer as recipe
 from mmjax import parallel
+from mmjax.data import sources
 from mmjax.errors import ConfigError
+from mmjax.eval.embed import EvalImages
 from mmjax.losses import vq
-from mmjax.main import train as run
-from mmjax.metrics import read_metrics
 from mmjax.models.vqvae import VQVAE, build_vqvae, grid_size, l2_normalize
 from mmjax.tasks import get_task
 from mmjax.tasks.image_tokenizer import load_image_tokenizer, pixel_mse
@@ -26,6 +24,7 @@ from mmjax.train.step import NO_CEILING
 from mmjax.train.trainer import build_trainer
 from mmjax.train.validate import validate_config
 from tests.conftest import tiny
+from tests.test_tasks import assert_resumes_exactly
 
 SIZE = 16  # 16 px through two stride-2 levels: a 4x4 grid
 
@@ -205,30 +204,11 @@ def test_load_image_tokenizer_names_the_command_for_a_bad_workdir(tmp_path):
 def test_run_resumes_exactly_and_loads_as_a_tokenizer(tmp_path, data_dir):
     """A run restarted from its step-2 checkpoint ends with the same losses and PSNR as the
     uninterrupted run; `load_image_tokenizer` then reproduces the run's validation MSE."""
-
-    def config():
-        c = tiny_config(data_dir)
-        c.total_steps, c.checkpoint_every, c.keep_checkpoints = 4, 2, 3
-        return c
-
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    first = run(config(), str(full))
-    shutil.copytree(full, resumed)
-    for name in ["metrics.jsonl", "summary.json"]:
-        os.remove(resumed / name)
-    shutil.rmtree(resumed / "checkpoints" / "4")
-    second = run(config(), str(resumed))
-    losses = lambda w: [r["train/loss"] for r in read_metrics(str(w)) if "train/loss" in r]
-    assert losses(resumed) == losses(full)[2:]
-    assert second["task/score"] == first["task/score"]
+    first = assert_resumes_exactly(lambda: tiny_config(data_dir), tmp_path)
     assert first["task/metric_name"] == "psnr" and first["task/chance"] > 0
 
-    model, variables = load_image_tokenizer(str(full))
-    from mmjax.data import sources
-    from mmjax.eval.embed import EvalImages
-
-    c = config()
-    x = EvalImages(sources.open_source(c.data, "shapes", "validation"), SIZE)[:]
+    model, variables = load_image_tokenizer(str(tmp_path / "full"))
+    x = EvalImages(sources.open_source(tiny_config(data_dir).data, "shapes", "validation"), SIZE)[:]
     codes = model.apply(variables, x, method=VQVAE.encode)
     mse = pixel_mse(model.apply(variables, codes, method=VQVAE.decode), x)
     np.testing.assert_allclose(float(jnp.mean(mse)), first["image_tokenizer/mse"], rtol=1e-4)

@@ -167,27 +167,33 @@ def test_matching_evaluation_pairs_and_masked_colour_words(data_dir):
         assert mask not in others
 
 
-@pytest.mark.slow
-def test_task_run_resumes_exactly(tmp_path, data_dir):
-    """A run restarted from its step-2 checkpoint (model, optimizer and data iterator) ends
-    with the same losses and score as the uninterrupted run."""
+def assert_resumes_exactly(config, tmp_path) -> dict:
+    """Runs `config()` (a task recipe at test size) for 4 steps in `tmp_path/full`, then a copy
+    restarted from its step-2 checkpoint (model, optimizer and data iterator), and asserts that
+    the restarted run ends with the same losses and score. Returns the uninterrupted summary."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
 
-    def config():
-        c = tiny(fusion_config.get_config(), data_dir)
+    def configured():
+        c = config()
         c.total_steps, c.checkpoint_every, c.keep_checkpoints = 4, 2, 3
         return c
 
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    first = run(config(), str(full))
+    first = run(configured(), str(full))
     shutil.copytree(full, resumed)
     for name in ["metrics.jsonl", "summary.json"]:
         os.remove(resumed / name)
     for step_dir in glob.glob(str(resumed / "checkpoints" / "4")):
         shutil.rmtree(step_dir)
-    second = run(config(), str(resumed))
+    second = run(configured(), str(resumed))
     losses = lambda w: [r["train/loss"] for r in read_metrics(str(w)) if "train/loss" in r]
     assert losses(resumed) == losses(full)[2:]
     assert second["task/score"] == first["task/score"]
+    return first
+
+
+@pytest.mark.slow
+def test_task_run_resumes_exactly(tmp_path, data_dir):
+    assert_resumes_exactly(lambda: tiny(fusion_config.get_config(), data_dir), tmp_path)
 
 
 def test_whole_word_masking_chooses_words_not_tokens():
