@@ -1,5 +1,6 @@
 """Fusion modules: shapes and dtypes, padding invariance, attention masks, the GMU and LMF formulas,
-gradient flow to both modalities, sharded == single device, and the registry."""
+gradient flow to both modalities, sharded == single device, and the registry (graph fusion's own
+properties: test_graph_fusion.py)."""
 
 import functools
 
@@ -27,6 +28,7 @@ KW = {
     "bottleneck": dict(
         width=16, depth=2, num_heads=2, mlp_dim=32, num_bottlenecks=2, fusion_layer=1
     ),
+    "graph": dict(width=16, depth=2, num_heads=2),
 }
 OUT_DIM = {
     "early_concat": 16,
@@ -37,8 +39,9 @@ OUT_DIM = {
     "cross_attention": DT,
     "co_attention": DV + DT,
     "bottleneck": 16,
+    "graph": 16,
 }
-TOKEN_FUSIONS = ("early_concat", "cross_attention", "co_attention", "bottleneck")
+TOKEN_FUSIONS = ("early_concat", "cross_attention", "co_attention", "bottleneck", "graph")
 CROSS_FUSIONS = ("cross_attention", "co_attention")
 
 
@@ -101,7 +104,7 @@ def test_shapes_dtypes_finite(name, dtype):
     if name in TOKEN_FUSIONS:
         assert out.text_tokens_BLD.shape == (2, L, 16) and out.text_tokens_BLD.dtype == dtype
         assert np.all(np.isfinite(np.asarray(out.text_tokens_BLD, np.float32)))
-    if name in ("early_concat", "co_attention", "bottleneck"):
+    if name in ("early_concat", "co_attention", "bottleneck", "graph"):
         width = DV if name == "co_attention" else 16  # co-attention keeps the image width
         assert out.image_tokens_BND.shape == (2, N, width) and out.image_tokens_BND.dtype == dtype
     # Parameters are float32 storage whatever the compute dtype, and every one carries a logical

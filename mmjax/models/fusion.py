@@ -27,6 +27,7 @@ from mmjax.models.fusion_attention import (
     masked_mean,
     zero_padding,
 )
+from mmjax.models.graph_fusion import GraphFusion
 from mmjax.models.layers import ACTIVATIONS, Encoder, TowerSettings, dense, param
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "Fusion",
     "FusionOutput",
     "GatedMultimodalUnit",
+    "GraphFusion",
     "LateConcatFusion",
     "LowRankFusion",
     "TensorFusion",
@@ -260,6 +262,7 @@ FUSIONS: dict[str, type[Fusion]] = {
     "cross_attention": CrossAttentionFusion,
     "co_attention": CoAttentionFusion,
     "bottleneck": BottleneckFusion,
+    "graph": GraphFusion,
 }
 
 

@@ -25,6 +25,7 @@ CONFIG_FIELDS = {
     "cross_attention": _LAYERS,
     "co_attention": _LAYERS,
     "bottleneck": (("width", "width"), *_LAYERS),
+    "graph": (("width", "width"), ("depth", "depth"), ("num_heads", "num_heads")),
 }
 
 
@@ -79,7 +80,21 @@ def fusion_kwargs(config: ml_collections.ConfigDict) -> dict:
         raise ValueError(
             f"model.fusion.kind={f.kind!r} is unknown; use one of {', '.join(sorted(FUSIONS))}"
         )
-    return {"dtype": jnp.dtype(config.dtype), **{a: f[k] for a, k in CONFIG_FIELDS[f.kind]}}
+    kwargs = {"dtype": jnp.dtype(config.dtype), **{a: f[k] for a, k in CONFIG_FIELDS[f.kind]}}
+    if f.kind == "graph" and "video" in config:
+        kwargs["grid"] = _video_grid(config)
+    return kwargs
+
+
+def _video_grid(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """The token grid of the video tower (graph fusion's spatial edges): (time, rows, columns)
+    tubelets, or a chain of frames for the factorized tower. Image towers' square grids are
+    found from the token count."""
+    v = config.video
+    if v.kind != "tubelet":
+        return (v.frames,)
+    side = config.data.image_size // config.model.image.patch_size
+    return (v.frames // v.tubelet_size, side, side)
 
 
 def build_fusion_classifier(

@@ -1,0 +1,232 @@
+"""Graph reasoning fusion: one graph over the image tokens and the text tokens, a few rounds of
+relation-typed message passing, an attention-pooled readout.
+
+Nodes: the N image tokens (patches, tubelets or a feature map's cells) and the L text tokens,
+each projected to `width` and tagged with a learned node-type embedding. Edges, by relation
+(each with its own message weights, R-GCN style):
+  - spatial: image node ↔ its neighbours on the token grid (static edge list, see `grid_edges`),
+    mean over the valid neighbours;
+  - text: every valid text node → every text node (the towers already encode word order, and a
+    complete graph keeps the text nodes exchangeable);
+  - relevance: learned soft text↔image edges recomputed every round, multi-head scaled dot
+    products of the nodes' current states; text nodes take a softmax over the image nodes,
+    image nodes a softmax over the text nodes (static shapes: every pair is an edge whose weight
+    the model learns; masked pairs weigh zero).
+Update: gated residual, h ← LayerNorm(h + σ(W_g[h; m]) ⊙ gelu(W_u[h; m])), with m the sum of
+the node's relation messages. Readout: attention pooling over the valid nodes of both kinds.
+
+The spatial relation runs as `jax.ops.segment_sum` over the edge list (`edges="segment"`) or as
+a dense masked adjacency matmul (`edges="dense"`, the default: faster at these graph sizes, see
+the README's Tasks section). Both give equal outputs.
+Relabelling nodes changes nothing: text nodes are exchangeable, and image nodes permuted
+together with their edge list (`image_edges`) permute the fused tokens only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax.models.fusion_attention import (
+    Fusion,
+    FusionOutput,
+    Streams,
+    input_projection,
+    zero_padding,
+)
+from mmjax.models.layers import LayerNorm, dense, param
+
+ACT = ("batch", "length", "act_embed")
+
+
+def grid_edges(grid: tuple[int, ...]) -> np.ndarray:
+    """int32 [E, 2] (source, destination) pairs joining each cell of a row-major grid of any
+    rank to its axis-aligned neighbours (both directions)."""
+    index = np.arange(math.prod(grid)).reshape(grid)
+    pairs = []
+    for axis in range(len(grid)):
+        a = np.moveaxis(index, axis, 0)
+        src, dst = a[:-1].ravel(), a[1:].ravel()
+        pairs += [np.stack([src, dst], 1), np.stack([dst, src], 1)]
+    if not pairs:
+        return np.zeros((0, 2), np.int32)
+    return np.concatenate(pairs).astype(np.int32)
+
+
+def square_grid(n: int) -> tuple[int, ...]:
+    """(s, s) for n = s², else (n,): a chain."""
+    s = math.isqrt(n)
+    return (s, s) if s * s == n else (n,)
+
+
+class GraphFusion(Fusion):
+    """See the module doc. pooled_BD: [B, width]; fused tokens [B, N, width], [B, L, width],
+    zero at padding. `grid`: the image tokens' grid (row-major, N = prod(grid); () = a square
+    grid of N, or a chain if N is not a square). `image_edges`: an explicit edge list in place
+    of the grid's."""
+
+    width: int
+    depth: int  # message-passing rounds
+    num_heads: int = 4  # heads of the relevance edges and of the readout
+    grid: tuple[int, ...] = ()
+    image_edges: tuple[tuple[int, int], ...] | None = None
+    edges: str = "dense"  # "dense" | "segment": how the spatial relation aggregates
+
+    def _edges(self, n: int) -> np.ndarray:
+        if self.image_edges is not None:
+            return np.asarray(self.image_edges, np.int32).reshape(-1, 2)
+        grid = tuple(self.grid) or square_grid(n)
+        if math.prod(grid) != n:
+            raise ValueError(f"GraphFusion grid {grid} does not hold the {n} image tokens")
+        return grid_edges(grid)
+
+    def _kernel(self, name: str, shape, axes) -> jax.Array:
+        return param(self, name, nn.initializers.lecun_normal(), shape, axes, self.param_dtype)
+
+    @nn.compact
+    def fuse(self, s: Streams, return_attention: bool) -> FusionOutput:
+        if self.edges not in ("dense", "segment"):
+            raise ValueError(f"GraphFusion edges must be 'dense' or 'segment', got {self.edges!r}")
+        if self.width % self.num_heads:
+            raise ValueError(f"GraphFusion width {self.width} is not divisible by {self.num_heads}")
+        n = s.image_tokens_BND.shape[1]
+        edges_E2 = self._edges(n)
+        img_valid_BN, txt_valid_BL = s.image_valid_BN, s.text_valid_BL
+        type_emb = param(
+            self,
+            "type_embedding",
+            nn.initializers.normal(0.02),
+            (2, self.width),
+            (None, "embed"),
+            self.param_dtype,
+        ).astype(self.dtype)
+        img_BND = input_projection(self, "image_proj", s.image_tokens_BND, self.width)
+        txt_BLD = input_projection(self, "text_proj", s.text_tokens_BLD, self.width)
+        img_BND = zero_padding(img_BND + type_emb[0][None, None], img_valid_BN)
+        txt_BLD = zero_padding(txt_BLD + type_emb[1][None, None], txt_valid_BL)
+        for r in range(self.depth):
+            m_img, m_txt = self._messages(f"round{r}", img_BND, txt_BLD, s, edges_E2)
+            img_BND = self._update(f"round{r}_image", img_BND, m_img, img_valid_BN)
+            txt_BLD = self._update(f"round{r}_text", txt_BLD, m_txt, txt_valid_BL)
+        nodes_BVD = jnp.concatenate([img_BND, txt_BLD], axis=1)
+        valid_BV = jnp.concatenate([img_valid_BN, txt_valid_BL], axis=1)
+        return FusionOutput(
+            self._readout(nodes_BVD, valid_BV),
+            image_tokens_BND=img_BND,
+            text_tokens_BLD=txt_BLD,
+        )
+
+    def _relation(self, name: str, x_BSD: jax.Array) -> jax.Array:
+        """The messages a relation's source nodes send: x W_name, float32 accumulation."""
+        w = self._kernel(f"{name}_kernel", (self.width, self.width), ("embed", "mlp"))
+        return dense(x_BSD, w, self.dtype, out_dtype=jnp.float32)
+
+    def _spatial(self, msg_BND: jax.Array, valid_BN: jax.Array, edges_E2: np.ndarray):
+        """Mean of the valid grid neighbours' messages, float32 [B, N, D]."""
+        n = msg_BND.shape[1]
+        msg_BND = jnp.where(valid_BN[..., None], msg_BND, 0.0)
+        src_E, dst_E = edges_E2[:, 0], edges_E2[:, 1]
+        if self.edges == "dense":
+            adj_NN = np.zeros((n, n), np.float32)  # adj[dst, src]
+            np.add.at(adj_NN, (dst_E, src_E), 1.0)
+            adj_NN = jnp.asarray(adj_NN)
+            total_BND = jnp.einsum("ts,BsD->BtD", adj_NN, msg_BND)
+            count_BN = jnp.einsum("ts,Bs->Bt", adj_NN, valid_BN.astype(jnp.float32))
+        else:  # segment_sum over the edge axis, nodes moved to the front
+            per_edge_EBD = jnp.take(jnp.moveaxis(msg_BND, 1, 0), src_E, axis=0)
+            total_BND = jnp.moveaxis(jax.ops.segment_sum(per_edge_EBD, dst_E, n), 0, 1)
+            valid_EB = jnp.take(valid_BN.T.astype(jnp.float32), src_E, axis=0)
+            count_BN = jax.ops.segment_sum(valid_EB, dst_E, n).T
+        return total_BND / jnp.maximum(count_BN, 1.0)[..., None]
+
+    def _messages(self, name, img_BND, txt_BLD, s: Streams, edges_E2):
+        """Each node's summed incoming messages (float32): image nodes from their neighbours
+        and (relevance) the text, text nodes from the text and (relevance) the image."""
+        img_valid_BN, txt_valid_BL = s.image_valid_BN, s.text_valid_BL
+        h, k = self.num_heads, self.width // self.num_heads
+        spatial_BND = self._spatial(
+            self._relation(f"{name}_spatial", img_BND), img_valid_BN, edges_E2
+        )
+        txt_msg_BLD = jnp.where(txt_valid_BL[..., None], self._relation(f"{name}_text", txt_BLD), 0)
+        count_B1 = jnp.maximum(jnp.sum(txt_valid_BL, axis=1, keepdims=True), 1)
+        text_mean_BD = jnp.sum(txt_msg_BLD, axis=1) / count_B1.astype(jnp.float32)
+        # Relevance: one score per (text, image) pair and head, from the current states.
+        q_BLHK = self._heads(f"{name}_query", txt_BLD)
+        k_BNHK = self._heads(f"{name}_key", img_BND)
+        scores_BHLN = jnp.einsum("BLHK,BNHK->BHLN", q_BLHK, k_BNHK) / math.sqrt(k)
+        pair_BLN = txt_valid_BL[:, :, None] & img_valid_BN[:, None, :]
+        to_text_BHLN = _masked_softmax(scores_BHLN, pair_BLN[:, None], axis=3)
+        to_image_BHLN = _masked_softmax(scores_BHLN, pair_BLN[:, None], axis=2)
+        v_img_BNHK = self._relation(f"{name}_image_to_text", img_BND).reshape(
+            *img_BND.shape[:2], h, k
+        )
+        v_txt_BLHK = self._relation(f"{name}_text_to_image", txt_BLD).reshape(
+            *txt_BLD.shape[:2], h, k
+        )
+        from_image_BLD = jnp.einsum("BHLN,BNHK->BLHK", to_text_BHLN, v_img_BNHK)
+        from_text_BND = jnp.einsum("BHLN,BLHK->BNHK", to_image_BHLN, v_txt_BLHK)
+        m_img_BND = spatial_BND + from_text_BND.reshape(spatial_BND.shape)
+        m_txt_BLD = text_mean_BD[:, None] + from_image_BLD.reshape(txt_msg_BLD.shape)
+        return m_img_BND, m_txt_BLD
+
+    def _heads(self, name: str, x_BSD: jax.Array) -> jax.Array:
+        h, k = self.num_heads, self.width // self.num_heads
+        w = self._kernel(f"{name}_kernel", (self.width, h, k), ("embed", "heads", "kv"))
+        return dense(x_BSD, w, self.dtype, out_dtype=jnp.float32)
+
+    def _update(self, name, x_BSD, m_BSD, valid_BS):
+        """Gated residual update, zero at padding."""
+        xm_BSI = jnp.concatenate([x_BSD, m_BSD.astype(self.dtype)], axis=-1)
+        axes = ("mlp", "embed")
+        gate_w = self._kernel(f"{name}_gate_kernel", (2 * self.width, self.width), axes)
+        gate_b = param(
+            self,
+            f"{name}_gate_bias",
+            nn.initializers.zeros,
+            (self.width,),
+            ("norm",),
+            self.param_dtype,
+        )
+        up_w = self._kernel(f"{name}_update_kernel", (2 * self.width, self.width), axes)
+        gate = jax.nn.sigmoid(dense(xm_BSI, gate_w, self.dtype, bias=gate_b, out_dtype=jnp.float32))
+        update = jax.nn.gelu(dense(xm_BSI, up_w, self.dtype, out_dtype=jnp.float32))
+        y_BSD = x_BSD.astype(jnp.float32) + gate * update
+        y_BSD = LayerNorm(self.dtype, self.param_dtype, name=f"{name}_norm")(y_BSD)
+        return nn.with_logical_constraint(zero_padding(y_BSD, valid_BS), ACT)
+
+    def _readout(self, nodes_BVD: jax.Array, valid_BV: jax.Array) -> jax.Array:
+        """Multi-head attention pooling over the valid nodes: a learned query per head."""
+        h, k = self.num_heads, self.width // self.num_heads
+        query_HK = param(
+            self,
+            "readout_query",
+            nn.initializers.normal(0.02),
+            (h, k),
+            ("heads", "kv"),
+            self.param_dtype,
+        )
+        keys_BVHK = self._heads("readout_key", nodes_BVD)
+        scores_BHV = jnp.einsum("BVHK,HK->BHV", keys_BVHK, query_HK.astype(jnp.float32))
+        weights_BHV = _masked_softmax(scores_BHV / math.sqrt(k), valid_BV[:, None], axis=2)
+        values_BVHK = nodes_BVD.astype(jnp.float32).reshape(*nodes_BVD.shape[:2], h, k)
+        pooled_BHK = jnp.einsum("BHV,BVHK->BHK", weights_BHV, values_BVHK)
+        pooled_BD = pooled_BHK.reshape(pooled_BHK.shape[0], self.width)
+        return nn.with_logical_constraint(pooled_BD.astype(self.dtype), ("batch", "act_embed"))
+
+
+def _masked_softmax(scores: jax.Array, mask: jax.Array, axis: int) -> jax.Array:
+    """Softmax over `axis` of the entries where `mask` holds; masked entries and all-masked
+    rows give zeros (a padded text node has no relevance edges). No infinities anywhere: the
+    backward pass of a sharded program stays exact."""
+    scores = jnp.where(mask, scores, 0.0)
+    top = jax.lax.stop_gradient(jnp.max(jnp.where(mask, scores, -1e30), axis=axis, keepdims=True))
+    e = jnp.where(mask, jnp.exp(scores - top), 0.0)
+    total = jnp.sum(e, axis=axis, keepdims=True)
+    return e / jnp.where(total > 0, total, 1.0)
+
+
+__all__ = ["GraphFusion", "grid_edges", "square_grid"]

@@ -1,0 +1,135 @@
+"""Graph reasoning fusion: relabelling nodes changes nothing (text nodes among themselves, image
+nodes together with their edges), padded text nodes never matter, the segment_sum and dense
+adjacency paths agree, the grid's edges, and sharded = single device."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import default
+from mmjax import parallel
+from mmjax.models.graph_fusion import GraphFusion, grid_edges, square_grid
+
+B, N, L, DV, DT = 2, 6, 5, 12, 16  # image tokens on a 2x3 grid
+GRID = (2, 3)
+
+
+def inputs(seed=0):
+    rng = np.random.default_rng(seed)
+    it = jnp.asarray(rng.normal(size=(B, N, DV)), jnp.float32)
+    tt = jnp.asarray(rng.normal(size=(B, L, DT)), jnp.float32)
+    valid = jnp.asarray(np.arange(L)[None] < np.array([[L], [3]]))
+    return it, tt, valid
+
+
+def model(**kw):
+    return GraphFusion(width=16, depth=2, num_heads=2, **{"grid": GRID, **kw})
+
+
+@functools.cache
+def params():
+    it, tt, valid = inputs()
+    return jax.jit(model().init)(jax.random.key(0), None, it, None, tt, valid)
+
+
+@functools.cache
+def _apply(**kw):
+    return jax.jit(model(**kw).apply)
+
+
+def apply(it, tt, valid, **kw):
+    return _apply(**kw)(params(), None, it, None, tt, valid)
+
+
+def test_grid_edges_join_axis_neighbours_both_ways():
+    edges = {tuple(e) for e in grid_edges((2, 3)).tolist()}
+    # 0 1 2 / 3 4 5: 3 vertical and 4 horizontal neighbour pairs, each both ways.
+    expected = {(0, 3), (1, 4), (2, 5), (0, 1), (1, 2), (3, 4), (4, 5)}
+    assert edges == expected | {(b, a) for a, b in expected}
+    assert square_grid(16) == (4, 4) and square_grid(6) == (6,)
+
+
+def test_relabelling_nodes_changes_nothing():
+    it, tt, valid = inputs()
+    ref = apply(it, tt, valid)
+    # Text nodes: permute the real tokens of each row among themselves.
+    perm_text = np.array([[4, 2, 0, 3, 1], [2, 0, 1, 3, 4]])
+    tt_p = jnp.take_along_axis(tt, perm_text[..., None], axis=1)
+    out = apply(it, tt_p, valid)
+    np.testing.assert_allclose(out.pooled_BD, ref.pooled_BD, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        out.text_tokens_BLD,
+        jnp.take_along_axis(ref.text_tokens_BLD, perm_text[..., None], axis=1),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    # Image nodes: new labels, the grid's edges relabelled alike.
+    perm = np.array([4, 0, 5, 2, 1, 3])  # new node j is old node perm[j]
+    new_label = np.argsort(perm)
+    edges = tuple(map(tuple, new_label[grid_edges(GRID)].tolist()))
+    out = apply(it[:, perm], tt, valid, image_edges=edges)
+    np.testing.assert_allclose(out.pooled_BD, ref.pooled_BD, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        out.image_tokens_BND, ref.image_tokens_BND[:, perm], rtol=1e-5, atol=1e-6
+    )
+    # ... but the edges matter: the permuted nodes on the unpermuted grid give another output.
+    other = apply(it[:, perm], tt, valid)
+    assert np.abs(np.asarray(other.pooled_BD - ref.pooled_BD)).max() > 1e-3
+
+
+def test_padded_text_nodes_never_matter_and_both_edge_paths_agree():
+    it, tt, valid = inputs()
+    ref = apply(it, tt, valid)
+    noise = jnp.asarray(100 * np.random.default_rng(1).normal(size=tt.shape), jnp.float32)
+    out = apply(it, jnp.where(valid[..., None], tt, noise), valid)
+    for a, b in zip(ref[:3], out[:3], strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    assert np.all(np.asarray(out.text_tokens_BLD)[1, 3:] == 0)
+    # More padding (longer rows) changes nothing either.
+    longer = apply(it, jnp.pad(tt, ((0, 0), (0, 3), (0, 0))), jnp.pad(valid, ((0, 0), (0, 3))))
+    np.testing.assert_allclose(longer.pooled_BD, ref.pooled_BD, rtol=1e-5, atol=1e-6)
+    segment = apply(it, tt, valid, edges="segment")
+    for a, b in zip(ref[:3], segment[:3], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.multidevice
+def test_sharded_equals_single_device():
+    """Data x tensor parallel (heads and relation outputs over `tensor`). On an FSDP mesh
+    (data=2 x fsdp=2 x tensor=2) the forward pass agrees but the input gradients of rows with
+    padded text differ by up to ~0.1 on XLA CPU: not yet explained, see the README."""
+    it, tt, valid = inputs()
+    it, tt, valid = (jnp.concatenate([x, x[::-1]]) for x in (it, tt, valid))  # batch 4
+    cot = jnp.asarray(np.random.default_rng(6).normal(size=(4, 16)), jnp.float32)
+    m = model()
+
+    def loss(p, it, tt):
+        out = m.apply({"params": p}, None, it, None, tt, valid)
+        return jnp.sum(out.pooled_BD * cot) + jnp.sum(out.image_tokens_BND**2)
+
+    grad = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))
+    key = jax.random.key(0)
+    init = lambda k: nn.unbox(m.init(k, None, it, None, tt, valid))["params"]
+    single = grad(jax.jit(init)(key), it, tt)
+    mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=4, fsdp=1, tensor=2)))
+    rules = tuple(default.get_config().rules)
+    abstract = jax.eval_shape(lambda k: m.init(k, None, it, None, tt, valid)["params"], key)
+    shardings = parallel.logical_shardings(
+        nn.unbox(abstract), nn.get_partition_spec(abstract), mesh, rules
+    )
+    p = jax.jit(init, out_shardings=shardings)(key)
+    kernel = p["round0_spatial_kernel"]  # (embed, mlp)
+    assert kernel.sharding.spec[1] == "tensor"
+    batch = parallel.batch_sharding(mesh, rules)
+    it_s, tt_s = (jax.device_put(x, batch) for x in (it, tt))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        sharded = grad(p, it_s, tt_s)
+    flat_single, flat_sharded = jax.tree.leaves(single), jax.tree.leaves(sharded)
+    assert len(flat_single) > 20
+    for a, b in zip(flat_single, flat_sharded, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
