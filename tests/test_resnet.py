@@ -173,3 +173,17 @@ def test_resnet_step_flops_equal_the_analytic_count():
             trainer.abstract_state.model_state,
         )
     assert traced == analytic.train_step_flops(config, config.batch_size)
+
+
+def test_an_objective_without_model_state_refuses_batchnorm():
+    """Captioning's objective does not carry BatchNorm statistics: the trainer says so before
+    compiling (shapes only are traced)."""
+    from configs import captioning
+    from tests.conftest import tiny
+
+    config = tiny(captioning.get_config())
+    config.data.image_size = SIZE
+    config.model.image.update(kind="resnet", layers=(1, 1, 1, 1), resnet_width=8)
+    mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
+    with pytest.raises(ConfigError, match=r"cannot train a model with state.*norm=group"):
+        build_trainer(get_task(config.task), config, mesh, VOCAB)
