@@ -30,7 +30,7 @@ from mmjax.data import pipeline, sources
 from mmjax.errors import ConfigError
 from mmjax.eval.embed import EvalImages, jit_encoder, predict_all
 from mmjax.losses import vq
-from mmjax.models.vqvae import VQVAE, build_vqvae, grid_size, to_pixels
+from mmjax.models.vqvae import VQVAE, build_vqvae, to_pixels
 from mmjax.tasks.contrastive import EVAL_SETTINGS
 from mmjax.train import pretrained
 from mmjax.train.task import Task, headline
@@ -202,7 +202,8 @@ def load_image_tokenizer(workdir: str, setting: str = "image_tokenizer_from") ->
     """(model, variables) of the image tokenizer run in `workdir`: its config.json and newest
     checkpoint's parameters (host arrays; `mmjax.train.pretrained.read_params`). ConfigError,
     naming `setting` and the command that makes one, for a workdir that does not exist, is not
-    an image_tokenizer run or has no checkpoint yet. Grid: `grid_size(config)` per side."""
+    an image_tokenizer run or has no checkpoint yet. Tokens per image side: the data's image size
+    / `model.downsample` (`vqvae.grid_size(config)`)."""
     workdir = os.path.abspath(workdir)
     make = MAKE_ONE.format(workdir)
     if not os.path.isdir(workdir):
@@ -217,11 +218,6 @@ def load_image_tokenizer(workdir: str, setting: str = "image_tokenizer_from") ->
         )
     _, params = pretrained.read_params(workdir, setting)
     return build_vqvae(config), {"params": params}
-
-
-def tokenizer_grid(workdir: str) -> int:
-    """Tokens per image side of the tokenizer run in `workdir` (reads only its config.json)."""
-    return grid_size(_config_of(os.path.abspath(workdir), MAKE_ONE.format(workdir)))
 
 
 TASK = ImageTokenizerTask()
