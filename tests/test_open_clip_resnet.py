@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from mmjax.interop import open_clip as oc
+from tests.test_open_clip_interop import inputs, rel
+from tests.test_open_clip_interop import reference as vit_reference
 
 pytestmark = pytest.mark.interop
 torch = pytest.importorskip("torch", reason="needs the interop extra: pip install -e '.[interop]'")
@@ -32,35 +34,16 @@ SMALL_RN = {
 
 
 def reference(cfg, seed=0):
-    """open_clip's model in eval mode, every weight and BatchNorm statistic moved off its init
-    (zero-initialised last BatchNorm scales, zero means, unit variances)."""
-    torch.manual_seed(seed)
-    model = open_clip.CLIP(**cfg).eval()
+    """open_clip's model in eval mode, every weight (`test_open_clip_interop.reference`) and
+    BatchNorm statistic moved off its init (zero means, unit variances)."""
+    model = vit_reference(cfg, seed)
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
         for name, b in model.named_buffers():
             if name.endswith("running_mean"):
                 b.copy_(0.1 * torch.randn_like(b))
             elif name.endswith("running_var"):
                 b.copy_(0.5 + torch.rand_like(b))
     return model
-
-
-def inputs(cfg, batch=3, seed=0):
-    rng = np.random.default_rng(seed)
-    size = cfg["vision_cfg"]["image_size"]
-    length, vocab = cfg["text_cfg"]["context_length"], cfg["text_cfg"]["vocab_size"]
-    images = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
-    tokens = np.zeros((batch, length), np.int64)
-    for i, n in enumerate([3, length, 7][:batch]):
-        tokens[i, :n] = rng.integers(1, vocab - 1, n)
-        tokens[i, n - 1] = vocab - 1  # EOT: the largest id
-    return images, tokens
-
-
-def rel(a, b):
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.mark.parametrize("image_size", [64, 96])
