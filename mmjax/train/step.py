@@ -41,6 +41,8 @@ def train_step(
     `StatefulObjective`; its new state is kept exactly when the update is applied."""
     new_model_state = state.model_state
     if state.model_state:  # (a static fact: the state's structure)
+        if microbatches != 1:  # (configs refuse it first: see models.resnet.check_resnet_config)
+            raise ValueError("GradCache microbatches cannot train a model with state")
         stateful = lambda p: _loss_and_aux(
             objective.with_state(p, state.model_state, batch, state.step)
         )
