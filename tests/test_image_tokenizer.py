@@ -149,6 +149,7 @@ def one_step(config, devices):
     return jax.device_get(m), jax.device_get(state.params)
 
 
+@pytest.mark.slow  # two train-step compiles (~19 s): like tests/test_sharding.py's
 @pytest.mark.multidevice
 def test_sharded_step_equals_single_device():
     config = tiny_config()
