@@ -5,8 +5,8 @@ Prompt i names held-out pair i mod 8 with a size and position drawn from a gener
 i (the canonical caption, e.g. "a small purple hexagon on the left"); every prompt is sampled
 `samples` times. The judge (`image_judge`, not the generator) reads each image's attributes;
 the accuracy of each is the fraction of samples that show what the prompt asked for.
-`task/score` is the mean of the colour and position accuracies (the attributes the pixels
-measure directly), `task/chance` the same mean for guessing (1/8, 1/9).
+`score` is the mean of the colour and position accuracies (the attributes the pixels measure
+directly; the task's `task/score`), `CHANCE` the same mean for guessing (1/8, 1/9).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from mmjax.eval import image_judge
 from mmjax.eval.embed import jit_encoder, predict_all
 from mmjax.models.image_sampling import Sampling
 from mmjax.models.text_to_image import TextToImage, generate
-from mmjax.train.task import headline
 
 SCORED = ("color", "position")
 CHANCE = float(np.mean([image_judge.CHANCE[a] for a in SCORED]))
@@ -77,8 +76,8 @@ def judged(images_MSS3: np.ndarray, wanted: dict[str, np.ndarray]) -> dict[str, 
 
 
 class HeldoutEvaluator:
-    """`params -> {text_to_image/<attribute>: accuracy, task/score, task/chance}` over
-    `prompts` held-out prompts × `samples` samples each (no reranking: every sample counts)."""
+    """`params -> {text_to_image/<attribute>: accuracy}` over `text_to_image.eval_prompts`
+    held-out prompts × `eval_samples` samples each (no reranking: every sample counts)."""
 
     def __init__(self, config, model: TextToImage, sharding, tokenizer):
         t2i = config.text_to_image
@@ -95,6 +94,9 @@ class HeldoutEvaluator:
     def __call__(self, params) -> dict[str, float]:
         images = self._generate(params, self._tokens, self._seed)
         hits = judged(images, self._wanted)
-        out = {f"text_to_image/{a}": float(np.mean(v)) for a, v in hits.items()}
-        score = float(np.mean([out[f"text_to_image/{a}"] for a in SCORED]))
-        return {**out, **headline(score, CHANCE)}
+        return {f"text_to_image/{a}": float(np.mean(v)) for a, v in hits.items()}
+
+
+def score(metrics: dict[str, float]) -> float:
+    """The mean accuracy of the SCORED attributes in `HeldoutEvaluator`'s metrics."""
+    return float(np.mean([metrics[f"text_to_image/{a}"] for a in SCORED]))

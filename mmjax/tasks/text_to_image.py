@@ -27,12 +27,13 @@ import numpy as np
 from mmjax import losses
 from mmjax.data import pipeline
 from mmjax.errors import ConfigError
+from mmjax.eval import generated_images
 from mmjax.eval.generated_images import HeldoutEvaluator, sampling_of
 from mmjax.models.image_prior import TextImagePrior
 from mmjax.models.text_to_image import TextToImage
 from mmjax.tasks.contrastive_objective import weigh
 from mmjax.train import pretrained
-from mmjax.train.task import Task
+from mmjax.train.task import Task, headline
 from mmjax.train.validate import refuse_overrides
 
 MAKE_TOKENIZER = "python train.py --config configs/image_tokenizer.py --workdir WORKDIR"
@@ -196,7 +197,13 @@ class TextToImageTask(Task):
         )
 
     def evaluator(self, config, model, batch_sharding):
-        return HeldoutEvaluator(config, model, batch_sharding, self.tokenizer(config))
+        judge = HeldoutEvaluator(config, model, batch_sharding, self.tokenizer(config))
+
+        def evaluate(params):
+            out = judge(params)
+            return {**out, **headline(generated_images.score(out), generated_images.CHANCE)}
+
+        return evaluate
 
 
 TASK = TextToImageTask()
