@@ -26,9 +26,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.image.depth = 3
     c.model.text.depth = 2
     # kind: early_concat | late_concat | gmu | tensor | low_rank | cross_attention |
-    # co_attention | bottleneck (mmjax/models/fusion.py). width: the fused width (pooled
-    # fusions' output, early_concat/bottleneck's stream); depth/num_heads/mlp_dim: the
-    # fusion's own Transformer layers (late_concat: mlp_dim is its hidden width); rank_dim:
+    # co_attention | bottleneck | graph (mmjax/models/fusion.py). width: the fused width (pooled
+    # fusions' output, early_concat/bottleneck's stream, graph's nodes); depth/num_heads/mlp_dim:
+    # the fusion's own Transformer layers (late_concat: mlp_dim is its hidden width; graph:
+    # depth message-passing rounds, num_heads relevance and readout heads); rank_dim:
     # tensor fusion's per-modality projection; rank: low-rank fusion's rank.
     c.model.fusion = ml_collections.ConfigDict(
         dict(
