@@ -91,3 +91,11 @@ def test_ctc_loss_is_the_optax_loss_per_target_token_and_ignores_eot_and_padding
     label_pad = jnp.asarray([[0, 0, 0, 1], [0, 1, 1, 1]], jnp.float32)
     nll = optax.ctc_loss(logits, jnp.zeros((2, 12)), labels, label_pad, blank_id=0)
     assert float(got) == pytest.approx(float(nll.sum() / 4), rel=1e-5)
+
+
+def test_ctc_collapse_merges_repeats_then_drops_blanks():
+    from mmjax.models.speech import ctc_collapse
+
+    assert ctc_collapse(np.array([0, 5, 5, 0, 5, 6, 6, 0, 0]), blank=0) == [5, 5, 6]
+    assert ctc_collapse(np.array([7, 7, 7]), blank=0) == [7]
+    assert ctc_collapse(np.array([0, 0]), blank=0) == []

@@ -221,6 +221,20 @@ def clip_samples(config: ml_collections.ConfigDict) -> int:
     return round(config.speech.max_seconds * config.speech.sample_rate)
 
 
+def ctc_greedy(model: SpeechToText, params, audio_BN) -> jax.Array:
+    """int32 [B, A]: the CTC head's most likely id per audio token (collapse with
+    `ctc_collapse`). No decoder, so no language-model prior over the transcript."""
+    apply = lambda *args, **kw: model.apply({"params": params}, *args, **kw)
+    audio_BAD = apply(apply(audio_BN, method=SpeechToText.features), method=SpeechToText.encode)
+    return jnp.argmax(apply(audio_BAD, method=SpeechToText.ctc_logits), axis=-1)
+
+
+def ctc_collapse(ids_A: np.ndarray, blank: int) -> list[int]:
+    """The CTC labelling of a frame-wise path: repeats merged, then blanks dropped."""
+    ids = np.asarray(ids_A).tolist()
+    return [t for i, t in enumerate(ids) if t != blank and (i == 0 or t != ids[i - 1])]
+
+
 def transcribe(
     model: SpeechToText,
     params,

@@ -6,10 +6,12 @@ cross-attention (`mmjax.models.speech`), trained on the decoder's next-token cro
 `train/loss/ctc`.
 
 Reported on the validation split (held-out voices, speaking rates and shape–colour
-compositions): `speech/cer_greedy`, `speech/cer_beam`, `speech/wer_greedy`, `speech/wer_beam`
-and per language `speech/cer_<en|zh>` (beam). `task/score` is the beam CER — LOWER is better —
-and `task/chance` the CER of the best blind transcriber, which writes the most frequent
-training transcript for every clip, or nothing if that scores better.
+compositions): `speech/cer_greedy`, `speech/cer_beam`, `speech/wer_greedy`, `speech/wer_beam`,
+per language `speech/cer_<en|zh>` (beam), and with a CTC head `speech/cer_ctc`, `speech/wer_ctc`
+(its greedy path, collapsed: the encoder alone, without the decoder's language-model prior).
+`task/score` is the beam CER — LOWER is better — and `task/chance` the CER of the best blind
+transcriber, which writes the most frequent training transcript for every clip, or nothing if
+that scores better.
 """
 
 from __future__ import annotations
@@ -28,7 +30,14 @@ from mmjax.eval.edit_distance import cer, wer
 from mmjax.eval.embed import jit_encoder, predict_all
 from mmjax.losses.ctc import ctc_loss
 from mmjax.models import audio_features
-from mmjax.models.speech import SpeechToText, build_speech_model, clip_samples, transcribe
+from mmjax.models.speech import (
+    SpeechToText,
+    build_speech_model,
+    clip_samples,
+    ctc_collapse,
+    ctc_greedy,
+    transcribe,
+)
 from mmjax.train.task import Task, headline
 
 LANGUAGE = {"speech": "en", "speech_zh": "zh"}
@@ -189,11 +198,19 @@ class SpeechEvaluator:
             return jit_encoder(decode, sharding)
 
         self._greedy, self._beam = decoder(1), decoder(config.speech.beam_size)
+        self._ctc = None
+        if config.speech.ctc_weight > 0:
+            self._ctc = jit_encoder(
+                lambda params, audio: ctc_greedy(model, params, audio), sharding
+            )
 
     def transcripts(self, params, beam: bool = True) -> list[str]:
         fn = self._beam if beam else self._greedy
         ids = predict_all(fn, params, self.audio, self.config.eval.batch_size, self.sharding)
-        return [speech.normalize_transcript(self.tokenizer.decode(row)) for row in ids]
+        return [self._text(row) for row in ids]
+
+    def _text(self, ids) -> str:
+        return speech.normalize_transcript(self.tokenizer.decode(ids))
 
     def __call__(self, params) -> dict:
         greedy = self.transcripts(params, beam=False)
@@ -205,6 +222,13 @@ class SpeechEvaluator:
             "speech/wer_greedy": wer(greedy, refs),
             "speech/wer_beam": wer(beam, refs),
         }
+        if self._ctc is not None:  # the encoder alone: no language-model prior
+            ids = predict_all(
+                self._ctc, params, self.audio, self.config.eval.batch_size, self.sharding
+            )
+            pad, eot = self.tokenizer.pad_id, self.tokenizer.eot_id
+            ctc = [self._text([*ctc_collapse(row, pad), eot]) for row in ids]
+            out["speech/cer_ctc"], out["speech/wer_ctc"] = cer(ctc, refs), wer(ctc, refs)
         for lang in sorted(set(self.languages.tolist())):
             rows = np.flatnonzero(self.languages == lang)
             out[f"speech/cer_{lang}"] = cer([beam[i] for i in rows], [refs[i] for i in rows])
