@@ -25,8 +25,7 @@ def sinusoids(length: int, width: int) -> np.ndarray:
     """float32 [length, width]: Whisper's fixed audio positions (sines then cosines at
     geometrically spaced timescales from 1 to 10,000 tokens). Fixed rather than learned: at unit
     scale from the first step, so attention keeps the frames' order, which the CTC alignment
-    and the decoder's cross-attention both need (learned positions initialised small trained
-    markedly slower here)."""
+    and the decoder's cross-attention both need."""
     half = width // 2
     scales = np.exp(-np.log(10_000.0) * np.arange(half) / max(half - 1, 1))
     angles = np.arange(length)[:, None] * scales[None]
