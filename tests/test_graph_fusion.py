@@ -28,7 +28,7 @@ def inputs(seed=0):
 
 
 def model(**kw):
-    return GraphFusion(width=16, depth=2, num_heads=2, **{"grid": GRID, **kw})
+    return GraphFusion(**{"width": 16, "depth": 2, "num_heads": 2, "grid": GRID, **kw})
 
 
 @functools.cache
@@ -106,7 +106,7 @@ def test_sharded_equals_single_device():
     it, tt, valid = inputs()
     it, tt, valid = (jnp.concatenate([x, x[::-1]]) for x in (it, tt, valid))  # batch 4
     cot = jnp.asarray(np.random.default_rng(6).normal(size=(4, 16)), jnp.float32)
-    m = model()
+    m = model(depth=1)
 
     def loss(p, it, tt):
         out = m.apply({"params": p}, None, it, None, tt, valid)
