@@ -133,6 +133,7 @@ RECIPE_OF_TASK = {
     "video_qa": "video_qa",
     "image_tokenizer": "image_tokenizer",
     "text_to_image": "text_to_image",
+    "speech_to_text": "speech_to_text",
 }
 
 
