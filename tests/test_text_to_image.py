@@ -3,10 +3,8 @@ guidance, top-k/top-p, the loss, the judge, sharded = single device, bad setting
 generate command's errors (fast); exact resume and `python -m mmjax.generate` end to end (slow).
 """
 
-import glob
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -25,7 +23,6 @@ from mmjax import generate, losses, parallel
 from mmjax.errors import ConfigError
 from mmjax.eval import image_judge
 from mmjax.main import train
-from mmjax.metrics import read_metrics
 from mmjax.models.image_prior import TextImagePrior
 from mmjax.models.image_sampling import Sampling, filter_logits, sample_codes
 from mmjax.models.vqvae import build_vqvae
@@ -34,6 +31,7 @@ from mmjax.train.step import NO_CEILING
 from mmjax.train.trainer import build_trainer
 from mmjax.train.validate import validate_config
 from tests.conftest import tiny
+from tests.test_tasks import assert_resumes_exactly
 
 TEXT_VOCAB, CODES, L, N = 16, 8, 5, 6
 
@@ -274,22 +272,7 @@ def tokenizer_run(tmp_path_factory, data_dir):
 
 @pytest.mark.slow
 def test_task_run_resumes_exactly(tmp_path, data_dir, tokenizer_run):
-    def config():
-        c = tiny_t2i(data_dir, tokenizer_run)
-        c.total_steps, c.checkpoint_every, c.keep_checkpoints = 4, 2, 3
-        return c
-
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    first = train(config(), str(full))
-    shutil.copytree(full, resumed)
-    for name in ["metrics.jsonl", "summary.json"]:
-        os.remove(resumed / name)
-    for step_dir in glob.glob(str(resumed / "checkpoints" / "4")):
-        shutil.rmtree(step_dir)
-    second = train(config(), str(resumed))
-    losses_of = lambda w: [r["train/loss"] for r in read_metrics(str(w)) if "train/loss" in r]
-    assert losses_of(resumed) == losses_of(full)[2:]
-    assert second["task/score"] == first["task/score"]
+    first = assert_resumes_exactly(lambda: tiny_t2i(data_dir, tokenizer_run), tmp_path)
     assert first["task/metric_name"] == "color_position" and 0 < first["task/chance"] < 0.2
 
 
