@@ -89,21 +89,18 @@ def test_every_fusion_classifies_from_both_modalities(kind):
     params = nn.unbox(model.init(jax.random.key(0), images, tokens)["params"])
     # The head starts at zero (uniform predictions); give it weights so gradients reach the towers.
     params["head_kernel"] = jax.random.normal(jax.random.key(2), params["head_kernel"].shape)
-    logits = model.apply({"params": params}, images, tokens)
+    # jit: eager op-by-op dispatch of the deeper fusions costs seconds per call.
+    apply = jax.jit(lambda p, t: model.apply({"params": p}, images, t))
+    logits = apply(params, tokens)
     assert logits.shape == (3, 5) and logits.dtype == jnp.float32
 
-    def loss(p):
-        return jnp.sum(model.apply({"params": p}, images, tokens) ** 2)
-
-    grads = jax.grad(loss)(params)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(apply(p, tokens) ** 2)))(params)
     for tower in ("image", "text"):
         norm = optax_norm(grads[tower])
         assert norm > 0, f"{kind}: no gradient reaches the {tower} tower"
     # Padding is masked: extra pad tokens change nothing.
     padded = jnp.pad(tokens, ((0, 0), (0, 3)))
-    np.testing.assert_allclose(
-        model.apply({"params": params}, images, padded), logits, rtol=1e-5, atol=1e-5
-    )
+    np.testing.assert_allclose(apply(params, padded), logits, rtol=1e-5, atol=1e-5)
 
 
 def optax_norm(tree):
