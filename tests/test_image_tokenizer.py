@@ -12,6 +12,7 @@ import optax
 import pytest
 
 from configs import image_tokenizer as recipe
+from mmjax import config as base
 from mmjax import parallel
 from mmjax.data import sources
 from mmjax.errors import ConfigError
@@ -31,6 +32,7 @@ SIZE = 16  # 16 px through two stride-2 levels: a 4x4 grid
 
 def tiny_config(data_dir=None) -> ml_collections.ConfigDict:
     c = tiny(recipe.get_config(), data_dir, image_size=SIZE)
+    c.model = base.get_config().model  # the towers tiny() shrinks are not this task's model
     c.vqvae.update(codebook_size=16, code_dim=4, channels=(8, 16), res_blocks=1)
     c.optim.warmup_steps = 1
     return c
@@ -146,6 +148,9 @@ def one_step(config, devices):
         state, m = trainer.step(
             state, parallel.global_batch(batch, trainer.batch_sharding), NO_CEILING
         )
+    kernel = state.params["encoder"]["down1"]["kernel"]  # (3, 3, conv_in, embed)
+    fsdp = mesh.shape["fsdp"]
+    assert kernel.addressable_shards[0].data.shape[-1] == kernel.shape[-1] // fsdp
     return jax.device_get(m), jax.device_get(state.params)
 
 
@@ -155,7 +160,8 @@ def test_sharded_step_equals_single_device():
     config = tiny_config()
     config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
     single_metrics, single_params = one_step(config, jax.devices()[:1])
-    config.mesh = ml_collections.ConfigDict(dict(data=8, fsdp=1, tensor=1))
+    # FSDP shards every conv's output channels (and their Adam moments).
+    config.mesh = ml_collections.ConfigDict(dict(data=2, fsdp=4, tensor=1))
     sharded_metrics, sharded_params = one_step(config, jax.devices())
     # The code counts (hence dead codes and restart targets) are over the global batch; fp32
     # reductions reorder across devices: 1e-5 relative (1e-6 absolute) is the contract.
@@ -176,6 +182,7 @@ def test_sharded_step_equals_single_device():
         ({"vqvae.commitment": -1.0}, "vqvae.commitment=-1.0 must be >= 0"),
         ({"vqvae.codebook_size": 1}, "must be >= 2"),
         ({"eval.tasks": ("zeroshot:shapes",)}, "evaluates reconstructions"),
+        ({"model.embed_dim": 64}, "configured by vqvae"),
     ],
 )
 def test_bad_settings_are_refused_before_building(change, message):

@@ -56,7 +56,8 @@ def to_pixels(images_BHWC: jax.Array) -> jax.Array:
 
 
 class Conv(Precision):
-    """A square conv, SAME padding, with a bias; kernel axes (None, None, conv_in, conv_out)."""
+    """A square conv, SAME padding, with a bias. Kernel axes (None, None, conv_in, embed): the
+    output channels shard over `fsdp` by the default rules, as the ResNet tower's do."""
 
     channels: int
     kernel: int = 3
@@ -68,7 +69,7 @@ class Conv(Precision):
         init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
         shape = (self.kernel, self.kernel, c_in, self.channels)
         kernel = param(
-            self, "kernel", init, shape, (None, None, "conv_in", "conv_out"), self.param_dtype
+            self, "kernel", init, shape, (None, None, "conv_in", "embed"), self.param_dtype
         )
         bias = param(
             self, "bias", nn.initializers.zeros, (self.channels,), ("norm",), self.param_dtype

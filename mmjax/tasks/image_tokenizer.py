@@ -89,6 +89,8 @@ class ImageTokenizerTask(Task):
     def validate(self, config):
         why = f"task={self.name} evaluates reconstructions and trains no towers"
         refuse_overrides(config, (*EVAL_SETTINGS, "init_towers_from"), why)
+        # Its network is configured by `vqvae.*`; a tower setting would be silently ignored.
+        refuse_overrides(config, ("model",), f"task={self.name} is configured by vqvae.*")
         kind = sources.BUILTIN.get(config.data.name, "image_text")
         if kind != "image_text":
             raise ConfigError(
