@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from mmjax.bench import flops
+from mmjax.bench import flops, train_report
 from mmjax.bench.__main__ import main
 from mmjax.interop.open_clip_config import (
     load_open_clip_config,
@@ -205,3 +205,15 @@ def test_vs_open_clip_runs_each_peer_setting_in_its_own_process(tmp_path, capsys
     assert r["best_vs_best"]["speedup"] > 0
     with pytest.raises(ValueError, match="peer setting"):
         main([*args, "--vs-open-clip", "--peer-settings", "fp8"])
+
+
+def test_report_describes_a_resnet_tower_by_its_stages(capsys):
+    """A ResNet has no patches or depth: the report names its stages, stem width and norm."""
+    rn = {**VIT_B_16, "vision_cfg": {"image_size": 224, "layers": [3, 4, 6, 3], "width": 64}}
+    config, vocab = mmjax_config_from_open_clip(rn)
+    record = train_report.model_record("RN50", "open_clip", config, vocab)
+    assert record["image_kind"] == "resnet" and record["image_layers"] == [3, 4, 6, 3]
+    assert record["image_width"] == 64 and "patch_size" not in record
+    vit = train_report.model_record("B16", "open_clip", mmjax_config_from_open_clip(VIT_B_16)[0], 1)
+    assert vit["image_kind"] == "vit" and vit["patch_size"] == 16 and vit["image_depth"] == 12
+    assert "blocks (3, 4, 6, 3), stem width 64" in train_report._image_tower(record)

@@ -21,9 +21,10 @@ Devices: on CPU one device (fake host devices split the same cores, so more of t
 partitioning overhead, not speed); on accelerators all devices, batch split over a data mesh.
 
 `--json` prints one object whose keys are:
-  model: {name, source, loss, image_size, patch_size, image_width, image_depth, image_heads,
-          image_mlp, text_length, text_width, text_depth, text_heads, text_mlp, vocab_size,
-          embed_dim}
+  model: {name, source, loss, image_size, image_kind, image_width, image_heads, text_length,
+          text_width, text_depth, text_heads, text_mlp, vocab_size, embed_dim} and, for a ViT
+          (image_kind "vit"), patch_size, image_depth, image_mlp; for a ResNet, image_layers
+          (blocks per stage), image_norm (image_width: its stem width)
   batch: global batch size;  steps, warmup, rounds: as given
   platform, devices: backend of the mmjax variants and how many devices they use
   cpu_count, other_cpu_load: cores that other processes kept busy while this one timed (null
@@ -259,28 +260,6 @@ def variant_record(v: Variant, batch: int, model_flops: int, peak_per_device: fl
     }
 
 
-def model_record(name: str, source: str, config, vocab: int) -> dict:
-    img, txt = config.model.image, config.model.text
-    return {
-        "name": name,
-        "source": source,
-        "loss": config.loss,
-        "image_size": config.data.image_size,
-        "patch_size": img.patch_size,
-        "image_width": img.width,
-        "image_depth": img.depth,
-        "image_heads": img.num_heads,
-        "image_mlp": img.mlp_dim,
-        "text_length": config.data.text_length,
-        "text_width": txt.width,
-        "text_depth": txt.depth,
-        "text_heads": txt.num_heads,
-        "text_mlp": txt.mlp_dim,
-        "vocab_size": vocab,
-        "embed_dim": config.model.embed_dim,
-    }
-
-
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -361,7 +340,7 @@ def run(args: argparse.Namespace) -> dict:
     step_flops = per_sample["train_per_step"]
     records = [variant_record(v, batch, step_flops, peak[peak_dtype(v)]) for v in variants]
     result = {
-        "model": model_record(name, source, config, vocab),
+        "model": train_report.model_record(name, source, config, vocab),
         "batch": batch,
         "steps": args.steps,
         "warmup": args.warmup,

@@ -8,14 +8,51 @@ def _g(x: float | None, unit: str = "") -> str:
     return "n/a" if x is None else f"{x / 1e9:.3g} G{unit}"
 
 
+def model_record(name: str, source: str, config, vocab: int) -> dict:
+    """The `model` object of the report: the fields that describe the benchmarked towers (a
+    ResNet image tower has stages and a stem width where a ViT has patches and depth)."""
+    img, txt = config.model.image, config.model.text
+    image = {"image_kind": img.kind, "image_width": img.width, "image_heads": img.num_heads}
+    if img.kind == "resnet":
+        image.update(
+            image_layers=list(img.layers), image_width=img.resnet_width, image_norm=img.norm
+        )
+    else:
+        image.update(patch_size=img.patch_size, image_depth=img.depth, image_mlp=img.mlp_dim)
+    return {
+        "name": name,
+        "source": source,
+        "loss": config.loss,
+        "image_size": config.data.image_size,
+        **image,
+        "text_length": config.data.text_length,
+        "text_width": txt.width,
+        "text_depth": txt.depth,
+        "text_heads": txt.num_heads,
+        "text_mlp": txt.mlp_dim,
+        "vocab_size": vocab,
+        "embed_dim": config.model.embed_dim,
+    }
+
+
+def _image_tower(m: dict) -> str:
+    if m["image_kind"] == "resnet":
+        return (
+            f"ResNet {m['image_size']}px, blocks {tuple(m['image_layers'])}, stem width "
+            f"{m['image_width']}, {m['image_norm']} norm, attention pool {m['image_heads']} heads"
+        )
+    return (
+        f"ViT {m['image_size']}px/{m['patch_size']} {m['image_depth']}x{m['image_width']} "
+        f"({m['image_heads']} heads, mlp {m['image_mlp']})"
+    )
+
+
 def print_report(r: dict) -> None:
     m, f = r["model"], r["model_flops_per_sample"]
     print(
-        f"model {m['name']} ({m['source']}, {m['loss']} loss): image {m['image_size']}px/"
-        f"{m['patch_size']} {m['image_depth']}x{m['image_width']} ({m['image_heads']} heads, mlp "
-        f"{m['image_mlp']}); text ctx {m['text_length']} {m['text_depth']}x{m['text_width']} "
-        f"({m['text_heads']} heads, mlp {m['text_mlp']}, vocab {m['vocab_size']}); embed "
-        f"{m['embed_dim']}"
+        f"model {m['name']} ({m['source']}, {m['loss']} loss): image {_image_tower(m)}; text ctx "
+        f"{m['text_length']} {m['text_depth']}x{m['text_width']} ({m['text_heads']} heads, mlp "
+        f"{m['text_mlp']}, vocab {m['vocab_size']}); embed {m['embed_dim']}"
     )
     print(
         f"batch {r['batch']} on {r['devices']} {r['platform']} device(s); {r['rounds']} rounds x "
