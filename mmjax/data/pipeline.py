@@ -253,6 +253,20 @@ def iterate(
     return iter(ds.to_iter_dataset(options))
 
 
+def caption_batches(
+    config: ml_collections.ConfigDict, process_index: int, process_count: int
+) -> grain.DatasetIterator:
+    """`train_iterator` of a run's config (its data, seed and global batch): the image–caption
+    batches every task that trains on captioned images reads."""
+    return train_iterator(
+        config.data,
+        seed=config.seed,
+        global_batch_size=config.batch_size,
+        process_index=process_index,
+        process_count=process_count,
+    )
+
+
 def train_iterator(
     data_cfg: ml_collections.ConfigDict,
     *,

@@ -188,13 +188,7 @@ class TextToImageTask(Task):
         )
 
     def train_iterator(self, config, process_index, process_count):
-        return pipeline.train_iterator(
-            config.data,
-            seed=config.seed,
-            global_batch_size=config.batch_size,
-            process_index=process_index,
-            process_count=process_count,
-        )
+        return pipeline.caption_batches(config, process_index, process_count)
 
     def evaluator(self, config, model, batch_sharding):
         judge = HeldoutEvaluator(config, model, batch_sharding, self.tokenizer(config))
