@@ -190,10 +190,7 @@ def validate_towers(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"model.activation={m.activation!r} is unknown; use one of {', '.join(ACTIVATIONS)}"
         )
-    if m.image.get("kind", "vit") not in IMAGE_KINDS:
-        raise ConfigError(
-            f"model.image.kind={m.image.kind!r} is unknown; use one of {', '.join(IMAGE_KINDS)}"
-        )
+    _check_kind("model.image.kind", m.image.get("kind", "vit"), IMAGE_KINDS)
     if m.image.get("kind", "vit") == "resnet":
         check_resnet_config(config)
     # Sizes first: the divisibility checks below would divide by them.
@@ -218,13 +215,15 @@ def validate_towers(config: ml_collections.ConfigDict) -> None:
                 f"model.{tower}.width={t.width} is not divisible by "
                 f"model.{tower}.num_heads={t.num_heads}"
             )
-    if m.text.kind not in TEXT_KINDS:
-        raise ConfigError(
-            f"model.text.kind={m.text.kind!r} is unknown; use one of {', '.join(TEXT_KINDS)}"
-        )
+    _check_kind("model.text.kind", m.text.kind, TEXT_KINDS)
     _check_recurrent(m.text)
     if m.text.kind == "hf_bert":
         _check_hf_bert(m.text.hf_dir)
+
+
+def _check_kind(name: str, kind: str, kinds: tuple[str, ...]) -> None:
+    if kind not in kinds:
+        raise ConfigError(f"{name}={kind!r} is unknown; use one of {', '.join(kinds)}")
 
 
 def _check_recurrent(text: ml_collections.ConfigDict) -> None:
