@@ -41,6 +41,12 @@ def get_config():
             mlp_dim=512,
             decoder_depth=2,
             ctc_weight=0.5,  # 0: decoder loss only
+            # Decoder input tokens replaced by random ones while training (targets kept): a
+            # weaker language-model prior, which rewrites held-out compositions otherwise.
+            token_dropout=0.0,
+            # Beam hypotheses ranked by (1 - w) x decoder + w x CTC log-probability (0: decoder
+            # alone). 0.3: beam CER 0.254 -> 0.241 on the 1,200-step run (README).
+            ctc_rescore=0.3,
             freq_masks=2,  # SpecAugment: bands per clip, and their widest size
             freq_width=10,
             time_masks=2,

@@ -22,8 +22,8 @@ import numpy as np
 from mmjax.data import wav
 from mmjax.data.builtin import speech
 from mmjax.evaluate import UsageError, _open_checkpoint, load_config
-from mmjax.models.speech import clip_samples, transcribe
-from mmjax.tasks.speech_to_text import fit_clip
+from mmjax.models.speech import clip_samples
+from mmjax.tasks.speech_to_text import fit_clip, joint_transcribe
 from mmjax.visualize import build_run
 
 TASK = "speech_to_text"
@@ -77,11 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     beam = args.beam or run.config.speech.beam_size
     length = run.config.data.text_length
 
+    rescore = run.config.speech.get("ctc_rescore", 0.0)  # as the run's evaluation decodes
+
     @jax.jit
     def decode(params, audio_BN):
-        return transcribe(
-            run.model, params, audio_BN, length, beam, tok.bos_id, tok.eot_id, tok.pad_id
-        )[0]
+        return joint_transcribe(run.model, params, audio_BN, length, beam, tok, rescore)[0]
 
     lines = []
     with run.context():

@@ -191,6 +191,9 @@ def test_sharded_step_equals_single_device():
         (dict(data=dict(tokenizer="clip_bpe")), "byte tokenizer"),
         (dict(speech=dict(sample_rate=8000)), "16000 Hz"),
         (dict(speech=dict(beam_size=0)), "beam_size"),
+        (dict(speech=dict(token_dropout=1.0)), "token_dropout"),
+        (dict(speech=dict(ctc_rescore=0.3, ctc_weight=0.0)), "CTC head"),
+        (dict(speech=dict(ctc_rescore=1.5)), "ctc_rescore"),
         (dict(loss="sigmoid"), "loss"),
     ],
 )

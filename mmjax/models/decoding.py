@@ -94,7 +94,16 @@ def prefix_step(logits_fn: Callable[[jax.Array], jax.Array]) -> StepFn:
     return lambda tokens_NL, t, cache: (logits_fn(tokens_NL)[:, t], cache)
 
 
-def beam_search(step_fn: StepFn, batch: int, length: int, beam: int, bos: int, eot: int, pad: int):
+def beam_search(
+    step_fn: StepFn,
+    batch: int,
+    length: int,
+    beam: int,
+    bos: int,
+    eot: int,
+    pad: int,
+    all_beams: bool = False,
+):
     """Beam search with static shapes over `step_fn` (see StepFn) for N = batch·beam sequences
     (row b·beam + k is beam k of example b).
 
@@ -104,7 +113,8 @@ def beam_search(step_fn: StepFn, batch: int, length: int, beam: int, bos: int, e
     lengths, and a finished beam keeps its score). Step 0 runs before the loop with cache None
     (a cached step function creates its cache there); the loop carries the cache, reordered
     with the chosen beams. Returns (tokens [batch, length] of the best beam, its log-probability
-    [batch]). `beam=1` is greedy decoding.
+    [batch]); with `all_beams`, every beam, best first (tokens [batch, beam, length], scores
+    [batch, beam]: what a rescorer reranks). `beam=1` is greedy decoding.
     """
     if length < 2:
         raise ValueError(f"decoding needs length >= 2 (BOS and one token), got {length}")
@@ -132,4 +142,6 @@ def beam_search(step_fn: StepFn, batch: int, length: int, beam: int, bos: int, e
 
     carry = step(0, (tokens, scores, finished, None))
     tokens, scores, _, _ = jax.lax.fori_loop(1, length - 1, step, carry)
+    if all_beams:
+        return tokens, scores
     return tokens[:, 0], scores[:, 0]  # top_k keeps beams sorted: beam 0 is the best

@@ -244,10 +244,12 @@ def transcribe(
     eot: int,
     pad: int,
     cache: bool = True,
+    all_beams: bool = False,
 ):
     """(tokens [B, length], log-probability [B]) of the best of `beam` beams per clip
-    (`decoding.beam_search`; beam=1 is greedy). Without `cache` every position reruns the
-    whole prefix: the reference the cached decoding equals."""
+    (`decoding.beam_search`; beam=1 is greedy); with `all_beams` every beam, best first
+    ([B, beam, length], [B, beam]). Without `cache` every position reruns the whole prefix:
+    the reference the cached decoding equals."""
     apply = lambda *args, **kw: model.apply({"params": params}, *args, **kw)
     audio_BAD = apply(apply(audio_BN, method=SpeechToText.features), method=SpeechToText.encode)
     audio_NAD = jnp.repeat(audio_BAD, beam, axis=0)  # row b·beam + k: beam k of clip b
@@ -259,4 +261,6 @@ def transcribe(
         step = decoding.prefix_step(
             lambda t: apply(audio_NAD, t, method=SpeechToText.decoder_logits)
         )
-    return decoding.beam_search(step, audio_BN.shape[0], length, beam, bos, eot, pad)
+    return decoding.beam_search(
+        step, audio_BN.shape[0], length, beam, bos, eot, pad, all_beams=all_beams
+    )

@@ -20,6 +20,7 @@ import collections
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mmjax import losses
@@ -28,7 +29,7 @@ from mmjax.data.builtin import speech, speech_builder
 from mmjax.errors import ConfigError
 from mmjax.eval.edit_distance import cer, wer
 from mmjax.eval.embed import jit_encoder, predict_all
-from mmjax.losses.ctc import ctc_loss
+from mmjax.losses.ctc import ctc_loss, ctc_nll
 from mmjax.models import audio_features
 from mmjax.models.speech import (
     SpeechToText,
@@ -78,26 +79,50 @@ class ToExample(grain.transforms.Map):
         }
 
 
-class SpeechObjective:
-    """Decoder cross-entropy + `ctc_weight` × CTC, on SpecAugmented log-mel features (masks
-    drawn from `fold_in(seed, step)`: the same masks on a resumed run)."""
+def drop_tokens(key, tokens_BL: jax.Array, rate: float, first_id: int, vocab_size: int):
+    """The decoder's input row with each text token (id >= `first_id`: not BOS, EOT or PAD)
+    replaced, with probability `rate`, by a uniformly random text id. The targets stay: the
+    decoder cannot lean on its own history alone and has to listen (a weaker language-model
+    prior, which otherwise rewrites held-out compositions into trained ones)."""
+    drop_key, id_key = jax.random.split(key)
+    text_BL = tokens_BL >= first_id
+    drop_BL = jax.random.bernoulli(drop_key, rate, tokens_BL.shape) & text_BL
+    random_BL = jax.random.randint(id_key, tokens_BL.shape, first_id, vocab_size, jnp.int32)
+    return jnp.where(drop_BL, random_BL, tokens_BL)
 
-    def __init__(self, model: SpeechToText, config, pad_id: int, eot_id: int):
+
+class SpeechObjective:
+    """Decoder cross-entropy + `ctc_weight` × CTC, on SpecAugmented log-mel features, with
+    `token_dropout` of the decoder's input (masks and dropped tokens drawn from
+    `fold_in(seed, step)`: the same on a resumed run)."""
+
+    def __init__(self, model: SpeechToText, config, pad_id: int, eot_id: int, bos_id: int = 1):
         s = config.speech
         self.model, self.pad_id, self.eot_id = model, pad_id, eot_id
+        self.first_text_id = max(pad_id, eot_id, bos_id) + 1
         self.ctc_weight = float(s.ctc_weight)
+        self.token_dropout = float(s.get("token_dropout", 0.0))
         self.masks = (s.freq_masks, s.freq_width, s.time_masks, s.time_width)
         self.key = jax.random.key(config.seed)
 
     def __call__(self, params, batch, step=None):
         apply = lambda *a, **kw: self.model.apply({"params": params}, *a, **kw)
         features_BFM = apply(batch["audio"], method=SpeechToText.features)
-        if any(self.masks) and step is not None:
+        tokens_BL = inputs_BL = batch["tokens"]
+        if step is not None:
             key = jax.random.fold_in(self.key, step)
-            features_BFM, _ = audio_features.spec_augment(key, features_BFM, *self.masks)
+            if any(self.masks):
+                features_BFM, _ = audio_features.spec_augment(key, features_BFM, *self.masks)
+            if self.token_dropout > 0:
+                inputs_BL = drop_tokens(
+                    jax.random.fold_in(key, 1),
+                    tokens_BL,
+                    self.token_dropout,
+                    self.first_text_id,
+                    self.model.vocab_size,
+                )
         audio_BAD = apply(features_BFM, method=SpeechToText.encode)
-        tokens_BL = batch["tokens"]
-        logits_BLV = apply(audio_BAD, tokens_BL, method=SpeechToText.decoder_logits)
+        logits_BLV = apply(audio_BAD, inputs_BL, method=SpeechToText.decoder_logits)
         nll_B, count_B = losses.caption_nll(logits_BLV, tokens_BL, self.pad_id)
         decoder = losses.mean_caption_loss(nll_B, count_B)
         logs = {"train/loss/decoder": decoder}
@@ -138,6 +163,14 @@ class SpeechToTextTask(Task):
             raise ConfigError("speech.ctc_weight and the SpecAugment settings must be >= 0")
         if s.beam_size < 1:
             raise ConfigError(f"speech.beam_size={s.beam_size} must be >= 1")
+        if not 0 <= s.get("token_dropout", 0.0) < 1:
+            raise ConfigError(f"speech.token_dropout={s.token_dropout} must be in [0, 1)")
+        rescore = s.get("ctc_rescore", 0.0)
+        if not 0 <= rescore <= 1 or (rescore > 0 and s.ctc_weight == 0):
+            raise ConfigError(
+                f"speech.ctc_rescore={rescore} must be in [0, 1], and > 0 only with a CTC head "
+                "(speech.ctc_weight > 0)"
+            )
 
     def build_model(self, config, vocab_size):
         return build_speech_model(config, vocab_size)
@@ -153,7 +186,7 @@ class SpeechToTextTask(Task):
 
     def objective(self, model, config, mesh, rules):
         tokenizer = self.tokenizer(config)
-        return SpeechObjective(model, config, tokenizer.pad_id, tokenizer.eot_id)
+        return SpeechObjective(model, config, tokenizer.pad_id, tokenizer.eot_id, tokenizer.bos_id)
 
     def train_iterator(self, config, process_index, process_count):
         example = ToExample(self.tokenizer(config), clip_samples(config))
@@ -170,6 +203,27 @@ def blind_chance(train_transcripts: list[str], references: list[str]) -> float:
     every clip, or the empty transcript (CER 1)."""
     common = collections.Counter(train_transcripts).most_common(1)[0][0]
     return min(cer([common] * len(references), references), 1.0)
+
+
+def joint_transcribe(model, params, audio_BN, length, beam, tokenizer, ctc_rescore):
+    """(tokens [B, length], tokens [B, length]): of the beam search's `beam` hypotheses per clip,
+    the best by (1 - ctc_rescore) × the decoder's log-probability + ctc_rescore × the CTC
+    head's (joint CTC/attention rescoring: the CTC head has no language-model prior, so it
+    vetoes hypotheses the audio does not support), and the best by the decoder's alone."""
+    bos, eot, pad = tokenizer.bos_id, tokenizer.eot_id, tokenizer.pad_id
+    tokens_BKL, decoder_BK = transcribe(
+        model, params, audio_BN, length, beam, bos, eot, pad, all_beams=True
+    )
+    if ctc_rescore == 0:
+        return tokens_BKL[:, 0], tokens_BKL[:, 0]
+    apply = lambda *a, **kw: model.apply({"params": params}, *a, **kw)
+    audio_BAD = apply(apply(audio_BN, method=SpeechToText.features), method=SpeechToText.encode)
+    logits_BAV = apply(audio_BAD, method=SpeechToText.ctc_logits)
+    b, k, length = tokens_BKL.shape
+    nll, _ = ctc_nll(jnp.repeat(logits_BAV, k, axis=0), tokens_BKL.reshape(b * k, length), pad, eot)
+    joint_BK = (1 - ctc_rescore) * decoder_BK - ctc_rescore * nll.reshape(b, k)
+    best_B = jnp.argmax(joint_BK, axis=1)
+    return jnp.take_along_axis(tokens_BKL, best_B[:, None, None], axis=1)[:, 0], tokens_BKL[:, 0]
 
 
 class SpeechEvaluator:
@@ -189,32 +243,39 @@ class SpeechEvaluator:
         self.chance = blind_chance(first, self.references)
         self.tokenizer, self.sharding, self.config = tokenizer, sharding, config
         length = config.data.text_length
-        bos, eot, pad = tokenizer.bos_id, tokenizer.eot_id, tokenizer.pad_id
+        self.rescore = config.speech.get("ctc_rescore", 0.0)
 
-        def decoder(beam):
+        def decoder(beam, rescore):
             def decode(params, audio):
-                return transcribe(model, params, audio, length, beam, bos, eot, pad)[0]
+                joint, alone = joint_transcribe(
+                    model, params, audio, length, beam, tokenizer, rescore
+                )
+                return jnp.concatenate([joint, alone], axis=1)  # one array for predict_all
 
             return jit_encoder(decode, sharding)
 
-        self._greedy, self._beam = decoder(1), decoder(config.speech.beam_size)
+        self._greedy = decoder(1, 0.0)
+        self._beam = decoder(config.speech.beam_size, self.rescore)
         self._ctc = None
         if config.speech.ctc_weight > 0:
             self._ctc = jit_encoder(
                 lambda params, audio: ctc_greedy(model, params, audio), sharding
             )
 
-    def transcripts(self, params, beam: bool = True) -> list[str]:
+    def transcripts(self, params, beam: bool) -> tuple[list[str], list[str]]:
+        """The validation clips' transcripts, greedy or by beam search: (the best rescored by
+        the CTC head, when `speech.ctc_rescore` > 0; the best by the decoder alone)."""
         fn = self._beam if beam else self._greedy
         ids = predict_all(fn, params, self.audio, self.config.eval.batch_size, self.sharding)
-        return [self._text(row) for row in ids]
+        length = self.config.data.text_length
+        return [self._text(r[:length]) for r in ids], [self._text(r[length:]) for r in ids]
 
     def _text(self, ids) -> str:
         return speech.normalize_transcript(self.tokenizer.decode(ids))
 
     def __call__(self, params) -> dict:
-        greedy = self.transcripts(params, beam=False)
-        beam = self.transcripts(params, beam=True)
+        greedy, _ = self.transcripts(params, beam=False)
+        beam, beam_decoder = self.transcripts(params, beam=True)
         refs = self.references
         out = {
             "speech/cer_greedy": cer(greedy, refs),
@@ -222,6 +283,9 @@ class SpeechEvaluator:
             "speech/wer_greedy": wer(greedy, refs),
             "speech/wer_beam": wer(beam, refs),
         }
+        if self.rescore > 0:  # the same beams ranked by the decoder alone
+            out["speech/cer_beam_decoder"] = cer(beam_decoder, refs)
+            out["speech/wer_beam_decoder"] = wer(beam_decoder, refs)
         if self._ctc is not None:  # the encoder alone: no language-model prior
             ids = predict_all(
                 self._ctc, params, self.audio, self.config.eval.batch_size, self.sharding
