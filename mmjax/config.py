@@ -71,6 +71,11 @@ def get_config() -> ml_collections.ConfigDict:
     # probability, else one of the 8 others (partial descriptions, Chinese) uniformly. Full
     # descriptions teach position and size fast; the others make prompts of other phrasings work.
     c.data.first_caption_prob = 0.5
+    # With this probability, an image whose drawn caption names no colour ("a circle", "a
+    # small star") is shown with its RGB channels permuted: shape features that do not depend
+    # on colour, so shapes are recognised in colours they never had in training (see
+    # mmjax/data/colour_permutation.py and the README's default-run table). 0 = off.
+    c.data.colourless_permute_prob = 0.0
     # Processes that prepare training batches (grain `mp_prefetch`): decoding and augmenting off
     # the training process, past Python's GIL. 0 = a background thread of the training process.
     # The sample stream and its checkpoint are the same for every value.

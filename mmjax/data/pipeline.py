@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 
 from mmjax import errors
-from mmjax.data import preprocess, sources, stream_position, tokenizers
+from mmjax.data import colour_permutation, preprocess, sources, stream_position, tokenizers
 from mmjax.data.workers import WorkerIterator
 
 
@@ -86,6 +86,7 @@ class DecodeAndPickCaption(grain.transforms.RandomMap):
         self._tokenizer = tokenizer
         self._first_prob = data_cfg.first_caption_prob
         self._image = DecodeImage(data_cfg)
+        self._permute_prob = data_cfg.colourless_permute_prob
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict:
         captions = element["captions"]
@@ -94,6 +95,10 @@ class DecodeAndPickCaption(grain.transforms.RandomMap):
         other = 1 + rng.integers(len(captions) - 1) if len(captions) > 1 else 0
         image = self._image.random_map(element, rng)["image"]
         caption = captions[0 if use_first else other]
+        if self._permute_prob > 0:  # off: no draws, the stream of earlier runs is unchanged
+            image = colour_permutation.permute_if_colourless(
+                image, caption, self._permute_prob, rng
+            )
         return {"image": image, "tokens": self._tokenizer.encode([caption])[0]}
 
 

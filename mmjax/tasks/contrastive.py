@@ -122,6 +122,7 @@ class ContrastiveTask(Task):
     # matching) refuses a changed objective.contrastive: it would do nothing.
     contrastive_weight_setting = "objective.contrastive"
     image_text_embeddings = True  # TwoTower.encode_image and encode_text
+    draws_captions = True  # pipeline.caption_batches (captioning and matching too)
 
     def visualizer(self, config):
         return maps.SimilarityMaps()

@@ -89,6 +89,7 @@ class TextToImageObjective:
 class TextToImageTask(Task):
     name = "text_to_image"
     metric_name = "color_position"
+    draws_captions = True  # pipeline.caption_batches
 
     def validate(self, config):
         if "text_to_image" not in config:

@@ -95,6 +95,7 @@ class VideoContrastiveTask(ContrastiveTask):
     metric_name = "zeroshot_direction_top1"
     image_text_embeddings = False  # its image tower reads clips: no image evaluation
     visualizer = None  # the two-tower maps are drawn on one image, not a clip
+    draws_captions = False  # its own _PickCaption, over clips
 
     def validate(self, config):
         refuse_overrides(config, EVAL_SETTINGS, f"task={self.name} evaluates on its clips")

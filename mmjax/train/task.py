@@ -95,6 +95,9 @@ class Task(abc.ABC):
     # `ConfigError` for settings with nothing to draw): what `python -m mmjax.visualize` draws.
     visualizer: Callable[[ml_collections.ConfigDict], Callable] | None = None
     has_contrastive_term = False  # True: the objective reads CONTRASTIVE_SETTINGS
+    # True: training pairs images with captions drawn by `pipeline.DecodeAndPickCaption`, so
+    # `data.colourless_permute_prob` applies (other tasks refuse it).
+    draws_captions = False
 
     def validate(self, config: ml_collections.ConfigDict) -> None:
         """Raises `mmjax.errors.ConfigError` for settings this task cannot run with (the

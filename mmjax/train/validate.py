@@ -55,6 +55,9 @@ def validate_config(c: ml_collections.ConfigDict, task: Task) -> None:
     for the task's own (e.g. the towers' model fields: `two_tower.validate_towers`)."""
     if not task.has_contrastive_term:
         refuse_overrides(c, CONTRASTIVE_SETTINGS, f"task={task.name} has no contrastive term")
+    if not task.draws_captions:
+        why = f"task={task.name} draws no caption per image to permute colours for"
+        refuse_overrides(c, ("data.colourless_permute_prob",), why)
     if int(c.microbatches) < 1:
         raise ConfigError(f"microbatches={c.microbatches} must be >= 1 (1 = no GradCache)")
     if c.dtype not in ("float32", "bfloat16"):
@@ -76,6 +79,10 @@ def validate_config(c: ml_collections.ConfigDict, task: Task) -> None:
         raise ConfigError(f"keep_checkpoints={c.keep_checkpoints} must be >= 1")
     if not 0.0 <= c.data.first_caption_prob <= 1.0:
         raise ConfigError(f"data.first_caption_prob={c.data.first_caption_prob} must be in [0, 1]")
+    if not 0.0 <= c.data.colourless_permute_prob <= 1.0:
+        raise ConfigError(
+            f"data.colourless_permute_prob={c.data.colourless_permute_prob} must be in [0, 1]"
+        )
     if c.data.augment not in preprocess.AUGMENTATIONS:
         raise ConfigError(
             f"data.augment={c.data.augment!r} is unknown; use one of "
