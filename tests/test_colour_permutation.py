@@ -72,6 +72,7 @@ def test_training_stream_permutes_only_colourless_pairs(data_dir):
     plain, tokens = batch(0.0)
     permuted, tokens_p = batch(1.0)
     np.testing.assert_array_equal(tokens, tokens_p)  # the caption choices do not change
+    np.testing.assert_array_equal(permuted, batch(1.0)[0])  # the same permutations every run
     tok = pipeline.tokenizer_for(cfg)
     counts = {True: 0, False: 0}
     for a, b, ids in zip(plain, permuted, tokens, strict=True):
