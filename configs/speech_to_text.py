@@ -15,10 +15,10 @@ from mmjax import config as base
 def get_config():
     c = base.get_config()
     c.task = "speech_to_text"
-    c.total_steps = 1200
+    c.total_steps = 3000  # ~12 min idle on 2 cores (1,449 CPU s); 1,200 steps: CER 0.254
     c.batch_size = 32
-    c.eval_every = 400  # transcribing the 200 validation clips (greedy and beam) is the slow part
-    c.checkpoint_every = 400
+    c.eval_every = 1000  # transcribing the 200 validation clips (greedy and beam) is the slow part
+    c.checkpoint_every = 1000
     c.optim.learning_rate = 2e-3
     c.optim.warmup_steps = 60
     c.optim.text_frozen_steps = 0  # no text tower here
@@ -43,9 +43,9 @@ def get_config():
             ctc_weight=0.5,  # 0: decoder loss only
             # Decoder input tokens replaced by random ones while training (targets kept): a
             # weaker language-model prior, which rewrites held-out compositions otherwise.
-            token_dropout=0.0,
+            token_dropout=0.1,
             # Beam hypotheses ranked by (1 - w) x decoder + w x CTC log-probability (0: decoder
-            # alone). 0.3: beam CER 0.254 -> 0.241 on the 1,200-step run (README).
+            # alone). 0.3: beam CER 0.254 -> 0.241 on the old 1,200-step run (README).
             ctc_rescore=0.3,
             freq_masks=2,  # SpecAugment: bands per clip, and their widest size
             freq_width=10,
