@@ -30,7 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
     # fusions' output, early_concat/bottleneck's stream, graph's nodes); depth/num_heads/mlp_dim:
     # the fusion's own Transformer layers (late_concat: mlp_dim is its hidden width; graph:
     # depth message-passing rounds, num_heads relevance and readout heads); rank_dim:
-    # tensor fusion's per-modality projection; rank: low-rank fusion's rank.
+    # tensor fusion's per-modality projection; rank: low-rank fusion's rank; readout: graph's
+    # "attention" | "question" (mmjax/models/graph_fusion.py).
     c.model.fusion = ml_collections.ConfigDict(
         dict(
             kind="cross_attention",
@@ -40,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
             mlp_dim=256,
             rank_dim=16,
             rank=4,
+            readout="attention",
         )
     )
     return c

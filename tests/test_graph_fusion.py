@@ -1,6 +1,6 @@
 """Graph reasoning fusion: relabelling nodes changes nothing (text nodes among themselves, image
 nodes together with their edges), padded text nodes never matter, the segment_sum and dense
-adjacency paths agree, the grid's edges, and sharded = single device."""
+adjacency paths agree (both readouts), the grid's edges, and sharded = single device."""
 
 import functools
 
@@ -17,6 +17,8 @@ from mmjax.models.graph_fusion import GraphFusion, grid_edges, square_grid
 
 B, N, L, DV, DT = 2, 6, 5, 12, 16  # image tokens on a 2x3 grid
 GRID = (2, 3)
+# The text tower's pooled output: only readout="question" reads it.
+TEXT_POOLED = jnp.asarray(np.random.default_rng(9).normal(size=(B, DT)), jnp.float32)
 
 
 def inputs(seed=0):
@@ -32,9 +34,10 @@ def model(**kw):
 
 
 @functools.cache
-def params():
+def params(readout="attention"):
     it, tt, valid = inputs()
-    return jax.jit(model().init)(jax.random.key(0), None, it, None, tt, valid)
+    init = jax.jit(model(readout=readout).init)
+    return init(jax.random.key(0), None, it, TEXT_POOLED, tt, valid)
 
 
 @functools.cache
@@ -42,8 +45,8 @@ def _apply(**kw):
     return jax.jit(model(**kw).apply)
 
 
-def apply(it, tt, valid, **kw):
-    return _apply(**kw)(params(), None, it, None, tt, valid)
+def apply(it, tt, valid, readout="attention", **kw):
+    return _apply(readout=readout, **kw)(params(readout), None, it, TEXT_POOLED, tt, valid)
 
 
 def test_grid_edges_join_axis_neighbours_both_ways():
@@ -54,13 +57,18 @@ def test_grid_edges_join_axis_neighbours_both_ways():
     assert square_grid(16) == (4, 4) and square_grid(6) == (6,)
 
 
-def test_relabelling_nodes_changes_nothing():
+READOUTS = pytest.mark.parametrize("readout", ["attention", "question"])
+
+
+@READOUTS
+def test_relabelling_nodes_changes_nothing(readout):
     it, tt, valid = inputs()
-    ref = apply(it, tt, valid)
+    run = functools.partial(apply, readout=readout)
+    ref = run(it, tt, valid)
     # Text nodes: permute the real tokens of each row among themselves.
     perm_text = np.array([[4, 2, 0, 3, 1], [2, 0, 1, 3, 4]])
     tt_p = jnp.take_along_axis(tt, perm_text[..., None], axis=1)
-    out = apply(it, tt_p, valid)
+    out = run(it, tt_p, valid)
     np.testing.assert_allclose(out.pooled_BD, ref.pooled_BD, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(
         out.text_tokens_BLD,
@@ -72,28 +80,30 @@ def test_relabelling_nodes_changes_nothing():
     perm = np.array([4, 0, 5, 2, 1, 3])  # new node j is old node perm[j]
     new_label = np.argsort(perm)
     edges = tuple(map(tuple, new_label[grid_edges(GRID)].tolist()))
-    out = apply(it[:, perm], tt, valid, image_edges=edges)
+    out = run(it[:, perm], tt, valid, image_edges=edges)
     np.testing.assert_allclose(out.pooled_BD, ref.pooled_BD, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(
         out.image_tokens_BND, ref.image_tokens_BND[:, perm], rtol=1e-5, atol=1e-6
     )
     # ... but the edges matter: the permuted nodes on the unpermuted grid give another output.
-    other = apply(it[:, perm], tt, valid)
+    other = run(it[:, perm], tt, valid)
     assert np.abs(np.asarray(other.pooled_BD - ref.pooled_BD)).max() > 1e-3
 
 
-def test_padded_text_nodes_never_matter_and_both_edge_paths_agree():
+@READOUTS
+def test_padded_text_nodes_never_matter_and_both_edge_paths_agree(readout):
     it, tt, valid = inputs()
-    ref = apply(it, tt, valid)
+    run = functools.partial(apply, readout=readout)
+    ref = run(it, tt, valid)
     noise = jnp.asarray(100 * np.random.default_rng(1).normal(size=tt.shape), jnp.float32)
-    out = apply(it, jnp.where(valid[..., None], tt, noise), valid)
+    out = run(it, jnp.where(valid[..., None], tt, noise), valid)
     for a, b in zip(ref[:3], out[:3], strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
     assert np.all(np.asarray(out.text_tokens_BLD)[1, 3:] == 0)
     # More padding (longer rows) changes nothing either.
-    longer = apply(it, jnp.pad(tt, ((0, 0), (0, 3), (0, 0))), jnp.pad(valid, ((0, 0), (0, 3))))
+    longer = run(it, jnp.pad(tt, ((0, 0), (0, 3), (0, 0))), jnp.pad(valid, ((0, 0), (0, 3))))
     np.testing.assert_allclose(longer.pooled_BD, ref.pooled_BD, rtol=1e-5, atol=1e-6)
-    segment = apply(it, tt, valid, edges="segment")
+    segment = run(it, tt, valid, edges="segment")
     for a, b in zip(ref[:3], segment[:3], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
@@ -105,20 +115,21 @@ def test_sharded_equals_single_device():
     padded text differ by up to ~0.1 on XLA CPU: not yet explained (README, graph fusion)."""
     it, tt, valid = inputs()
     it, tt, valid = (jnp.concatenate([x, x[::-1]]) for x in (it, tt, valid))  # batch 4
+    text_pooled = jnp.concatenate([TEXT_POOLED, TEXT_POOLED[::-1]])
     cot = jnp.asarray(np.random.default_rng(6).normal(size=(4, 16)), jnp.float32)
-    m = model(depth=1)
+    m = model(depth=1, readout="question")  # the attention readout is part of it
 
     def loss(p, it, tt):
-        out = m.apply({"params": p}, None, it, None, tt, valid)
+        out = m.apply({"params": p}, None, it, text_pooled, tt, valid)
         return jnp.sum(out.pooled_BD * cot) + jnp.sum(out.image_tokens_BND**2)
 
     grad = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))
     key = jax.random.key(0)
-    init = lambda k: nn.unbox(m.init(k, None, it, None, tt, valid))["params"]
+    init = lambda k: nn.unbox(m.init(k, None, it, text_pooled, tt, valid))["params"]
     single = grad(jax.jit(init)(key), it, tt)
     mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=4, fsdp=1, tensor=2)))
     rules = tuple(default.get_config().rules)
-    abstract = jax.eval_shape(lambda k: m.init(k, None, it, None, tt, valid)["params"], key)
+    abstract = jax.eval_shape(lambda k: m.init(k, None, it, text_pooled, tt, valid)["params"], key)
     shardings = parallel.logical_shardings(
         nn.unbox(abstract), nn.get_partition_spec(abstract), mesh, rules
     )
@@ -133,3 +144,39 @@ def test_sharded_equals_single_device():
     assert len(flat_single) > 20
     for a, b in zip(flat_single, flat_sharded, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_question_readout_reads_the_text_towers_pooled_output():
+    it, tt, valid = inputs()
+    other = 2.0 * TEXT_POOLED[::-1]
+    for readout, changes in (("attention", False), ("question", True)):
+        ref = apply(it, tt, valid, readout=readout)
+        out = _apply(readout=readout)(params(readout), None, it, other, tt, valid)
+        moved = np.abs(np.asarray(out.pooled_BD - ref.pooled_BD)).max()
+        assert (moved > 1e-3) if changes else (moved == 0.0), (readout, moved)
+    with pytest.raises(ValueError, match="pooled output"):
+        _apply(readout="question")(params("question"), None, it, None, tt, valid)
+
+
+def test_vqa_graph_towers_are_the_align_recipes():
+    """configs/vqa_graph.py starts from an ALIGN run (`init_towers_from`): its towers must be
+    configs/align.py's, or the checkpoint does not fit."""
+    from configs import align, vqa_graph
+
+    graph, pretrained = vqa_graph.get_config().model, align.get_config().model
+    assert graph.image.to_dict() == pretrained.image.to_dict()
+    assert graph.text.to_dict() == pretrained.text.to_dict()
+    assert graph.fusion.kind == "graph" and graph.fusion.readout == "question"
+
+
+def test_question_readout_on_another_fusion_is_an_error():
+    from configs import vqa
+    from mmjax.errors import ConfigError
+    from mmjax.models.fusion_classifier import fusion_kwargs
+
+    c = vqa.get_config()
+    c.model.fusion.readout = "question"
+    with pytest.raises(ConfigError, match="graph fusion's"):
+        fusion_kwargs(c)
+    c.model.fusion.kind = "graph"
+    assert fusion_kwargs(c)["readout"] == "question"

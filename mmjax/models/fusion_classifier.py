@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from mmjax.errors import ConfigError
 from mmjax.models.fusion import FUSIONS, build_fusion
 from mmjax.models.layers import Dtype, LayerNorm, dense, param
 from mmjax.models.two_tower import build_towers
@@ -83,6 +84,14 @@ def fusion_kwargs(config: ml_collections.ConfigDict) -> dict:
     kwargs = {"dtype": jnp.dtype(config.dtype), **{a: f[k] for a, k in CONFIG_FIELDS[f.kind]}}
     if f.kind == "graph" and "video" in config:
         kwargs["grid"] = _video_grid(config)
+    readout = f.get("readout", "attention")
+    if f.kind == "graph":
+        kwargs["readout"] = readout
+    elif readout != "attention":  # a setting this fusion cannot use
+        raise ConfigError(
+            f"model.fusion.readout={readout!r} is the graph fusion's (model.fusion.kind=graph); "
+            f"{f.kind} has no such readout: drop the setting"
+        )
     return kwargs
 
 

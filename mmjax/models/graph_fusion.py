@@ -75,6 +75,10 @@ class GraphFusion(Fusion):
     grid: tuple[int, ...] = ()
     image_edges: tuple[tuple[int, int], ...] | None = None
     edges: str = "dense"  # "dense" | "segment": how the spatial relation aggregates
+    # "attention": attention pooling over all nodes with learned queries. "question": that, plus
+    # a question-guided product (see `_question_product`): what VQA's existence and counting
+    # questions need, a comparison of the question with the image summary it selects.
+    readout: str = "attention"
 
     def _edges(self, n: int) -> np.ndarray:
         if self.image_edges is not None:
@@ -91,6 +95,10 @@ class GraphFusion(Fusion):
     def fuse(self, s: Streams, return_attention: bool) -> FusionOutput:
         if self.edges not in ("dense", "segment"):
             raise ValueError(f"GraphFusion edges must be 'dense' or 'segment', got {self.edges!r}")
+        if self.readout not in ("attention", "question"):
+            raise ValueError(
+                f"GraphFusion readout must be 'attention' or 'question', got {self.readout!r}"
+            )
         if self.width % self.num_heads:
             raise ValueError(f"GraphFusion width {self.width} is not divisible by {self.num_heads}")
         n = s.image_tokens_BND.shape[1]
@@ -106,16 +114,25 @@ class GraphFusion(Fusion):
         ).astype(self.dtype)
         img_BND = input_projection(self, "image_proj", s.image_tokens_BND, self.width)
         txt_BLD = input_projection(self, "text_proj", s.text_tokens_BLD, self.width)
-        img_BND = zero_padding(img_BND + type_emb[0][None, None], img_valid_BN)
-        txt_BLD = zero_padding(txt_BLD + type_emb[1][None, None], txt_valid_BL)
+        # Node states: batch-sharded, features replicated (as the Transformer's residual
+        # stream); see `_update` for why this is not left to XLA's propagation.
+        img_BND = nn.with_logical_constraint(
+            zero_padding(img_BND + type_emb[0][None, None], img_valid_BN), ACT
+        )
+        txt_BLD = nn.with_logical_constraint(
+            zero_padding(txt_BLD + type_emb[1][None, None], txt_valid_BL), ACT
+        )
         for r in range(self.depth):
             m_img, m_txt = self._messages(f"round{r}", img_BND, txt_BLD, s, edges_E2)
             img_BND = self._update(f"round{r}_image", img_BND, m_img, img_valid_BN)
             txt_BLD = self._update(f"round{r}_text", txt_BLD, m_txt, txt_valid_BL)
         nodes_BVD = jnp.concatenate([img_BND, txt_BLD], axis=1)
         valid_BV = jnp.concatenate([img_valid_BN, txt_valid_BL], axis=1)
+        pooled_BD = self._readout(nodes_BVD, valid_BV)
+        if self.readout == "question":
+            pooled_BD = pooled_BD + self._question_product(s)
         return FusionOutput(
-            self._readout(nodes_BVD, valid_BV),
+            pooled_BD,
             image_tokens_BND=img_BND,
             text_tokens_BLD=txt_BLD,
         )
@@ -180,7 +197,13 @@ class GraphFusion(Fusion):
 
     def _update(self, name, x_BSD, m_BSD, valid_BS):
         """Gated residual update, zero at padding."""
+        # Pinned, as are the node states on entry (`fuse`). Left to XLA's sharding propagation
+        # (jax 0.10.2, CPU), `x + f(x @ W)` with the batch over data x fsdp and W's output
+        # dimension over fsdp (on data=2 x fsdp=2 x tensor=2) came out with the rows of the
+        # (data 0, fsdp 1) and (data 1, fsdp 0) shards swapped in one operand: wrong outputs and
+        # gradients for those rows, not rounding (test_graph_fusion uses distinct rows to see it).
         xm_BSI = jnp.concatenate([x_BSD, m_BSD.astype(self.dtype)], axis=-1)
+        xm_BSI = nn.with_logical_constraint(xm_BSI, ACT)
         axes = ("mlp", "embed")
         gate_w = self._kernel(f"{name}_gate_kernel", (2 * self.width, self.width), axes)
         gate_b = param(
@@ -216,6 +239,39 @@ class GraphFusion(Fusion):
         pooled_BHK = jnp.einsum("BHV,BVHK->BHK", weights_BHV, values_BVHK)
         pooled_BD = pooled_BHK.reshape(pooled_BHK.shape[0], self.width)
         return nn.with_logical_constraint(pooled_BD.astype(self.dtype), ("batch", "act_embed"))
+
+    def _question_product(self, s: Streams) -> jax.Array:
+        """(W_i·image summary) ⊙ (W_t·question), [B, width], from the towers' own outputs: the
+        question is the text tower's pooled output, the image summary attention pooling over the
+        image tower's tokens with per-head queries from the question. A low-rank bilinear
+        (MLB-style) term: "is there a red shape?" is a product of the question's colour and the
+        image's colours, which neither stream carries alone. Reading the towers' outputs, not
+        the nodes, keeps contrastively pretrained towers' alignment of colour words with image
+        colours (`init_towers_from`), which the random node projections would scramble."""
+        h = self.num_heads
+        img_BND, question_BD = s.image_tokens_BND, s.text_pooled_BD
+        if question_BD is None:
+            raise ValueError("GraphFusion readout='question' needs the text tower's pooled output")
+        d_img = img_BND.shape[-1]
+        if d_img % h:
+            raise ValueError(f"GraphFusion image width {d_img} is not divisible by {h} heads")
+        k = d_img // h
+        query_BHK = self._project("question_query", question_BD, (h, k), ("heads", "kv"))
+        keys_BNHK = self._project("question_key", img_BND, (h, k), ("heads", "kv"))
+        scores_BHN = jnp.einsum("BNHK,BHK->BHN", keys_BNHK, query_BHK) / math.sqrt(k)
+        weights_BHN = _masked_softmax(scores_BHN, s.image_valid_BN[:, None], axis=2)
+        values_BNHK = img_BND.astype(jnp.float32).reshape(*img_BND.shape[:2], h, k)
+        image_BD = jnp.einsum("BHN,BNHK->BHK", weights_BHN, values_BNHK).reshape(-1, d_img)
+        image_BD = self._project("question_image", image_BD, (self.width,), ("mlp",))
+        text_BD = self._project("question_text", question_BD, (self.width,), ("mlp",))
+        return nn.with_logical_constraint(
+            (image_BD * text_BD).astype(self.dtype), ("batch", "act_embed")
+        )
+
+    def _project(self, name: str, x_BSD: jax.Array, out: tuple[int, ...], axes) -> jax.Array:
+        """x W for an input of any width (a tower's, not `width`), float32 accumulation."""
+        w = self._kernel(f"{name}_kernel", (x_BSD.shape[-1], *out), ("embed", *axes))
+        return dense(x_BSD.astype(self.dtype), w, self.dtype, out_dtype=jnp.float32)
 
 
 def _masked_softmax(scores: jax.Array, mask: jax.Array, axis: int) -> jax.Array:
