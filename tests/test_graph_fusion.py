@@ -110,9 +110,8 @@ def test_padded_text_nodes_never_matter_and_both_edge_paths_agree(readout):
 
 @pytest.mark.multidevice
 def test_sharded_equals_single_device():
-    """Data x tensor parallel (heads and relation outputs over `tensor`). On an FSDP mesh
-    (data=2 x fsdp=2 x tensor=2) the forward pass agrees but the input gradients of rows with
-    padded text differ by up to ~0.1 on XLA CPU: not yet explained (README, graph fusion)."""
+    """Data x tensor parallel (heads and relation outputs over `tensor`); FSDP meshes, with
+    distinct rows, are test_graph_fusion_sharded's."""
     it, tt, valid = inputs()
     it, tt, valid = (jnp.concatenate([x, x[::-1]]) for x in (it, tt, valid))  # batch 4
     text_pooled = jnp.concatenate([TEXT_POOLED, TEXT_POOLED[::-1]])

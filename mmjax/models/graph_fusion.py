@@ -201,7 +201,7 @@ class GraphFusion(Fusion):
         # (jax 0.10.2, CPU), `x + f(x @ W)` with the batch over data x fsdp and W's output
         # dimension over fsdp (on data=2 x fsdp=2 x tensor=2) came out with the rows of the
         # (data 0, fsdp 1) and (data 1, fsdp 0) shards swapped in one operand: wrong outputs and
-        # gradients for those rows, not rounding (test_graph_fusion uses distinct rows to see it).
+        # gradients for those rows, not rounding (test_graph_fusion_sharded).
         xm_BSI = jnp.concatenate([x_BSD, m_BSD.astype(self.dtype)], axis=-1)
         xm_BSI = nn.with_logical_constraint(xm_BSI, ACT)
         axes = ("mlp", "embed")
