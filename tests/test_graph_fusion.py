@@ -1,18 +1,15 @@
 """Graph reasoning fusion: relabelling nodes changes nothing (text nodes among themselves, image
 nodes together with their edges), padded text nodes never matter, the segment_sum and dense
-adjacency paths agree (both readouts), the grid's edges, and sharded = single device."""
+adjacency paths agree (both readouts), the grid's edges. Sharded = single device:
+test_graph_fusion_sharded."""
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from configs import default
-from mmjax import parallel
 from mmjax.models.graph_fusion import GraphFusion, grid_edges, square_grid
 
 B, N, L, DV, DT = 2, 6, 5, 12, 16  # image tokens on a 2x3 grid
@@ -106,43 +103,6 @@ def test_padded_text_nodes_never_matter_and_both_edge_paths_agree(readout):
     segment = run(it, tt, valid, edges="segment")
     for a, b in zip(ref[:3], segment[:3], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.multidevice
-def test_sharded_equals_single_device():
-    """Data x tensor parallel (heads and relation outputs over `tensor`); FSDP meshes, with
-    distinct rows, are test_graph_fusion_sharded's."""
-    it, tt, valid = inputs()
-    it, tt, valid = (jnp.concatenate([x, x[::-1]]) for x in (it, tt, valid))  # batch 4
-    text_pooled = jnp.concatenate([TEXT_POOLED, TEXT_POOLED[::-1]])
-    cot = jnp.asarray(np.random.default_rng(6).normal(size=(4, 16)), jnp.float32)
-    m = model(depth=1, readout="question")  # the attention readout is part of it
-
-    def loss(p, it, tt):
-        out = m.apply({"params": p}, None, it, text_pooled, tt, valid)
-        return jnp.sum(out.pooled_BD * cot) + jnp.sum(out.image_tokens_BND**2)
-
-    grad = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))
-    key = jax.random.key(0)
-    init = lambda k: nn.unbox(m.init(k, None, it, text_pooled, tt, valid))["params"]
-    single = grad(jax.jit(init)(key), it, tt)
-    mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=4, fsdp=1, tensor=2)))
-    rules = tuple(default.get_config().rules)
-    abstract = jax.eval_shape(lambda k: m.init(k, None, it, text_pooled, tt, valid)["params"], key)
-    shardings = parallel.logical_shardings(
-        nn.unbox(abstract), nn.get_partition_spec(abstract), mesh, rules
-    )
-    p = jax.jit(init, out_shardings=shardings)(key)
-    kernel = p["round0_spatial_kernel"]  # (embed, mlp)
-    assert kernel.sharding.spec[1] == "tensor"
-    batch = parallel.batch_sharding(mesh, rules)
-    it_s, tt_s = (jax.device_put(x, batch) for x in (it, tt))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        sharded = grad(p, it_s, tt_s)
-    flat_single, flat_sharded = jax.tree.leaves(single), jax.tree.leaves(sharded)
-    assert len(flat_single) > 20
-    for a, b in zip(flat_single, flat_sharded, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_question_readout_reads_the_text_towers_pooled_output():
