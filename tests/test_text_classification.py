@@ -136,3 +136,38 @@ def test_reviews_words_are_minilm_whole_words_with_the_right_neighbours(tmp_path
         for word in held_out:
             near = np.mean([unit[word] @ unit[w] for w in same])
             assert near > np.mean([unit[word] @ unit[w] for w in other]), word
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_recurrent_encoder_starts_from_the_word_vectors_and_freezes_them(tmp_path, kind):
+    config = tiny_config(tmp_path)
+    config.model.text.update(kind=kind, width=8, bidirectional=kind == "gru")
+    task = get_task(config.task)
+    task.validate(config)
+    model = task.build_model(config, task.tokenizer(config).vocab_size)
+    params = nn.unbox(jax.jit(lambda k: task.init_variables(model, config, k))(jax.random.key(0)))
+    table = params["params"]["tower"]["token_embedding"]
+    vectors = wordvec.cached_vectors(config.text_cnn.vectors)
+    expected = wordvec.embedding_table(vectors, config.seed, random=False)
+    np.testing.assert_array_equal(table, expected)  # the vectors, row for row
+    texts, labels = reviews.load("train", 8, 0)
+    batch = {"tokens": task.tokenizer(config).encode(texts), "label": labels}
+    objective = task.objective(model, config, None, ())
+    grads = jax.jit(jax.grad(lambda p: objective(p, batch)[0]))(params["params"])
+    assert not bool(jnp.any(grads["tower"]["token_embedding"] != 0))  # frozen by default
+    assert bool(jnp.any(grads["head_kernel"] != 0))
+    assert task.frozen_prefixes(config) == ("tower/token_embedding",)
+
+
+@pytest.mark.parametrize(
+    "change, error",
+    [
+        (dict(kind="transformer"), "encodes with one of cnn, lstm, gru"),
+        (dict(kind="lstm", width=7, bidirectional=True), "width even"),
+    ],
+)
+def test_encoders_the_task_cannot_build_are_refused(tmp_path, change, error):
+    config = tiny_config(tmp_path)
+    config.model.text.update(**change)
+    with pytest.raises(ConfigError, match=error):
+        get_task(config.task).validate(config)

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models.layers import Precision
+from mmjax.models.layers import Precision, dense, param
 
 CELLS = {"lstm": nn.OptimizedLSTMCell, "gru": nn.GRUCell}
 
@@ -76,6 +76,9 @@ class RecurrentTextTower(Precision):
     bidirectional: bool = False
     pad_id: int = 0
     eot_id: int | None = 2
+    # No gradient into the table: pretrained word vectors of words never seen in training keep
+    # their place next to the seen ones (the task also gives the table no optimizer state).
+    freeze_embeddings: bool = False
 
     @nn.compact
     def __call__(self, tokens_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -90,6 +93,8 @@ class RecurrentTextTower(Precision):
             (self.vocab_size, e),
             self.param_dtype,
         )
+        if self.freeze_embeddings:
+            table = jax.lax.stop_gradient(table)
         lengths_B = real_lengths(tokens_BL, self.pad_id, self.eot_id)
         valid_BL = jnp.arange(tokens_BL.shape[1])[None] < lengths_B[:, None]
         x_BLD = jnp.take(table, tokens_BL, axis=0).astype(self.dtype)
@@ -111,3 +116,28 @@ class RecurrentTextTower(Precision):
             x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "length", "act_embed"))
         pooled_BD = jnp.concatenate(finals, axis=-1).astype(self.dtype)
         return pooled_BD, x_BLD
+
+
+class RecurrentClassifier(nn.Module):
+    """tokens_BL -> float32 logits [B, num_classes]: a `RecurrentTextTower` (named `tower`;
+    its `token_embedding` is what pretrained word vectors replace) and a linear head on its
+    pooled state. The word-vector counterpart of `mmjax.models.text_cnn.TextCNN`."""
+
+    tower: RecurrentTextTower
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, tokens_BL: jax.Array) -> jax.Array:
+        pooled_BD, _ = self.tower(tokens_BL)
+        d = pooled_BD.shape[-1]
+        init = nn.initializers
+        head = param(
+            self,
+            "head_kernel",
+            init.lecun_normal(),
+            (d, self.num_classes),
+            ("mlp", None),
+            jnp.float32,
+        )
+        bias = param(self, "head_bias", init.zeros, (self.num_classes,), (None,), jnp.float32)
+        return dense(pooled_BD, head, self.tower.dtype, bias=bias, out_dtype=jnp.float32)

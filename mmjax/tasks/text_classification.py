@@ -1,5 +1,5 @@
-"""Text classification with pretrained word vectors and a CNN (Kim 2014) on the built-in
-`reviews` sentiment data (`mmjax.data.builtin.reviews`): the validation sentences use
+"""Text classification with pretrained word vectors and a CNN (Kim 2014) or an LSTM/GRU on the
+built-in `reviews` sentiment data (`mmjax.data.builtin.reviews`): the validation sentences use
 adjectives never seen in training, so the score measures what the word vectors bring.
 
 Vectors: `text_cnn.vectors`, a Word2Vec/GloVe text file; "" exports the packaged MiniLM's
@@ -9,6 +9,10 @@ replaces them by random ones of the same scale (the baseline), `text_cnn.freeze`
 table fixed. Reported: `text/accuracy`, `text/oov_words` (dataset words without a vector),
 `text/skipped_vector_lines` (malformed lines of the vectors file), and `task/score` (accuracy)
 next to `task/chance`, the accuracy of always answering the most frequent training label.
+
+Encoder (`model.text.kind`): "cnn" (`TextCNN`, `text_cnn.widths`/`filters`) or "lstm"/"gru"
+(`RecurrentClassifier`: `model.text.width`, `depth`, `bidirectional`), both over the same word
+vectors; the vectors' dimension is the embedding width either way.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from mmjax.data.builtin import reviews, wordvec
 from mmjax.errors import ConfigError
 from mmjax.eval.embed import class_predictor
 from mmjax.interop import hf
+from mmjax.models.recurrent import RecurrentClassifier, RecurrentTextTower
 from mmjax.models.text_cnn import TextCNN
 from mmjax.tasks.classification import ClassificationObjective
 from mmjax.train.task import Task, headline
@@ -42,12 +47,32 @@ def _vectors(config) -> wordvec.WordVectors:
     return wordvec.cached_vectors(vectors_file(config))
 
 
+ENCODERS = ("cnn", "lstm", "gru")
+
+
+def _embedding_path(config) -> tuple[str, ...]:
+    """Where the word-vector table sits in the parameters."""
+    return ("embedding",) if config.model.text.kind == "cnn" else ("tower", "token_embedding")
+
+
 class TextClassificationTask(Task):
     name = "text_classification"
     metric_name = "accuracy"
 
     def validate(self, config):
         sources.require(config.data, "sentences", self.name)
+        t = config.model.text
+        if t.kind not in ENCODERS:
+            raise ConfigError(
+                f"model.text.kind={t.kind!r}: task={self.name} encodes with one of "
+                f"{', '.join(ENCODERS)} over word vectors"
+            )
+        odd = t.bidirectional and t.width % 2
+        if t.kind != "cnn" and (odd or t.width < 1 or t.depth < 1):
+            raise ConfigError(
+                f"model.text.width={t.width}, depth={t.depth}: positive, and the width even "
+                "for a bidirectional tower (width // 2 units each way)"
+            )
         try:
             path = vectors_file(config)
         except (ImportError, OSError) as e:
@@ -62,7 +87,21 @@ class TextClassificationTask(Task):
         return wordvec.WordTokenizer(_vectors(config).words, config.data.text_length)
 
     def build_model(self, config, vocab_size):
-        t = config.text_cnn
+        t, text = config.text_cnn, config.model.text
+        if text.kind != "cnn":
+            tower = RecurrentTextTower(
+                kind=text.kind,
+                vocab_size=vocab_size,
+                width=text.width,
+                depth=text.depth,
+                embed_dim=_vectors(config).vectors.shape[1],
+                bidirectional=text.bidirectional,
+                pad_id=wordvec.PAD,
+                eot_id=None,  # word ids: no end marker, the text ends at the last non-pad
+                freeze_embeddings=t.freeze,
+                dtype=jnp.dtype(config.dtype),
+            )
+            return RecurrentClassifier(tower, num_classes=len(reviews.CLASSES))
         return TextCNN(
             vocab_size=vocab_size,
             embed_dim=_vectors(config).vectors.shape[1],
@@ -75,7 +114,7 @@ class TextClassificationTask(Task):
 
     def frozen_prefixes(self, config):
         # No optimizer state or update for a frozen table (the model stops its gradient too).
-        return ("embedding",) if config.text_cnn.freeze else ()
+        return ("/".join(_embedding_path(config)),) if config.text_cnn.freeze else ()
 
     def example_batch(self, config):
         return {
@@ -92,7 +131,14 @@ class TextClassificationTask(Task):
             _vectors(config), config.seed, random=config.text_cnn.random_vectors
         )
         params = dict(variables["params"])
-        params["embedding"] = params["embedding"].replace_boxed(jnp.asarray(table))
+        *outer, name = _embedding_path(config)
+        holder = params
+        for key in outer:
+            holder[key] = dict(holder[key])
+            holder = holder[key]
+        if holder[name].value.shape != table.shape:  # a config/vectors mismatch, never silent
+            raise ConfigError(f"word vectors {table.shape} do not fit {holder[name].value.shape}")
+        holder[name] = holder[name].replace_boxed(jnp.asarray(table))
         return {**variables, "params": params}
 
     def objective(self, model, config, mesh, rules):
