@@ -71,6 +71,10 @@ def get_config() -> ml_collections.ConfigDict:
     # probability, else one of the 8 others (partial descriptions, Chinese) uniformly. Full
     # descriptions teach position and size fast; the others make prompts of other phrasings work.
     c.data.first_caption_prob = 0.5
+    # Which captions count as "the full description" for that draw (indices into an example's
+    # captions; uniformly among them). shapes: 0 is the English one, 6 the Chinese one, e.g.
+    # (0, 6) for a model that should follow full prompts in both languages as well.
+    c.data.canonical_captions = (0,)
     # With this probability, an image whose drawn caption names no colour ("a circle", "a
     # small star") is shown with its RGB channels permuted: shape features that do not depend
     # on colour, so shapes are recognised in colours they never had in training (see

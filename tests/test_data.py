@@ -252,6 +252,36 @@ def test_stream_is_deterministic_per_seed(data_cfg):
     assert not np.array_equal(a["image"], b["image"])
 
 
+def test_canonical_captions_share_the_full_description_draws(data_cfg):
+    """(0, 6): the English and the Chinese full descriptions share `first_caption_prob`'s
+    draws; the default (0,) keeps every earlier run's stream."""
+    cfg = ml_collections.ConfigDict(data_cfg.to_dict())
+    cfg.first_caption_prob = 1.0
+    tok = pipeline.tokenizer_for(cfg)
+
+    def drawn(canonical):
+        cfg.canonical_captions = canonical
+        it = pipeline.train_iterator(
+            cfg, seed=0, global_batch_size=64, process_index=0, process_count=1, num_threads=0
+        )
+        return [tok.decode(ids) for b in _take(it, 2) for ids in b["tokens"]]
+
+    english = drawn((0,))
+    assert all(t.startswith(("a ", "an ")) or t[0].isupper() for t in english)  # English, full
+    both = drawn((0, 6))
+    chinese = [t for t in both if not t.isascii()]
+    assert 0.3 < len(chinese) / len(both) < 0.7
+    assert all("有一个" in t or "位于" in t for t in chinese)  # the full Chinese description
+    assert drawn((0, 6)) == both  # deterministic
+    cfg.canonical_captions = (0, 9)
+    with pytest.raises(ValueError, match=r"only 9 captions; use indices below 9"):
+        next(
+            pipeline.train_iterator(
+                cfg, seed=0, global_batch_size=64, process_index=0, process_count=1, num_threads=0
+            )
+        )
+
+
 def test_epochs_drop_remainder_and_reshuffle(data_cfg):
     # 200 examples, global batch 64: 3 batches per epoch, 8 examples dropped each epoch.
     batches = _take(_iterator(data_cfg, global_batch=64), 6)
@@ -342,3 +372,19 @@ def test_eval_arrays(data_cfg):
         attrs = shapes.Attributes(*(int(arrays[k][i]) for k in shapes.Attributes._fields))
         assert tok.decode(arrays["tokens"][i]) == shapes.canonical_caption(attrs)
         assert arrays["heldout"][i] == attrs.heldout
+
+
+def test_canonical_captions_are_refused_where_no_caption_is_drawn():
+    from configs import video_contrastive
+    from mmjax.errors import ConfigError
+    from mmjax.tasks import get_task
+    from mmjax.train.validate import validate_config
+
+    config = video_contrastive.get_config()
+    config.data.canonical_captions = (0, 6)
+    with pytest.raises(ConfigError, match=r"does not draw from an image's captions"):
+        validate_config(config, get_task(config.task))
+    config = default_config.get_config()
+    config.data.canonical_captions = (6, 6)
+    with pytest.raises(ConfigError, match="distinct caption indices"):
+        validate_config(config, get_task(config.task))

@@ -75,8 +75,8 @@ class DecodeImage(grain.transforms.RandomMap):
 
 class DecodeAndPickCaption(grain.transforms.RandomMap):
     """Decodes and augments the image (`DecodeImage`), and tokenizes one of the example's
-    captions, chosen at random: the first (canonical) caption with probability
-    `first_caption_prob`, else one of the others uniformly.
+    captions, chosen at random: a canonical caption (`data.canonical_captions`, by default the
+    first) with probability `first_caption_prob`, else one of the others uniformly.
 
     grain seeds the generator from (pipeline seed, stream position), and the position
     encodes the epoch, so the choices are deterministic and differ between epochs.
@@ -87,14 +87,27 @@ class DecodeAndPickCaption(grain.transforms.RandomMap):
         self._first_prob = data_cfg.first_caption_prob
         self._image = DecodeImage(data_cfg)
         self._permute_prob = data_cfg.colourless_permute_prob
+        self._canonical = tuple(int(i) for i in data_cfg.get("canonical_captions", (0,)))
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict:
         captions = element["captions"]
+        if max(self._canonical) >= len(captions):
+            raise ValueError(
+                f"data.canonical_captions={self._canonical}: an example has only "
+                f"{len(captions)} captions; use indices below {len(captions)}"
+            )
         # Always draw both numbers, so the stream of choices does not depend on the outcome.
         use_first = rng.random() < self._first_prob
-        other = 1 + rng.integers(len(captions) - 1) if len(captions) > 1 else 0
+        if self._canonical == (0,):  # the draws of every run before canonical_captions existed
+            others = len(captions) - 1
+            other = 1 + rng.integers(others) if others else 0
+            first = 0
+        else:  # a third draw (which canonical one), made whatever the outcome
+            rest = [i for i in range(len(captions)) if i not in self._canonical]
+            other = rest[rng.integers(len(rest))] if rest else self._canonical[0]
+            first = self._canonical[rng.integers(len(self._canonical))]
         image = self._image.random_map(element, rng)["image"]
-        caption = captions[0 if use_first else other]
+        caption = captions[first if use_first else other]
         if self._permute_prob > 0:  # off: no draws, the stream of earlier runs is unchanged
             image = colour_permutation.permute_if_colourless(
                 image, caption, self._permute_prob, rng

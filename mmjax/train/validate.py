@@ -58,6 +58,8 @@ def validate_config(c: ml_collections.ConfigDict, task: Task) -> None:
     if not task.draws_captions:
         why = f"task={task.name} draws no caption per image to permute colours for"
         refuse_overrides(c, ("data.colourless_permute_prob",), why)
+        why = f"task={task.name} does not draw from an image's captions"
+        refuse_overrides(c, ("data.canonical_captions",), why)
     if int(c.microbatches) < 1:
         raise ConfigError(f"microbatches={c.microbatches} must be >= 1 (1 = no GradCache)")
     if c.dtype not in ("float32", "bfloat16"):
@@ -79,6 +81,11 @@ def validate_config(c: ml_collections.ConfigDict, task: Task) -> None:
         raise ConfigError(f"keep_checkpoints={c.keep_checkpoints} must be >= 1")
     if not 0.0 <= c.data.first_caption_prob <= 1.0:
         raise ConfigError(f"data.first_caption_prob={c.data.first_caption_prob} must be in [0, 1]")
+    canonical = tuple(c.data.get("canonical_captions", (0,)))
+    if not canonical or len(set(canonical)) != len(canonical) or min(canonical) < 0:
+        raise ConfigError(
+            f"data.canonical_captions={canonical}: distinct caption indices >= 0, at least one"
+        )
     if not 0.0 <= c.data.colourless_permute_prob <= 1.0:
         raise ConfigError(
             f"data.colourless_permute_prob={c.data.colourless_permute_prob} must be in [0, 1]"
