@@ -4,6 +4,7 @@
                              --out DIR [--seed S] [--rerank-with W2]
                              [--temperature T] [--top-k K] [--top-p P] [--guidance G]
     python -m mmjax.generate --workdir W --judge [--rerank-with W2] [--prompts 32] [--num 16]
+        [--language en|zh]
                              [--out DIR]
 
 W is a `task=text_to_image` training workdir (its newest checkpoint). The first form writes
@@ -64,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, help="classifier-free guidance, 1 = none")
     p.add_argument("--judge", action="store_true", help="judge held-out prompts instead")
     p.add_argument("--prompts", type=int, default=32, help="--judge: held-out prompts")
+    p.add_argument(
+        "--language", choices=("en", "zh"), default="en", help="--judge: the prompts' language"
+    )
     return p
 
 

@@ -37,7 +37,7 @@ def grid_image(images_MSS3: np.ndarray, columns: int) -> np.ndarray:
 
 
 def judge_report(run, sampling, args, out: str, reranker) -> str:
-    prompts, wanted = heldout_prompts(args.prompts)
+    prompts, wanted = heldout_prompts(args.prompts, args.language)
     k = args.num
     tokens = np.repeat(run.tokenizer.encode(prompts), k, axis=0)
     with run.context():
@@ -59,6 +59,7 @@ def judge_report(run, sampling, args, out: str, reranker) -> str:
         part["score"] = float(np.mean([part[a] for a in SCORED]))
     record = {
         "checkpoint": run.source,
+        "language": args.language,
         "prompts": prompts,
         "samples_per_prompt": k,
         "seed": args.seed,

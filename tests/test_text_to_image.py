@@ -320,3 +320,18 @@ def test_decode_bench_samples_the_same_codes_with_and_without_the_cache(tmp_path
     for run in result["runs"]:
         assert run["same_captions"], run
         assert run["cache_tokens_per_s"] == pytest.approx(2 * 16 / run["cache_s"])
+
+
+def test_chinese_heldout_prompts_name_the_same_compositions():
+    from mmjax.data.builtin import shapes
+    from mmjax.eval.generated_images import heldout_prompts
+
+    english, wanted = heldout_prompts(16)
+    chinese, wanted_zh = heldout_prompts(16, "zh")
+    for a in wanted:
+        np.testing.assert_array_equal(wanted[a], wanted_zh[a])
+    for i, prompt in enumerate(chinese):
+        for names, a in ((shapes.SHAPES_ZH, "shape"), (shapes.COLORS_ZH, "color")):
+            assert names[wanted[a][i]] in prompt
+        assert prompt.startswith(shapes.POSITIONS_ZH[wanted["position"][i]] + "有一个")
+    assert all(p.isascii() for p in english) and not any(p.isascii() for p in chinese)

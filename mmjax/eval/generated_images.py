@@ -25,8 +25,9 @@ SCORED = ("color", "position")
 CHANCE = float(np.mean([image_judge.CHANCE[a] for a in SCORED]))
 
 
-def heldout_prompts(count: int) -> tuple[list[str], dict[str, np.ndarray]]:
-    """(`count` canonical captions of held-out compositions, their attributes {name: [count]})."""
+def heldout_prompts(count: int, language: str = "en") -> tuple[list[str], dict[str, np.ndarray]]:
+    """(`count` canonical captions of held-out compositions, their attributes {name: [count]});
+    language "zh": the same compositions as Chinese full descriptions."""
     pairs = sorted(shapes.HELDOUT_PAIRS, key=lambda p: (p[1], p[0]))
     prompts, wanted = [], {a: [] for a in image_judge.ATTRIBUTES}
     for i in range(count):
@@ -34,7 +35,7 @@ def heldout_prompts(count: int) -> tuple[list[str], dict[str, np.ndarray]]:
         rng = np.random.default_rng([0x7E57, i])
         size, position = int(rng.integers(len(shapes.SIZES))), int(rng.integers(9))
         attrs = shapes.Attributes(shape, color, size, position)
-        prompts.append(shapes.canonical_caption(attrs))
+        prompts.append(shapes.canonical_caption(attrs, language))
         for a in image_judge.ATTRIBUTES:
             wanted[a].append(getattr(attrs, a))
     return prompts, {a: np.array(v) for a, v in wanted.items()}

@@ -306,9 +306,24 @@ _ZH_GROUPS = (
 assert len(_EN_GROUPS) == NUM_EN_CAPTIONS and len(_ZH_GROUPS) == NUM_ZH_CAPTIONS
 
 
-def canonical_caption(attrs: Attributes) -> str:
-    """The full English description, e.g. "a large red triangle in the top left corner"."""
+def canonical_caption(attrs: Attributes, language: str = "en") -> str:
+    """The full description, e.g. "a large red triangle in the top left corner"; language
+    "zh": the first template of the Chinese full description (caption index NUM_EN_CAPTIONS's
+    group), e.g. "左上角有一个大的红色三角形"."""
+    if language == "zh":
+        return _ZH_GROUPS[0][0].format(**_chinese_fields(attrs))
+    if language != "en":
+        raise ValueError(f"language={language!r}: en or zh")
     return _EN_GROUPS[0][0].format(**_english_fields(attrs))
+
+
+def _chinese_fields(attrs: Attributes) -> dict[str, str]:
+    return dict(
+        shape=SHAPES_ZH[attrs.shape],
+        color=COLORS_ZH[attrs.color],
+        size=SIZES_ZH[attrs.size],
+        pos=POSITIONS_ZH[attrs.position],
+    )
 
 
 def _english_fields(attrs: Attributes) -> dict[str, str]:
@@ -330,13 +345,7 @@ def _english_fields(attrs: Attributes) -> dict[str, str]:
 
 def captions(attrs: Attributes, rng: np.random.Generator) -> list[str]:
     """NUM_EN_CAPTIONS English then NUM_ZH_CAPTIONS Chinese captions; the first is canonical."""
-    en = _english_fields(attrs)
-    zh = dict(
-        shape=SHAPES_ZH[attrs.shape],
-        color=COLORS_ZH[attrs.color],
-        size=SIZES_ZH[attrs.size],
-        pos=POSITIONS_ZH[attrs.position],
-    )
+    en, zh = _english_fields(attrs), _chinese_fields(attrs)
     out = [canonical_caption(attrs)]
     for group in _EN_GROUPS[1:]:
         out.append(group[rng.integers(len(group))].format(**en))
