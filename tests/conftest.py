@@ -36,9 +36,10 @@ def tiny(
     `config.data`. The behaviour under test does not depend on size, and equal sizes let the
     tests share the built datasets of the session's `data_dir`."""
     m = config.model
-    m.embed_dim = 32
-    for tower in (m.image, m.text):
-        tower.update(width=32, depth=1, mlp_dim=64, num_heads=2)
+    if config.task != "image_tokenizer":  # configured by vqvae.*: it refuses model.* changes
+        m.embed_dim = 32
+        for tower in (m.image, m.text):
+            tower.update(width=32, depth=1, mlp_dim=64, num_heads=2)
     if "fusion" in m:
         m.fusion.update(width=32, depth=1, mlp_dim=64, num_heads=2)
     if "video" in config:

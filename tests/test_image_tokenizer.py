@@ -12,7 +12,6 @@ import optax
 import pytest
 
 from configs import image_tokenizer as recipe
-from mmjax import config as base
 from mmjax import parallel
 from mmjax.data import sources
 from mmjax.errors import ConfigError
@@ -32,7 +31,6 @@ SIZE = 16  # 16 px through two stride-2 levels: a 4x4 grid
 
 def tiny_config(data_dir=None) -> ml_collections.ConfigDict:
     c = tiny(recipe.get_config(), data_dir, image_size=SIZE)
-    c.model = base.get_config().model  # the towers tiny() shrinks are not this task's model
     c.vqvae.update(codebook_size=16, code_dim=4, channels=(8, 16), res_blocks=1)
     c.optim.warmup_steps = 1
     return c
