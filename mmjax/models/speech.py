@@ -234,6 +234,12 @@ def ctc_collapse(ids_A: np.ndarray, blank: int) -> list[int]:
     return [t for i, t in enumerate(ids) if t != blank and (i == 0 or t != ids[i - 1])]
 
 
+def encode_audio(model: SpeechToText, params, audio_BN):
+    """Waveforms [B, N] -> the encoder's audio tokens [B, A, D] (log-mel features, encoder)."""
+    apply = lambda *args, **kw: model.apply({"params": params}, *args, **kw)
+    return apply(apply(audio_BN, method=SpeechToText.features), method=SpeechToText.encode)
+
+
 def transcribe(
     model: SpeechToText,
     params,
@@ -245,13 +251,16 @@ def transcribe(
     pad: int,
     cache: bool = True,
     all_beams: bool = False,
+    audio_BAD=None,
 ):
     """(tokens [B, length], log-probability [B]) of the best of `beam` beams per clip
     (`decoding.beam_search`; beam=1 is greedy); with `all_beams` every beam, best first
     ([B, beam, length], [B, beam]). Without `cache` every position reruns the whole prefix:
-    the reference the cached decoding equals."""
+    the reference the cached decoding equals. `audio_BAD`: the clips already encoded
+    (`encode_audio`), for callers that also read the encoder (CTC rescoring)."""
     apply = lambda *args, **kw: model.apply({"params": params}, *args, **kw)
-    audio_BAD = apply(apply(audio_BN, method=SpeechToText.features), method=SpeechToText.encode)
+    if audio_BAD is None:
+        audio_BAD = encode_audio(model, params, audio_BN)
     audio_NAD = jnp.repeat(audio_BAD, beam, axis=0)  # row b·beam + k: beam k of clip b
     if cache:
         step = lambda tokens_NL, t, c: decoding.apply_cached(

@@ -37,6 +37,7 @@ from mmjax.models.speech import (
     clip_samples,
     ctc_collapse,
     ctc_greedy,
+    encode_audio,
     transcribe,
 )
 from mmjax.train.task import Task, headline
@@ -211,14 +212,13 @@ def joint_transcribe(model, params, audio_BN, length, beam, tokenizer, ctc_resco
     head's (joint CTC/attention rescoring: the CTC head has no language-model prior, so it
     vetoes hypotheses the audio does not support), and the best by the decoder's alone."""
     bos, eot, pad = tokenizer.bos_id, tokenizer.eot_id, tokenizer.pad_id
+    audio_BAD = encode_audio(model, params, audio_BN)  # once, for the beams and the CTC head
     tokens_BKL, decoder_BK = transcribe(
-        model, params, audio_BN, length, beam, bos, eot, pad, all_beams=True
+        model, params, audio_BN, length, beam, bos, eot, pad, all_beams=True, audio_BAD=audio_BAD
     )
     if ctc_rescore == 0:
         return tokens_BKL[:, 0], tokens_BKL[:, 0]
-    apply = lambda *a, **kw: model.apply({"params": params}, *a, **kw)
-    audio_BAD = apply(apply(audio_BN, method=SpeechToText.features), method=SpeechToText.encode)
-    logits_BAV = apply(audio_BAD, method=SpeechToText.ctc_logits)
+    logits_BAV = model.apply({"params": params}, audio_BAD, method=SpeechToText.ctc_logits)
     b, k, length = tokens_BKL.shape
     nll, _ = ctc_nll(jnp.repeat(logits_BAV, k, axis=0), tokens_BKL.reshape(b * k, length), pad, eot)
     joint_BK = (1 - ctc_rescore) * decoder_BK - ctc_rescore * nll.reshape(b, k)
