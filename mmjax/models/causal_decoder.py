@@ -1,8 +1,10 @@
-"""A causal Transformer decoder over a context (CoCa's text decoder): one module for the
-teacher-forced pass of training and the cached, position-by-position pass of decoding."""
+"""A causal Transformer decoder over a context (CoCa's and speech-to-text's text decoder): one
+module for the teacher-forced pass of training and the cached, position-by-position pass of
+decoding, and `decode_tokens`, which feeds it token ids."""
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from mmjax.models.cross_attention import CrossBlock, key_mask
 from mmjax.models.fusion_attention import zero_padding
@@ -50,3 +52,27 @@ class CausalDecoder(Precision):
             )
         x_BTD = LayerNorm(self.dtype, self.param_dtype, name="ln_final")(x_BTD)
         return zero_padding(x_BTD, valid_BT)
+
+
+def decode_tokens(
+    decoder: CausalDecoder,
+    token_embedding_VD: jax.Array,
+    position_embedding_LD: jax.Array,
+    pad_id: int,
+    context_BSE: jax.Array,
+    tokens_BL: jax.Array,
+    position: jax.Array | int | None = None,
+) -> jax.Array:
+    """`decoder`'s output for token ids (token plus learned position embeddings, in the
+    decoder's dtype): [B, L, D] teacher-forced without `position`; with it, [B, 1, D] for the
+    one token at `position`, from the key/value caches (`CausalDecoder`'s decoding mode).
+    Padding keys are masked, but position 0 (BOS) is always a valid key, so no query row is
+    ever fully masked."""
+    valid_BL = (tokens_BL != pad_id) | (jnp.arange(tokens_BL.shape[1]) == 0)[None]
+    start = 0 if position is None else position
+    if position is not None:
+        tokens_BL = jax.lax.dynamic_slice_in_dim(tokens_BL, position, 1, axis=1)
+    x_BTD = jnp.take(token_embedding_VD, tokens_BL, axis=0).astype(decoder.dtype)
+    rows_TD = jax.lax.dynamic_slice_in_dim(position_embedding_LD, start, tokens_BL.shape[1])
+    x_BTD = x_BTD + rows_TD.astype(decoder.dtype)[None]
+    return decoder(x_BTD, context_BSE, valid_BL, cache_position=position)

@@ -5,12 +5,11 @@ decoding with static shapes and key/value caches (`caption`)."""
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import ml_collections
 
 from mmjax.models import decoding
-from mmjax.models.causal_decoder import CausalDecoder
+from mmjax.models.causal_decoder import CausalDecoder, decode_tokens
 from mmjax.models.layers import Dtype, LayerNorm, dense, param
 from mmjax.models.two_tower import TwoTower, build_two_tower
 
@@ -83,15 +82,9 @@ class CoCa(nn.Module):
         """(pooled_BD, img_BND): the image tower's outputs."""
         return self.two_tower.image(images)
 
-    def _embed(self, tokens_BT, position):
-        """Token plus position embeddings of tokens at positions position.. ([B, T, D])."""
-        x_BTD = jnp.take(self.token_embedding, tokens_BT, axis=0).astype(self.dtype)
-        rows = jax.lax.dynamic_slice_in_dim(self.position_embedding, position, tokens_BT.shape[1])
-        return x_BTD + rows.astype(self.dtype)[None]
-
-    def _valid(self, tokens_BL):
-        # Position 0 (BOS) is always a valid key, so no query row is ever fully masked.
-        return (tokens_BL != self.pad_id) | (jnp.arange(tokens_BL.shape[1]) == 0)[None]
+    def _hidden(self, img_BND, tokens_BL, position=None):
+        embeddings = (self.token_embedding, self.position_embedding, self.pad_id)
+        return decode_tokens(self.decoder, *embeddings, img_BND, tokens_BL, position)
 
     def _logits(self, h_BTD):
         h_BTD = self.ln_out(h_BTD)
@@ -104,8 +97,7 @@ class CoCa(nn.Module):
     def decoder_logits(self, img_BND, tokens_BL):
         """float32 [B, L, V]: logits of the token after each position (causal: position t sees
         tokens <= t only). Padding keys are masked; the image tokens are all valid."""
-        h_BLD = self.decoder(self._embed(tokens_BL, 0), img_BND, self._valid(tokens_BL))
-        return self._logits(h_BLD)
+        return self._logits(self._hidden(img_BND, tokens_BL))
 
     def decode_step(self, img_BND, tokens_BL, position):
         """float32 [B, V]: `decoder_logits(img_BND, tokens_BL)[:, position]`, computed for that
@@ -113,10 +105,7 @@ class CoCa(nn.Module):
         The caches must hold positions < `position` of the same tokens (the earlier calls');
         the first call (position 0) creates them, `tokens_BL.shape[1]` slots long, and projects
         the image tokens once (later calls do not read `img_BND`)."""
-        tokens_B1 = jax.lax.dynamic_slice_in_dim(tokens_BL, position, 1, axis=1)
-        x_B1D = self._embed(tokens_B1, position)
-        h_B1D = self.decoder(x_B1D, img_BND, self._valid(tokens_BL), cache_position=position)
-        return self._logits(h_B1D)[:, 0]
+        return self._logits(self._hidden(img_BND, tokens_BL, position))[:, 0]
 
     def __call__(self, images, tokens_BL):
         img_BE, txt_BE, aux = self.two_tower(images, tokens_BL, return_tokens=True)

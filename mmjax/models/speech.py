@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from mmjax.models import audio_features, decoding
-from mmjax.models.causal_decoder import CausalDecoder
+from mmjax.models.causal_decoder import CausalDecoder, decode_tokens
 from mmjax.models.gemm import dense
 from mmjax.models.layers import ACT_BTD, Encoder, LayerNorm, TowerSettings, param
 
@@ -151,14 +151,9 @@ class SpeechToText(TowerSettings):
         x_BAD = x_BAD + sinusoids(self.num_tokens, self.width).astype(self.dtype)[None]
         return self.encoder(nn.with_logical_constraint(x_BAD, ACT_BTD))
 
-    def _embed(self, tokens_BT, position):
-        x_BTD = jnp.take(self.token_embedding, tokens_BT, axis=0).astype(self.dtype)
-        rows = jax.lax.dynamic_slice_in_dim(self.text_position, position, tokens_BT.shape[1])
-        return x_BTD + rows.astype(self.dtype)[None]
-
-    def _valid(self, tokens_BL):
-        # Position 0 (BOS) is always a valid key, so no query row is ever fully masked.
-        return (tokens_BL != self.pad_id) | (jnp.arange(tokens_BL.shape[1]) == 0)[None]
+    def _hidden(self, audio_BAD, tokens_BL, position=None):
+        embeddings = (self.token_embedding, self.text_position, self.pad_id)
+        return self.ln_out(decode_tokens(self.decoder, *embeddings, audio_BAD, tokens_BL, position))
 
     def _project(self, h_BTD, kernel):
         b, t, d = h_BTD.shape
@@ -167,8 +162,7 @@ class SpeechToText(TowerSettings):
 
     def decoder_logits(self, audio_BAD, tokens_BL):
         """float32 [B, L, V]: logits of the token after each position (teacher forcing)."""
-        h_BLD = self.decoder(self._embed(tokens_BL, 0), audio_BAD, self._valid(tokens_BL))
-        return self._project(self.ln_out(h_BLD), self.output_kernel)
+        return self._project(self._hidden(audio_BAD, tokens_BL), self.output_kernel)
 
     def ctc_logits(self, audio_BAD):
         """float32 [B, A, V]: per audio token, the CTC distribution (blank = `pad_id`)."""
@@ -178,14 +172,8 @@ class SpeechToText(TowerSettings):
         """float32 [B, V]: `decoder_logits(...)[:, position]` from the key/value caches (apply
         with `decoding.apply_cached`; the first call creates them and projects the audio
         tokens once)."""
-        tokens_B1 = jax.lax.dynamic_slice_in_dim(tokens_BL, position, 1, axis=1)
-        h_B1D = self.decoder(
-            self._embed(tokens_B1, position),
-            audio_BAD,
-            self._valid(tokens_BL),
-            cache_position=position,
-        )
-        return self._project(self.ln_out(h_B1D), self.output_kernel)[:, 0]
+        h_B1D = self._hidden(audio_BAD, tokens_BL, position)
+        return self._project(h_B1D, self.output_kernel)[:, 0]
 
     def __call__(self, audio_BN, tokens_BL):
         audio_BAD = self.encode(self.features(audio_BN))
