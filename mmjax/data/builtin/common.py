@@ -1,13 +1,16 @@
-"""Build-once logic shared by the tfds builders of the built-in datasets (shapes, digits).
+"""Build-once logic shared by the tfds builders of the built-in datasets (shapes, digits,
+speech).
 
 Each builtin dataset is a tfds `GeneratorBasedBuilder` that runs without TensorFlow (PNG
 bytes come from `encode_png`, records are array_record files). Their `ensure_built` functions
 differ only in which builder and config they open; locating the data directory, taking the
-cross-process lock, quieting tfds and printing the one-line summary live here, once.
+cross-process lock, quieting tfds and printing the one-line summary live here, once, and so
+does the split loop of the datasets generated example by example (`IndexedSplitsBuilder`).
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import fcntl
 import io
@@ -53,6 +56,28 @@ def builder_for(
     known = {c.name for c in builder_cls.BUILDER_CONFIGS}
     selected = config.name if config.name in known else config
     return builder_cls(data_dir=data_dir, config=selected, file_format="array_record")
+
+
+class IndexedSplitsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """A built-in dataset whose config sets `num_train` and `num_val`: record i of split
+    "train" / "validation" is `_example(split, i)`, a pure function of the config, the split
+    and i (key i; with `disable_shuffling` in `_info` tfds writes the records in key order)."""
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # generated locally: nothing to download
+        cfg = self.builder_config
+        return {
+            "train": self._generate_examples("train", cfg.num_train),
+            "validation": self._generate_examples("validation", cfg.num_val),
+        }
+
+    def _generate_examples(self, split: str, count: int) -> Iterator[tuple[int, dict]]:
+        for index in range(count):
+            yield index, self._example(split, index)
+
+    @abc.abstractmethod
+    def _example(self, split: str, index: int) -> dict:
+        """The features of record `index` of `split`."""
 
 
 @contextlib.contextmanager

@@ -13,7 +13,6 @@ setting or a changed generator lands in a different directory and never reuses s
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from typing import ClassVar
 
 import numpy as np
@@ -66,7 +65,7 @@ def make_config(*, image_size: int, num_train: int, num_val: int, seed: int) -> 
     )
 
 
-class MmjaxShapes(tfds.core.GeneratorBasedBuilder):
+class MmjaxShapes(builtin_build.IndexedSplitsBuilder):
     """Procedurally generated shapes with English and Chinese captions (see `shapes.py`)."""
 
     # Bump when `shapes.py` changes what is generated for a given config.
@@ -105,32 +104,20 @@ class MmjaxShapes(tfds.core.GeneratorBasedBuilder):
             disable_shuffling=True,
         )
 
-    def _split_generators(self, dl_manager):
-        del dl_manager  # nothing to download
+    def _example(self, split: str, index: int) -> dict:
         cfg: ShapesConfig = self.builder_config
+        image, caps, attrs = shapes.generate_example(
+            split, index, image_size=cfg.image_size, seed=cfg.seed
+        )
         return {
-            "train": self._generate_examples("train", cfg.num_train),
-            "validation": self._generate_examples("validation", cfg.num_val),
+            "image": encode_png(image),
+            "captions": caps,
+            "shape": attrs.shape,
+            "color": attrs.color,
+            "size": attrs.size,
+            "position": attrs.position,
+            "heldout": attrs.heldout,
         }
-
-    def _generate_examples(self, split: str, count: int) -> Iterator[tuple[int, dict]]:
-        cfg: ShapesConfig = self.builder_config
-        for index in range(count):
-            image, caps, attrs = shapes.generate_example(
-                split, index, image_size=cfg.image_size, seed=cfg.seed
-            )
-            yield (
-                index,
-                {
-                    "image": encode_png(image),
-                    "captions": caps,
-                    "shape": attrs.shape,
-                    "color": attrs.color,
-                    "size": attrs.size,
-                    "position": attrs.position,
-                    "heldout": attrs.heldout,
-                },
-            )
 
 
 def ensure_built(

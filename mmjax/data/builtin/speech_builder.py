@@ -11,7 +11,6 @@ building process (about 4-10 ms per utterance on one core).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from typing import ClassVar
 
 import numpy as np
@@ -51,7 +50,7 @@ def make_config(*, language: str, num_train: int, num_val: int, seed: int) -> Sp
     )
 
 
-class MmjaxSpeech(tfds.core.GeneratorBasedBuilder):
+class MmjaxSpeech(builtin_build.IndexedSplitsBuilder):
     """Synthesised utterances of the shapes captions and digit strings (see `speech.py`)."""
 
     # Bump when `speech.py` changes what is written for a given config.
@@ -83,34 +82,18 @@ class MmjaxSpeech(tfds.core.GeneratorBasedBuilder):
             disable_shuffling=True,  # record i of a split is utterance i
         )
 
-    def _split_generators(self, dl_manager):
-        del dl_manager  # synthesised locally
+    def _example(self, split: str, index: int) -> dict:
         cfg: SpeechConfig = self.builder_config
+        utterance, samples = speech.generate(cfg.seed, cfg.language, split, index)
         return {
-            "train": self._generate_examples("train", cfg.num_train),
-            "validation": self._generate_examples("validation", cfg.num_val),
+            "audio": samples.astype("<i2").tobytes(),
+            "sample_rate": audio.MODEL_RATE,
+            "transcript": utterance.transcript,
+            "language": cfg.language,
+            "voice": utterance.voice,
+            "rate": utterance.rate,
+            "kind": utterance.kind,
         }
-
-    def _generate_examples(self, split: str, count: int) -> Iterator[tuple[int, dict]]:
-        cfg: SpeechConfig = self.builder_config
-        examples = (speech.generate(cfg.seed, cfg.language, split, i) for i in range(count))
-        yield from self._records(examples)
-
-    def _records(self, examples) -> Iterator[tuple[int, dict]]:
-        cfg: SpeechConfig = self.builder_config
-        for index, (utterance, samples) in enumerate(examples):
-            yield (
-                index,
-                {
-                    "audio": samples.astype("<i2").tobytes(),
-                    "sample_rate": audio.MODEL_RATE,
-                    "transcript": utterance.transcript,
-                    "language": cfg.language,
-                    "voice": utterance.voice,
-                    "rate": utterance.rate,
-                    "kind": utterance.kind,
-                },
-            )
 
 
 def ensure_built(
