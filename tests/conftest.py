@@ -35,11 +35,18 @@ def tiny(
     logged, evaluation only at the end, 64 training and 32 validation examples. `data` updates
     `config.data`. The behaviour under test does not depend on size, and equal sizes let the
     tests share the built datasets of the session's `data_dir`."""
+    from mmjax.tasks import get_task  # on use: XLA_FLAGS and the switches above come first
+
     m = config.model
-    if config.task != "image_tokenizer":  # configured by vqvae.*: it refuses model.* changes
+    # A task refuses changes to the model fields it does not read (e.g. image_tokenizer's
+    # network is configured by vqvae.*): those stay as they are.
+    unread = get_task(config.task).unread_model_settings
+    resize = lambda name: not any(name == u or name.startswith(f"{u}.") for u in unread)
+    if resize("model.embed_dim"):
         m.embed_dim = 32
-        for tower in (m.image, m.text):
-            tower.update(width=32, depth=1, mlp_dim=64, num_heads=2)
+    for name in ("image", "text"):
+        if resize(f"model.{name}"):
+            m[name].update(width=32, depth=1, mlp_dim=64, num_heads=2)
     if "fusion" in m:
         m.fusion.update(width=32, depth=1, mlp_dim=64, num_heads=2)
     if "video" in config:

@@ -18,7 +18,6 @@ import pytest
 
 from configs import image_tokenizer as tokenizer_recipe
 from configs import text_to_image as recipe
-from mmjax import config as base
 from mmjax import generate, losses, parallel
 from mmjax.errors import ConfigError
 from mmjax.eval import image_judge
@@ -167,7 +166,6 @@ def random_tokenizer(monkeypatch):
 
 def tiny_t2i(data_dir=None, tokenizer_from="tokenizer"):
     c = tiny(recipe.get_config(), data_dir)
-    c.model = base.get_config().model  # the towers tiny() shrinks are not this task's model
     c.image_tokenizer_from = tokenizer_from
     c.text_to_image.update(width=32, depth=1, num_heads=2, mlp_dim=64, eval_prompts=2)
     c.text_to_image.eval_samples = 4

@@ -1,6 +1,7 @@
 """Pre-flight checks: each bad setting is refused with one line saying what to change."""
 
 import collections
+import importlib
 import os
 
 import jax
@@ -9,8 +10,11 @@ import pytest
 
 from configs import default as default_config
 from mmjax.errors import ConfigError
-from mmjax.tasks import get_task
+from mmjax.tasks import get_task, text_to_image
 from mmjax.train import validate
+from tests.conftest import tiny
+from tests.test_perf import RECIPE_OF_TASK
+from tests.test_text_to_image import random_tokenizer_run
 
 Usage = collections.namedtuple("Usage", "total used free")
 
@@ -68,3 +72,14 @@ def test_bad_settings_are_refused(edit, message):
     edit(config)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         validate.validate_config(config, get_task(config.task))
+
+
+@pytest.mark.parametrize("task", sorted(RECIPE_OF_TASK))
+def test_every_task_accepts_its_recipe_at_test_size(task, monkeypatch):
+    """`tiny` resizes only the model fields the task reads (`Task.unread_model_settings`), so
+    no task refuses its own recipe at test size (text_to_image and image_tokenizer refuse
+    changes to the towers they do not have)."""
+    monkeypatch.setattr(text_to_image, "_tokenizer_run", random_tokenizer_run)
+    config = tiny(importlib.import_module(f"configs.{RECIPE_OF_TASK[task]}").get_config())
+    assert config.task == task
+    validate.validate_config(config, get_task(task))

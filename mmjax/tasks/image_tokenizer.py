@@ -85,12 +85,14 @@ def psnr(mse: float) -> float:
 class ImageTokenizerTask(Task):
     name = NAME
     metric_name = "psnr"
+    # Its network is configured by `vqvae.*`; a tower setting would be silently ignored.
+    unread_model_settings = ("model",)
 
     def validate(self, config):
         why = f"task={self.name} evaluates reconstructions and trains no towers"
         refuse_overrides(config, (*EVAL_SETTINGS, "init_towers_from"), why)
-        # Its network is configured by `vqvae.*`; a tower setting would be silently ignored.
-        refuse_overrides(config, ("model",), f"task={self.name} is configured by vqvae.*")
+        why = f"task={self.name} is configured by vqvae.*"
+        refuse_overrides(config, self.unread_model_settings, why)
         kind = sources.BUILTIN.get(config.data.name, "image_text")
         if kind != "image_text":
             raise ConfigError(

@@ -38,7 +38,8 @@ from mmjax.train.validate import refuse_overrides
 
 MAKE_TOKENIZER = "python train.py --config configs/image_tokenizer.py --workdir WORKDIR"
 # Settings of the base config this task never reads: changing one would do nothing.
-_UNUSED = ("model.image", "model.embed_dim", "eval.tasks", "init_towers_from")
+_UNREAD_MODEL = ("model.image", "model.embed_dim")
+_UNUSED = (*_UNREAD_MODEL, "eval.tasks", "init_towers_from")
 
 
 @functools.lru_cache(maxsize=4)
@@ -90,6 +91,7 @@ class TextToImageTask(Task):
     name = "text_to_image"
     metric_name = "color_position"
     draws_captions = True  # pipeline.caption_batches
+    unread_model_settings = _UNREAD_MODEL
 
     def validate(self, config):
         if "text_to_image" not in config:

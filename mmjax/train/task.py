@@ -98,6 +98,10 @@ class Task(abc.ABC):
     # True: training pairs images with captions drawn by `pipeline.DecodeAndPickCaption`, so
     # `data.colourless_permute_prob` applies (other tasks refuse it).
     draws_captions = False
+    # The `model.*` fields (dotted: "model" is all of them) the task's model never reads, as
+    # for a task with a network configured elsewhere: its `validate` refuses changes to them,
+    # and helpers that resize the towers (tests' `tiny`) leave them alone.
+    unread_model_settings: tuple[str, ...] = ()
 
     def validate(self, config: ml_collections.ConfigDict) -> None:
         """Raises `mmjax.errors.ConfigError` for settings this task cannot run with (the
