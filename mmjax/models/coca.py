@@ -150,13 +150,5 @@ def caption(
     (`decoding.beam_search`; beam=1 is greedy). With `cache` each position runs the decoder on
     its one new token against key/value caches; without, the whole prefix is rerun at every
     position (the reference: the same captions, slower)."""
-    apply = lambda *args, **kw: model.apply({"params": params}, *args, **kw)
-    _, img_BND = apply(images, method=CoCa.image_tokens)
-    img_NSD = jnp.repeat(img_BND, beam, axis=0)  # row b·beam + k: beam k of image b
-    if cache:
-        step = lambda tokens_NL, t, c: decoding.apply_cached(
-            model, params, c, img_NSD, tokens_NL, t, method=CoCa.decode_step
-        )
-    else:
-        step = decoding.prefix_step(lambda t: apply(img_NSD, t, method=CoCa.decoder_logits))
-    return decoding.beam_search(step, images.shape[0], length, beam, bos, eot, pad)
+    _, img_BND = model.apply({"params": params}, images, method=CoCa.image_tokens)
+    return decoding.search_on_context(model, params, img_BND, length, beam, bos, eot, pad, cache)

@@ -145,3 +145,35 @@ def beam_search(
     if all_beams:
         return tokens, scores
     return tokens[:, 0], scores[:, 0]  # top_k keeps beams sorted: beam 0 is the best
+
+
+def search_on_context(
+    model: nn.Module,
+    params,
+    context_BSE: jax.Array,
+    length: int,
+    beam: int,
+    bos: int,
+    eot: int,
+    pad: int,
+    cache: bool = True,
+    all_beams: bool = False,
+):
+    """`beam_search` (same returns) of a decoder conditioned on `context_BSE` (image or audio
+    tokens) through its methods `decode_step(context, tokens, position)`, one position from the
+    key/value caches, and `decoder_logits(context, tokens)`, teacher-forced: with `cache` each
+    position runs on its one new token; without, the whole prefix is rerun at every position
+    (`prefix_step`, the reference the cached decoding equals)."""
+    context_NSE = jnp.repeat(context_BSE, beam, axis=0)  # row b·beam + k: beam k of example b
+    if cache:
+        method = type(model).decode_step
+        step = lambda tokens_NL, t, c: apply_cached(
+            model, params, c, context_NSE, tokens_NL, t, method=method
+        )
+    else:
+        method = type(model).decoder_logits
+        step = prefix_step(
+            lambda tokens_NL: model.apply({"params": params}, context_NSE, tokens_NL, method=method)
+        )
+    batch = context_BSE.shape[0]
+    return beam_search(step, batch, length, beam, bos, eot, pad, all_beams=all_beams)

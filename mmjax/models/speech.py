@@ -246,18 +246,8 @@ def transcribe(
     ([B, beam, length], [B, beam]). Without `cache` every position reruns the whole prefix:
     the reference the cached decoding equals. `audio_BAD`: the clips already encoded
     (`encode_audio`), for callers that also read the encoder (CTC rescoring)."""
-    apply = lambda *args, **kw: model.apply({"params": params}, *args, **kw)
     if audio_BAD is None:
         audio_BAD = encode_audio(model, params, audio_BN)
-    audio_NAD = jnp.repeat(audio_BAD, beam, axis=0)  # row b·beam + k: beam k of clip b
-    if cache:
-        step = lambda tokens_NL, t, c: decoding.apply_cached(
-            model, params, c, audio_NAD, tokens_NL, t, method=SpeechToText.decode_step
-        )
-    else:
-        step = decoding.prefix_step(
-            lambda t: apply(audio_NAD, t, method=SpeechToText.decoder_logits)
-        )
-    return decoding.beam_search(
-        step, audio_BN.shape[0], length, beam, bos, eot, pad, all_beams=all_beams
+    return decoding.search_on_context(
+        model, params, audio_BAD, length, beam, bos, eot, pad, cache, all_beams
     )
