@@ -23,8 +23,8 @@ from mmjax.models.fusion_attention import (
     Fusion,
     FusionOutput,
     Streams,
-    input_projection,
     masked_mean,
+    typed_projections,
     zero_padding,
 )
 from mmjax.models.graph_fusion import GraphFusion
@@ -105,18 +105,7 @@ class EarlyConcatFusion(Fusion, TowerSettings):
         img_BND, txt_BLD = s.image_tokens_BND, s.text_tokens_BLD
         img_valid_BN, txt_valid_BL = s.image_valid_BN, s.text_valid_BL
         b, n, length = img_BND.shape[0], img_BND.shape[1], txt_BLD.shape[1]
-        type_emb = param(
-            self,
-            "type_embedding",
-            nn.initializers.normal(0.02),
-            (2, self.width),
-            (None, "embed"),
-            self.param_dtype,
-        ).astype(self.dtype)
-        parts = [
-            input_projection(self, "image_proj", img_BND, self.width) + type_emb[0][None, None],
-            input_projection(self, "text_proj", txt_BLD, self.width) + type_emb[1][None, None],
-        ]
+        parts = list(typed_projections(self, img_BND, txt_BLD, self.width))
         valid = [img_valid_BN, txt_valid_BL]
         if self.pool == "cls":
             cls = param(

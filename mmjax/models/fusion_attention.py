@@ -79,6 +79,25 @@ def input_projection(module: nn.Module, name: str, x_BSE: jax.Array, width: int)
     return dense(x_BSE, w, module.dtype, bias=b)
 
 
+def typed_projections(
+    module: nn.Module, img_BNE: jax.Array, txt_BLE: jax.Array, width: int
+) -> tuple[jax.Array, jax.Array]:
+    """(img_BND, txt_BLD): both towers' tokens projected to the fusion width (`image_proj`,
+    `text_proj`), each plus its modality's row of a learned type embedding (`type_embedding`
+    [2, width]: image, text), so a model that mixes the two sets of tokens can tell them apart."""
+    type_emb = param(
+        module,
+        "type_embedding",
+        nn.initializers.normal(0.02),
+        (2, width),
+        (None, "embed"),
+        module.param_dtype,
+    ).astype(module.dtype)
+    img_BND = input_projection(module, "image_proj", img_BNE, width) + type_emb[0][None, None]
+    txt_BLD = input_projection(module, "text_proj", txt_BLE, width) + type_emb[1][None, None]
+    return img_BND, txt_BLD
+
+
 class Streams(NamedTuple):
     """A fusion's inputs. A fusion that reads tokens gets both token streams and their validity
     (boolean, all True where not given); one that reads pooled vectors gets both of those."""
