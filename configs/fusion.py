@@ -31,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
     # the fusion's own Transformer layers (late_concat: mlp_dim is its hidden width; graph:
     # depth message-passing rounds, num_heads relevance and readout heads); rank_dim:
     # tensor fusion's per-modality projection; rank: low-rank fusion's rank; readout: graph's
-    # "attention" | "question" (mmjax/models/graph_fusion.py).
+    # "attention" | "question" | "count" (mmjax/models/graph_fusion.py).
     c.model.fusion = ml_collections.ConfigDict(
         dict(
             kind="cross_attention",

@@ -1,7 +1,7 @@
 """Graph reasoning fusion: relabelling nodes changes nothing (text nodes among themselves, image
 nodes together with their edges), padded text nodes never matter, the segment_sum and dense
-adjacency paths agree (both readouts), the grid's edges. Sharded = single device:
-test_graph_fusion_sharded."""
+adjacency paths agree (every readout), the count readout's gated sum, the grid's edges.
+Sharded = single device: test_graph_fusion_sharded."""
 
 import functools
 
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax.models.graph_fusion import GraphFusion, grid_edges, square_grid
+from mmjax.models.graph_fusion import GraphFusion, gated_sum, grid_edges, square_grid
 
 B, N, L, DV, DT = 2, 6, 5, 12, 16  # image tokens on a 2x3 grid
 GRID = (2, 3)
@@ -54,7 +54,7 @@ def test_grid_edges_join_axis_neighbours_both_ways():
     assert square_grid(16) == (4, 4) and square_grid(6) == (6,)
 
 
-READOUTS = pytest.mark.parametrize("readout", ["attention", "question"])
+READOUTS = pytest.mark.parametrize("readout", ["attention", "question", "count"])
 
 
 @READOUTS
@@ -108,13 +108,35 @@ def test_padded_text_nodes_never_matter_and_both_edge_paths_agree(readout):
 def test_question_readout_reads_the_text_towers_pooled_output():
     it, tt, valid = inputs()
     other = 2.0 * TEXT_POOLED[::-1]
-    for readout, changes in (("attention", False), ("question", True)):
+    for readout, changes in (("attention", False), ("question", True), ("count", True)):
         ref = apply(it, tt, valid, readout=readout)
         out = _apply(readout=readout)(params(readout), None, it, other, tt, valid)
         moved = np.abs(np.asarray(out.pooled_BD - ref.pooled_BD)).max()
         assert (moved > 1e-3) if changes else (moved == 0.0), (readout, moved)
-    with pytest.raises(ValueError, match="pooled output"):
-        _apply(readout="question")(params("question"), None, it, None, tt, valid)
+    for readout in ("question", "count"):
+        with pytest.raises(ValueError, match="pooled output"):
+            _apply(readout=readout)(params(readout), None, it, None, tt, valid)
+
+
+def test_gated_sum_counts_the_matching_tokens():
+    """The count readout's pooling: sigmoid gates summed, not normalised over the tokens, so
+    the gate mass grows with the number of matching tokens (a softmax's stays 1); padded tokens
+    weigh nothing. Against a numpy reference."""
+    rng = np.random.default_rng(4)
+    values = rng.normal(size=(2, 5, 3, 4)).astype(np.float32)  # B, N, H, K
+    scores = rng.normal(size=(2, 3, 5)).astype(np.float32)  # B, H, N
+    valid = np.array([[True] * 5, [True, True, False, True, False]])
+    summed, count = gated_sum(jnp.asarray(scores), jnp.asarray(values), jnp.asarray(valid))
+    gates = np.where(valid[:, None], 1 / (1 + np.exp(-scores)), 0.0)
+    np.testing.assert_allclose(count, gates.sum(-1), rtol=1e-6)
+    np.testing.assert_allclose(summed, np.einsum("bhn,bnhk->bhk", gates, values), rtol=1e-5)
+    # Tokens that match (score +12) or not (-12): the gate mass is their number, 0, 1 or 2,
+    # within 4 σ(-12) ≈ 2.5e-5.
+    for matches in (0, 1, 2):
+        s = np.full((1, 1, 4), -12.0, np.float32)
+        s[..., :matches] = 12.0
+        _, c = gated_sum(jnp.asarray(s), jnp.ones((1, 4, 1, 1)), jnp.ones((1, 4), bool))
+        np.testing.assert_allclose(c, [[matches]], atol=3e-5)
 
 
 def test_vqa_graph_towers_are_the_align_recipes():

@@ -1,7 +1,8 @@
-"""Graph reasoning fusion (both readouts: `question` includes `attention`) on data x tensor and
-FSDP meshes: outputs, loss and every gradient (parameters and both token inputs) equal one
-device's. Every row of the batch is distinct: with repeated rows a sharded program that swaps
-rows between shards looks right (it did, see `GraphFusion._update`)."""
+"""Graph reasoning fusion (every readout: `count` includes `question`, which includes
+`attention`) on data x tensor and FSDP meshes: outputs, loss and every gradient (parameters
+and both token inputs) equal one device's. Every row of the batch is distinct: with repeated
+rows a sharded program that swaps rows between shards looks right (it did, see
+`GraphFusion._update`)."""
 
 import flax.linen as nn
 import jax
@@ -41,7 +42,7 @@ def test_fsdp_sharded_equals_single_device(mesh):
     b = mesh["data"] * mesh["fsdp"]  # one row per batch shard: the case that went wrong
     it, tt, valid, pooled = batch(b)
     cot = jnp.asarray(np.random.default_rng(6).normal(size=(b, WIDTH)), jnp.float32)
-    m = GraphFusion(width=WIDTH, depth=1, num_heads=2, grid=(2, 3), readout="question")
+    m = GraphFusion(width=WIDTH, depth=1, num_heads=2, grid=(2, 3), readout="count")
 
     def loss(p, it, tt):
         out = m.apply({"params": p}, None, it, pooled, tt, valid)
