@@ -35,7 +35,7 @@ from mmjax.models.fusion_attention import (
     Fusion,
     FusionOutput,
     Streams,
-    input_projection,
+    typed_projections,
     zero_padding,
 )
 from mmjax.models.layers import LayerNorm, dense, param
@@ -106,24 +106,13 @@ class GraphFusion(Fusion):
         n = s.image_tokens_BND.shape[1]
         edges_E2 = self._edges(n)
         img_valid_BN, txt_valid_BL = s.image_valid_BN, s.text_valid_BL
-        type_emb = param(
-            self,
-            "type_embedding",
-            nn.initializers.normal(0.02),
-            (2, self.width),
-            (None, "embed"),
-            self.param_dtype,
-        ).astype(self.dtype)
-        img_BND = input_projection(self, "image_proj", s.image_tokens_BND, self.width)
-        txt_BLD = input_projection(self, "text_proj", s.text_tokens_BLD, self.width)
+        img_BND, txt_BLD = typed_projections(
+            self, s.image_tokens_BND, s.text_tokens_BLD, self.width
+        )
         # Node states: batch-sharded, features replicated (as the Transformer's residual
         # stream); see `_update` for why this is not left to XLA's propagation.
-        img_BND = nn.with_logical_constraint(
-            zero_padding(img_BND + type_emb[0][None, None], img_valid_BN), ACT
-        )
-        txt_BLD = nn.with_logical_constraint(
-            zero_padding(txt_BLD + type_emb[1][None, None], txt_valid_BL), ACT
-        )
+        img_BND = nn.with_logical_constraint(zero_padding(img_BND, img_valid_BN), ACT)
+        txt_BLD = nn.with_logical_constraint(zero_padding(txt_BLD, txt_valid_BL), ACT)
         for r in range(self.depth):
             m_img, m_txt = self._messages(f"round{r}", img_BND, txt_BLD, s, edges_E2)
             img_BND = self._update(f"round{r}_image", img_BND, m_img, img_valid_BN)
