@@ -147,7 +147,8 @@ def test_vqa_graph_towers_are_the_align_recipes():
     graph, pretrained = vqa_graph.get_config().model, align.get_config().model
     assert graph.image.to_dict() == pretrained.image.to_dict()
     assert graph.text.to_dict() == pretrained.text.to_dict()
-    assert graph.fusion.kind == "graph" and graph.fusion.readout == "question"
+    assert graph.fusion.kind == "graph" and graph.fusion.readout == "count"
+    assert vqa_graph.get_config().optim.frozen_prefixes == ("image/", "text/")
 
 
 def test_question_readout_on_another_fusion_is_an_error():
