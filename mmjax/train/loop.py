@@ -97,7 +97,8 @@ def _run(task: Task, config: ml_collections.ConfigDict, workdir: str) -> dict:
         if restored is None:  # a fresh run: initialised, then the saved parameters placed
             start, state = 0, trainer.init(jax.random.key(config.seed))
             params = pretrained.merge(state.params, abstract_params, start_from)
-            state = state.replace(params=params)
+            model_state = pretrained.merge_state(state.model_state, start_from)
+            state = state.replace(params=params, model_state=model_state)
         else:
             start, state = restored
             metrics.note(f"Resumed from step {start} in {workdir}")

@@ -40,6 +40,9 @@ class Pretrained:
     directory: str = ""
     keep: tuple[str, ...] = ()
     loaded: str = ""  # printed once placed, e.g. "Towers image, text initialised from <path>"
+    # The saved model state of the subtree (`{"batch_stats": {...}}`: a BatchNorm tower's running
+    # statistics), placed by `merge_state`: a tower is its parameters and its statistics.
+    state: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if (self.params is None) == (not self.directory):
@@ -49,6 +52,12 @@ class Pretrained:
 def read_params(source: str, setting: str) -> tuple[str, dict]:
     """(checkpoint path, host parameters) of `source`: a run directory (its newest checkpoint)
     or a parameters-only checkpoint. `setting` names the config field in errors."""
+    path, params, _ = read_params_and_state(source, setting)
+    return path, params
+
+
+def read_params_and_state(source: str, setting: str) -> tuple[str, dict, dict]:
+    """`read_params` plus the saved model state (BatchNorm statistics; {} when none)."""
     source = os.path.abspath(source)
     run_checkpoints = os.path.join(source, "checkpoints")
     path = source
@@ -65,7 +74,9 @@ def read_params(source: str, setting: str) -> tuple[str, dict]:
     import orbax.checkpoint as ocp
 
     tree = ocp.StandardCheckpointer().restore(path)
-    return path, jax.device_get(tree.get("params", tree))
+    if "params" not in tree:  # a parameters-only checkpoint
+        return path, jax.device_get(tree), {}
+    return path, jax.device_get(tree["params"]), jax.device_get(tree.get("model_state") or {})
 
 
 def from_settings(
@@ -79,7 +90,7 @@ def from_settings(
     source = config.get("init_towers_from", "")
     if source:
         source = os.path.abspath(source)
-        path, params = read_params(source, "init_towers_from")
+        path, params, saved_state = read_params_and_state(source, "init_towers_from")
         missing = [t for t in config.init_towers if t not in params]
         if missing:
             raise ConfigError(
@@ -94,6 +105,7 @@ def from_settings(
                     misfit=f"init_towers_from: the saved {tower} tower does not fit "
                     f"model.{tower} (make the tower configs equal)",
                     loaded=f"Tower {tower} initialised from {path}",
+                    state={c: tree[tower] for c, tree in saved_state.items() if tower in tree},
                 )
             )
     if config.init_from:
@@ -166,3 +178,32 @@ def merge(params: dict, abstract_params: dict, sources: list[Pretrained]) -> dic
         if source.loaded:
             metrics.note(source.loaded)
     return params
+
+
+def merge_state(model_state: dict, sources: list[Pretrained]) -> dict:
+    """`model_state` (the initialised collections, e.g. BatchNorm statistics) with the saved
+    state of every source placed at its path, in the shardings and dtypes of the initial
+    values. ConfigError when the model has no such state or it does not fit (a BatchNorm tower
+    loaded into a tower normalised otherwise would silently drop its statistics)."""
+    for source in sources:
+        for collection, values in source.state.items():
+            where = "/".join(source.path)
+            try:
+                target = _subtree(model_state[collection], source.path)
+            except (KeyError, TypeError):
+                raise ConfigError(
+                    f"{source.misfit}: the saved {where} has {collection} (BatchNorm running "
+                    "statistics) and the model's has none (use the saved run's norm)"
+                ) from None
+            problems = checkpoint.mismatches(
+                checkpoint.shapes_of(values), checkpoint.shapes_of(target)
+            )
+            if problems:
+                raise ConfigError(f"{source.misfit} ({collection}): {'; '.join(problems[:6])}")
+            place = lambda x, t: jax.device_put(x.astype(t.dtype), t.sharding)
+            placed = jax.tree.map(place, values, target)
+            model_state = {
+                **model_state,
+                collection: _replaced(model_state[collection], source.path, placed),
+            }
+    return model_state
