@@ -137,6 +137,15 @@ RECIPE_OF_TASK = {
 }
 
 
+def use_own_vectors(config, tmp_path) -> None:
+    """A text_classification recipe reads a vectors file of its own: the packaged MiniLM vectors
+    need the interop extra, which the fast tier does not install."""
+    if config.task == "text_classification":
+        path = tmp_path / "vectors.txt"
+        path.write_text("".join(f"{w} 0.1 0.2 0.3 0.4\n" for w in reviews.vocabulary()))
+        config.text_cnn.vectors = str(path)
+
+
 @pytest.mark.parametrize("task", sorted(TASKS))
 def test_every_task_counts_its_model_flops(task, data_dir, tmp_path, monkeypatch):
     recipe = importlib.import_module(f"configs.{RECIPE_OF_TASK[task]}")
@@ -147,11 +156,7 @@ def test_every_task_counts_its_model_flops(task, data_dir, tmp_path, monkeypatch
         from tests.test_text_to_image import random_tokenizer_run
 
         monkeypatch.setattr(text_to_image, "_tokenizer_run", random_tokenizer_run)
-    if task == "text_classification":  # a vectors file of its own: the packaged MiniLM vectors
-        # need the interop extra, which the fast tier does not install
-        path = tmp_path / "vectors.txt"
-        path.write_text("".join(f"{w} 0.1 0.2 0.3 0.4\n" for w in reviews.vocabulary()))
-        config.text_cnn.vectors = str(path)
+    use_own_vectors(config, tmp_path)
     per_step = _step_flops(config)
     config.batch_size *= 2
     # Linear in the batch (plus the in-batch similarity matrices of contrastive terms).

@@ -13,7 +13,7 @@ from mmjax.errors import ConfigError
 from mmjax.tasks import get_task, text_to_image
 from mmjax.train import validate
 from tests.conftest import tiny
-from tests.test_perf import RECIPE_OF_TASK
+from tests.test_perf import RECIPE_OF_TASK, use_own_vectors
 from tests.test_text_to_image import random_tokenizer_run
 
 Usage = collections.namedtuple("Usage", "total used free")
@@ -75,11 +75,12 @@ def test_bad_settings_are_refused(edit, message):
 
 
 @pytest.mark.parametrize("task", sorted(RECIPE_OF_TASK))
-def test_every_task_accepts_its_recipe_at_test_size(task, monkeypatch):
+def test_every_task_accepts_its_recipe_at_test_size(task, monkeypatch, tmp_path):
     """`tiny` resizes only the model fields the task reads (`Task.unread_model_settings`), so
     no task refuses its own recipe at test size (text_to_image and image_tokenizer refuse
     changes to the towers they do not have)."""
     monkeypatch.setattr(text_to_image, "_tokenizer_run", random_tokenizer_run)
     config = tiny(importlib.import_module(f"configs.{RECIPE_OF_TASK[task]}").get_config())
     assert config.task == task
+    use_own_vectors(config, tmp_path)
     validate.validate_config(config, get_task(task))
