@@ -241,22 +241,12 @@ class GraphFusion(Fusion):
         image's colours, which neither stream carries alone. Reading the towers' outputs, not
         the nodes, keeps contrastively pretrained towers' alignment of colour words with image
         colours (`init_towers_from`), which the random node projections would scramble."""
-        h = self.num_heads
-        img_BND, question_BD = s.image_tokens_BND, s.text_pooled_BD
-        if question_BD is None:
-            raise ValueError("GraphFusion readout='question' needs the text tower's pooled output")
-        d_img = img_BND.shape[-1]
-        if d_img % h:
-            raise ValueError(f"GraphFusion image width {d_img} is not divisible by {h} heads")
-        k = d_img // h
-        query_BHK = self._project("question_query", question_BD, (h, k), ("heads", "kv"))
-        keys_BNHK = self._project("question_key", img_BND, (h, k), ("heads", "kv"))
-        scores_BHN = jnp.einsum("BNHK,BHK->BHN", keys_BNHK, query_BHK) / math.sqrt(k)
+        scores_BHN, values_BNHK = self._question_scores("question", s.image_tokens_BND, s)
         weights_BHN = _masked_softmax(scores_BHN, s.image_valid_BN[:, None], axis=2)
-        values_BNHK = img_BND.astype(jnp.float32).reshape(*img_BND.shape[:2], h, k)
-        image_BD = jnp.einsum("BHN,BNHK->BHK", weights_BHN, values_BNHK).reshape(-1, d_img)
+        image_BHK = jnp.einsum("BHN,BNHK->BHK", weights_BHN, values_BNHK)
+        image_BD = image_BHK.reshape(image_BHK.shape[0], -1)
         image_BD = self._project("question_image", image_BD, (self.width,), ("mlp",))
-        text_BD = self._project("question_text", question_BD, (self.width,), ("mlp",))
+        text_BD = self._project("question_text", s.text_pooled_BD, (self.width,), ("mlp",))
         return nn.with_logical_constraint(
             (image_BD * text_BD).astype(self.dtype), ("batch", "act_embed")
         )
@@ -269,31 +259,43 @@ class GraphFusion(Fusion):
         there a red shape?", which a softmax pick (weights summing to one) cannot express. The
         values keep the towers' token content (a ResNet token carries its position), for "which
         side is the star on?". Reads the towers' outputs, as `_question_product` does."""
-        h = self.num_heads
-        img_BND, question_BD = s.image_tokens_BND, s.text_pooled_BD
-        if question_BD is None:
-            raise ValueError("GraphFusion readout='count' needs the text tower's pooled output")
-        d_img = img_BND.shape[-1]
-        k = d_img // h  # divisibility checked by `_question_product`
         # Pinned to the batch sharding as the node states are (`_update`): left to XLA, the
         # image tokens' gradient came out with rows mixed between shards on data=2 x fsdp=2 x
         # tensor=2 (test_graph_fusion_sharded).
-        img_BND = nn.with_logical_constraint(img_BND, ACT)
-        query_BHK = self._project("count_query", question_BD, (h, k), ("heads", "kv"))
-        keys_BNHK = self._project("count_key", img_BND, (h, k), ("heads", "kv"))
+        img_BND = nn.with_logical_constraint(s.image_tokens_BND, ACT)
+        scores_BHN, values_BNHK = self._question_scores("count", img_BND, s)
+        h = self.num_heads
         bias_H = param(
             self, "count_bias", nn.initializers.zeros, (h,), ("heads",), self.param_dtype
         )
-        scores_BHN = jnp.einsum("BNHK,BHK->BHN", keys_BNHK, query_BHK) / math.sqrt(k)
         scores_BHN = scores_BHN + bias_H.astype(jnp.float32)[None, :, None]
-        values_BNHK = img_BND.astype(jnp.float32).reshape(*img_BND.shape[:2], h, k)
         summed_BHK, count_BH = gated_sum(scores_BHN, values_BNHK, s.image_valid_BN)
-        features_BF = jnp.concatenate([summed_BHK.reshape(-1, d_img), count_BH], axis=-1)
+        summed_BD = summed_BHK.reshape(summed_BHK.shape[0], -1)
+        features_BF = jnp.concatenate([summed_BD, count_BH], axis=-1)
         # Zero at initialisation: the readout starts as "question"'s, whose colour questions
         # break through early; a random projection of the gate sums delayed that (README, VQA).
         zero = {"init": nn.initializers.zeros}
         out_BD = self._project("count_out", features_BF, (self.width,), ("mlp",), **zero)
         return nn.with_logical_constraint(out_BD.astype(self.dtype), ("batch", "act_embed"))
+
+    def _question_scores(self, prefix: str, img_BND: jax.Array, s: Streams):
+        """(scores [B, H, N] float32, values [B, N, H, K] float32): per head, the question (the
+        text tower's pooled output) against every image token, q·k_n/√K, with the tokens split
+        into heads as the values; `prefix` names the query/key projections of one readout."""
+        question_BD, h = s.text_pooled_BD, self.num_heads
+        if question_BD is None:
+            raise ValueError(
+                f"GraphFusion readout={self.readout!r} needs the text tower's pooled output"
+            )
+        d_img = img_BND.shape[-1]
+        if d_img % h:
+            raise ValueError(f"GraphFusion image width {d_img} is not divisible by {h} heads")
+        k = d_img // h
+        query_BHK = self._project(f"{prefix}_query", question_BD, (h, k), ("heads", "kv"))
+        keys_BNHK = self._project(f"{prefix}_key", img_BND, (h, k), ("heads", "kv"))
+        scores_BHN = jnp.einsum("BNHK,BHK->BHN", keys_BNHK, query_BHK) / math.sqrt(k)
+        values_BNHK = img_BND.astype(jnp.float32).reshape(*img_BND.shape[:2], h, k)
+        return scores_BHN, values_BNHK
 
     def _project(self, name, x_BSD, out: tuple[int, ...], axes, **init) -> jax.Array:
         """x W for an input of any width (a tower's, not `width`), float32 accumulation."""
