@@ -1,7 +1,8 @@
-"""ALIGN-style recipe (Jia et al., 2021): a convolutional image tower and a BERT-style text tower
-trained with the softmax contrastive loss, on the built-in `shapes` data, in the default run's
-format (the same data, batch, steps (600), loss and evaluation as configs/default.py: 2.4 min
-here, about as long as the default run).
+"""ALIGN-style recipe (Jia et al., 2021): the default run's towers (a convolutional image tower
+and a BERT-style text tower, `mmjax.default_recipe.align_towers`) trained with the base
+configuration's softmax contrastive loss, data, batch, 600 steps and evaluation, without the
+default run's shape settings (colour-permuted images, partial captions, learning rate, frozen
+text warm-up): the "ALIGN towers" row of the README table "What made the default run learn".
 
 Image: open_clip's modified ResNet (`model.image.kind=resnet`, mmjax/models/resnet.py), sized
 for 64 px images: one bottleneck block per stage, 16 stem channels (a 2×2×512 final map),
@@ -14,11 +15,8 @@ Run: python train.py --config configs/align.py
 """
 
 from mmjax import config as base
+from mmjax import default_recipe
 
 
 def get_config():
-    c = base.get_config()
-    c.model.image.update(kind="resnet", layers=(1, 1, 1, 1), resnet_width=16, num_heads=8)
-    c.model.image.norm = "batch"
-    c.model.text.causal = False
-    return c
+    return default_recipe.align_towers(base.get_config())

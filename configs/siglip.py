@@ -1,4 +1,5 @@
-"""The default recipe trained with the SigLIP sigmoid loss instead of the softmax InfoNCE loss."""
+"""The base configuration's tiny CLIP (ViT image tower, `mmjax/config.py`) trained with the SigLIP
+sigmoid loss instead of the softmax InfoNCE loss."""
 
 from mmjax import config as base
 

@@ -1,8 +1,10 @@
 """The base configuration: every field the library reads, with its default and what it means.
 
-The defaults train a tiny CLIP on the built-in `shapes` dataset, offline, on 2 CPU cores. Recipes
-(the repository's `configs/*.py`, or a file of your own anywhere) build on `get_config()` and
-override fields; they are what `python train.py --config FILE` and `python -m mmjax.main` load.
+The defaults train a tiny CLIP (a ViT image tower) on the built-in `shapes` dataset, offline, on 2
+CPU cores. Recipes (the repository's `configs/*.py`, or a file of your own anywhere) build on
+`get_config()` and override fields; they are what `python train.py --config FILE` and `python -m
+mmjax.main` load. Without `--config` those train `mmjax/default_recipe.py`, which builds on this
+one too (other towers and four settings that make the run learn shape).
 Living in the package, the defaults work from an installed wheel: the library never imports the
 repository's `configs/`.
 """

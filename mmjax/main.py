@@ -2,7 +2,8 @@
 
     python -m mmjax.main [--config RECIPE.py[:ARG]] [--workdir DIR] [--config.key=value ...]
 
-Without `--config` it trains the package's base configuration (`mmjax/config.py`). Rerunning with
+Without `--config` it trains the default run's recipe (`mmjax/default_recipe.py`: ALIGN-style
+towers on the built-in `shapes` data; task recipes build on `mmjax/config.py`). Rerunning with
 the same workdir resumes from its newest checkpoint. Exit codes: 0 done (or preempted with a
 checkpoint), 2 a setting or input that cannot work (one `error:` line, before anything compiles;
 also a workdir another run holds, or whose checkpoints another configuration wrote), 3 bad steps
@@ -19,8 +20,7 @@ import sys
 
 import ml_collections
 
-from mmjax import config as base_config
-from mmjax import tasks
+from mmjax import default_recipe, tasks
 from mmjax.train import loop
 
 
@@ -62,7 +62,7 @@ def _define_flags():
         # unknown field surfaces now, as a KeyError/AttributeError with a "did you mean" hint.
         config = config_flags.DEFINE_config_file(
             "config",
-            base_config.__file__,
+            default_recipe.__file__,
             "Recipe file (e.g. configs/siglip.py); override fields with --config.key=value.",
             lock_config=True,
         )
@@ -96,7 +96,7 @@ def _run_name(config_flag) -> str:
     from ml_collections import config_flags
 
     path = config_flags.get_config_filename(flags.FLAGS[config_flag.name])
-    if os.path.abspath(path) == os.path.abspath(base_config.__file__):
+    if os.path.abspath(path) == os.path.abspath(default_recipe.__file__):
         return "default"
     return os.path.splitext(os.path.basename(path))[0]
 

@@ -46,7 +46,9 @@ def tiny(
         m.embed_dim = 32
     for name in ("image", "text"):
         if resize(f"model.{name}"):
-            m[name].update(width=32, depth=1, mlp_dim=64, num_heads=2)
+            m[name].update(width=32, num_heads=2)
+            if m[name].get("kind") != "resnet":  # (a ResNet has layers, no depth or MLP)
+                m[name].update(depth=1, mlp_dim=64)
     if "fusion" in m:
         m.fusion.update(width=32, depth=1, mlp_dim=64, num_heads=2)
     if "video" in config:

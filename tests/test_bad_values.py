@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from configs import default as default_config
+from mmjax import config as base_config
 from mmjax import main
 from mmjax.errors import ConfigError
 from tests.conftest import tiny
@@ -31,7 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ],
 )
 def test_bad_value_is_a_config_error(tmp_path, edit, message):
-    config = tiny(default_config.get_config())
+    config = tiny(base_config.get_config())
     edit(config)
     with pytest.raises(ConfigError) as caught:
         main.train(config, str(tmp_path / "run"))
@@ -40,7 +40,7 @@ def test_bad_value_is_a_config_error(tmp_path, edit, message):
 
 
 def test_batch_larger_than_the_dataset_is_a_config_error(tmp_path, data_dir):
-    config = tiny(default_config.get_config(), data_dir)  # 64 training examples
+    config = tiny(base_config.get_config(), data_dir)  # 64 training examples
     config.batch_size = 128
     with pytest.raises(ConfigError, match="batch_size=128 is larger than the 64 training exam"):
         main.train(config, str(tmp_path / "run"))

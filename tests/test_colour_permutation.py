@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from configs import default as default_config
+from mmjax import config as base_config
 from mmjax.data import colour_permutation, pipeline, preprocess
 from mmjax.errors import ConfigError
 from mmjax.tasks import get_task
@@ -57,7 +57,7 @@ def test_coloured_captions_and_prob_zero_keep_the_image_and_the_draws():
 
 
 def test_training_stream_permutes_only_colourless_pairs(data_dir):
-    cfg = default_config.get_config().data
+    cfg = base_config.get_config().data
     cfg.update(data_dir=data_dir, image_size=32, num_train=200, num_val=96)
 
     def batch(prob):

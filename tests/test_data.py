@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import default as default_config
+from mmjax import config as base_config
 from mmjax.data import pipeline
 from mmjax.data.builtin import shapes, shapes_builder
 from mmjax.data.tokenizers import ByteTokenizer
@@ -23,7 +23,7 @@ NUM_TRAIN, NUM_VAL, IMAGE_SIZE = 200, 96, 32  # 96 = two rounds of the 48 compos
 
 @pytest.fixture(scope="module")
 def data_cfg(data_dir):
-    cfg = default_config.get_config().data
+    cfg = base_config.get_config().data
     cfg.update(
         data_dir=data_dir,
         image_size=IMAGE_SIZE,
@@ -384,7 +384,7 @@ def test_canonical_captions_are_refused_where_no_caption_is_drawn():
     config.data.canonical_captions = (0, 6)
     with pytest.raises(ConfigError, match=r"does not draw from an image's captions"):
         validate_config(config, get_task(config.task))
-    config = default_config.get_config()
+    config = base_config.get_config()
     config.data.canonical_captions = (6, 6)
     with pytest.raises(ConfigError, match="distinct caption indices"):
         validate_config(config, get_task(config.task))

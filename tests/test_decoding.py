@@ -13,7 +13,8 @@ import numpy as np
 import optax
 import pytest
 
-from configs import captioning, default
+from configs import captioning
+from mmjax import config as base_config
 from mmjax import losses, parallel
 from mmjax.bench.__main__ import main
 from mmjax.models import decoding
@@ -181,7 +182,7 @@ def test_cached_captions_on_the_8_device_mesh_are_the_learned_ones(coca):
     cache (test_cached_captions_equal_prefix_rerun_captions)."""
     model, images, params = coca
     mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
-    rules = tuple(default.get_config().rules)
+    rules = tuple(base_config.get_config().rules)
     abstract = jax.eval_shape(model.init, jax.random.key(1), images, padded(CAPTIONS))["params"]
     specs = nn.get_partition_spec(abstract)
     shardings = parallel.logical_shardings(nn.unbox(abstract), specs, mesh, rules)

@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 from tensorflow_datasets.testing import mocking
 
-from configs import default
+from mmjax import config as base_config
 from mmjax import errors, evaluate, parallel
 from mmjax.data import pipeline, preprocess, sources
 from mmjax.data.build import dataset as build
@@ -33,7 +33,7 @@ DIGITS_VAL = 359  # sklearn's 1797 digits, 20% for validation: a size no batch h
 
 def tiny_config(data_dir: str) -> ml_collections.ConfigDict:
     """The base recipe at test size on 16 px digits (2×2 patches)."""
-    c = tiny(default.get_config(), data_dir, name="digits", image_size=16)
+    c = tiny(base_config.get_config(), data_dir, name="digits", image_size=16)
     c.model.image.patch_size = 8
     # The base's 4 heads: test_built_folder_tasks' R@5 of 1 holds for the random parameters of
     # this model (a gallery of 4 images but ~8 captions does not guarantee it in general).

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import default
+from mmjax import config as base_config
 from mmjax import parallel
 from mmjax.models.cross_attention import CrossAttention, CrossBlock
 from mmjax.models.fusion import FUSIONS, build_fusion
@@ -294,7 +294,7 @@ def test_sharded_equals_single_device(name):
     single = _loss_and_grads(model, jax.jit(init)(key), it, tt, valid, cot)
 
     mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
-    rules = tuple(default.get_config().rules)
+    rules = tuple(base_config.get_config().rules)
     abstract = jax.eval_shape(lambda k: model.init(k, None, it, None, tt, valid)["params"], key)
     shardings = parallel.logical_shardings(
         nn.unbox(abstract), nn.get_partition_spec(abstract), mesh, rules

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import default
+from mmjax import config as base_config
 from mmjax import parallel
 from mmjax.models.graph_fusion import GraphFusion
 
@@ -57,7 +57,7 @@ def test_fsdp_sharded_equals_single_device(mesh):
     init = lambda k: nn.unbox(m.init(k, None, it, pooled, tt, valid))["params"]
     single = grad(jax.jit(init)(key), it, tt)
     mesh = parallel.make_mesh(ml_collections.ConfigDict(mesh))
-    rules = tuple(default.get_config().rules)
+    rules = tuple(base_config.get_config().rules)
     abstract = jax.eval_shape(lambda k: m.init(k, None, it, pooled, tt, valid)["params"], key)
     shardings = parallel.logical_shardings(
         nn.unbox(abstract), nn.get_partition_spec(abstract), mesh, rules

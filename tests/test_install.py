@@ -152,7 +152,7 @@ def test_bench_finds_its_packaged_configs(installed, data_dir, tmp_path):
     args += ["--stage-examples", "4", "--json", "--override", f"data.data_dir={data_dir}"]
     args += ["--override", "data.num_train=64", "--override", "data.num_val=32"]
     result = json.loads(_run(python, *args, cwd=tmp_path, env=env).stdout.splitlines()[-1])
-    assert result["config"] == "default" and result["dataset"] == "shapes"
+    assert result["config"] == "base" and result["dataset"] == "shapes"
     assert result["runs"][0]["images_per_s"] > 0
 
 

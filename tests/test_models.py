@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default
+from mmjax import config as base_config
 from mmjax.models.text import TextTransformer
 from mmjax.models.two_tower import build_two_tower
 from mmjax.models.vision import ViT
@@ -15,7 +15,7 @@ VOCAB = 64
 
 
 def tiny_config(dtype="float32"):
-    c = default.get_config()
+    c = base_config.get_config()
     c.dtype = dtype
     c.data.image_size = 16
     c.data.text_length = 12

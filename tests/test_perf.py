@@ -92,6 +92,7 @@ def _step_flops(config):
             trainer.abstract_state.params,
             task.example_batch(config),
             config.batch_size,
+            trainer.abstract_state.model_state,  # the default run's BatchNorm statistics
         )
 
 

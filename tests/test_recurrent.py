@@ -11,8 +11,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import default
 from configs import fusion as fusion_config
+from mmjax import config as base_config
 from mmjax import parallel
 from mmjax.errors import ConfigError
 from mmjax.models.fusion_classifier import build_fusion_classifier
@@ -112,7 +112,7 @@ def test_sharded_equals_single_device():
     grad = jax.jit(jax.value_and_grad(loss))
     single = grad(jax.jit(init)(key), tokens)
     mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
-    rules = tuple(default.get_config().rules)
+    rules = tuple(base_config.get_config().rules)
     abstract = jax.eval_shape(lambda k: model.init(k, tokens)["params"], key)
     shardings = parallel.logical_shardings(
         nn.unbox(abstract), nn.get_partition_spec(abstract), mesh, rules
@@ -145,7 +145,7 @@ def test_classifier_and_two_tower_train_through_the_recurrent_tower():
     grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, images, SHORT) ** 2)))(p)
     assert p["text"]["token_embedding"].shape == (20, 16)
     assert float(jnp.linalg.norm(grads["text"]["token_embedding"])) > 0
-    clip = build_two_tower(_recurrent(tiny(default.get_config()), "gru", False), 20)
+    clip = build_two_tower(_recurrent(tiny(base_config.get_config()), "gru", False), 20)
     v = clip.init(jax.random.key(0), images, SHORT)
     _, txt, _ = jax.jit(clip.apply)(v, images, SHORT)
     _, txt_long, _ = jax.jit(clip.apply)(v, images, LONG)
@@ -154,7 +154,7 @@ def test_classifier_and_two_tower_train_through_the_recurrent_tower():
 
 
 def test_recurrent_settings_are_checked():
-    config = tiny(default.get_config())
+    config = tiny(base_config.get_config())
     config.model.text.bidirectional = True
     with pytest.raises(ConfigError, match="bidirectional=True is a setting of the recurrent"):
         validate_towers(config)

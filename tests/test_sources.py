@@ -8,7 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.testing import mocking
 
-from configs import default as default_config
+from mmjax import config as base_config
 from mmjax import errors
 from mmjax.data import pipeline, preprocess, sources
 
@@ -17,7 +17,7 @@ from mmjax.data import pipeline, preprocess, sources
 def data_cfg(tmp_path_factory):
     """A datasets folder of this module's own, not the session's: a test below reads the one
     shapes build it holds."""
-    cfg = default_config.get_config().data
+    cfg = base_config.get_config().data
     cfg.update(data_dir=str(tmp_path_factory.mktemp("tfds")), image_size=32)
     cfg.update(num_train=64, num_val=40)
     return cfg

@@ -218,12 +218,12 @@ def test_whole_word_masking_chooses_words_not_tokens():
 
 @pytest.mark.slow
 def test_fusion_task_starts_from_contrastively_pretrained_towers(tmp_path, data_dir):
-    from configs import default
+    from mmjax import config as base_config
     from mmjax.errors import ConfigError
     from mmjax.train import pretrained
     from mmjax.train.trainer import build_trainer
 
-    run(tiny(default.get_config(), data_dir), str(tmp_path / "pretrained"))
+    run(tiny(base_config.get_config(), data_dir), str(tmp_path / "pretrained"))
 
     config = tiny(fusion_config.get_config(), data_dir)
     config.init_towers_from, config.init_towers = str(tmp_path / "pretrained"), ("image",)

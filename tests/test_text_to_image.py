@@ -279,9 +279,9 @@ def test_generate_writes_reranked_images_deterministically(tmp_path, data_dir, t
     t2i = str(tmp_path / "t2i")
     train(tiny_t2i(data_dir, tokenizer_run), t2i)
     clip = str(tmp_path / "clip")
-    from configs import default
+    from mmjax import config as base_config
 
-    train(tiny(default.get_config(), data_dir), clip)
+    train(tiny(base_config.get_config(), data_dir), clip)
     outs = []
     for name in ("a", "b"):
         out = tmp_path / name

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import default as default_config
+from mmjax import config as base_config
 from mmjax.errors import ConfigError
 from mmjax.tasks import get_task, text_to_image
 from mmjax.train import validate
@@ -68,7 +68,7 @@ def test_workdir_must_be_writable(tmp_path):
     ],
 )
 def test_bad_settings_are_refused(edit, message):
-    config = default_config.get_config()
+    config = base_config.get_config()
     edit(config)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         validate.validate_config(config, get_task(config.task))
@@ -84,3 +84,18 @@ def test_every_task_accepts_its_recipe_at_test_size(task, monkeypatch, tmp_path)
     assert config.task == task
     use_own_vectors(config, tmp_path)
     validate.validate_config(config, get_task(task))
+
+
+@pytest.mark.parametrize("key, value", [("depth", 6), ("patch_size", 4), ("pool", "cls")])
+def test_a_resnet_tower_refuses_the_vits_settings(key, value):
+    """The default run's image tower is a ResNet: a ViT setting (e.g. `model.image.depth`, which
+    changed the default run when it was a ViT) would do nothing, so it is refused, naming it."""
+    from mmjax import default_recipe
+
+    config = default_recipe.get_config()
+    validate.validate_config(config, get_task(config.task))  # the recipe itself passes
+    config.model.image[key] = value
+    with pytest.raises(
+        ConfigError, match=rf"kind=resnet .*model\.image\.{key}=.* would do nothing"
+    ):
+        validate.validate_config(config, get_task(config.task))

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import default, matching, mm_classification
+from configs import matching, mm_classification
+from mmjax import config as base_config
 from mmjax import parallel, visualize
 from mmjax.data import pipeline, preprocess, tokenizers
 from mmjax.data.builtin import labelled
@@ -53,7 +54,7 @@ def matching_run():
 
 @pytest.fixture(scope="module")
 def two_tower_run():
-    return initialised(tiny(default.get_config()))
+    return initialised(tiny(base_config.get_config()))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-CONFIG_HELP = "an mmjax recipe file (default: the base config, mmjax/config.py)"
+CONFIG_HELP = "an mmjax recipe file (default: the base config, mmjax/config.py: the tiny CLIP)"
 OPEN_CLIP_HELP = (
     "an open_clip model-config JSON: a path, a name of open_clip's (e.g. ViT-B-16) or of "
     "mmjax/bench/configs/ (e.g. clip_tiny_64)"

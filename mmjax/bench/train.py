@@ -111,7 +111,7 @@ def load_config(args: argparse.Namespace) -> tuple[ml_collections.ConfigDict, in
         config, vocab = open_clip_config.mmjax_config_from_open_clip(oc_cfg)
         return config, vocab, Path(args.open_clip_config).stem, oc_cfg
     if args.config is None:
-        config, name = base_config.get_config(), "default"
+        config, name = base_config.get_config(), "base"
     else:
         spec = importlib.util.spec_from_file_location("mmjax_bench_config", args.config)
         if spec is None or spec.loader is None:

@@ -50,6 +50,16 @@ def refuse_overrides(config: ml_collections.ConfigDict, names: Iterable[str], wh
         raise ConfigError(f"{why}: {', '.join(changed)} would do nothing; remove the override{s}")
 
 
+# The ViT image tower's settings (mmjax/config.py): a ResNet tower reads none of them.
+VIT_ONLY_SETTINGS = tuple(
+    f"model.image.{key}"
+    for key in (
+        *("patch_size", "depth", "mlp_dim", "pool", "posemb", "stem_channels"),
+        *("patch_bias", "pre_norm"),
+    )
+)
+
+
 def validate_config(c: ml_collections.ConfigDict, task: Task) -> None:
     """The settings every task shares (steps, batch, dtype, data, guard), then `task.validate`
     for the task's own (e.g. the towers' model fields: `two_tower.validate_towers`)."""
@@ -62,6 +72,11 @@ def validate_config(c: ml_collections.ConfigDict, task: Task) -> None:
         refuse_overrides(c, ("data.canonical_captions",), why)
     if int(c.microbatches) < 1:
         raise ConfigError(f"microbatches={c.microbatches} must be >= 1 (1 = no GradCache)")
+    if _field(c, "model.image.kind") == "resnet":
+        why = (
+            "model.image.kind=resnet reads none of the ViT's settings (it has layers, resnet_width)"
+        )
+        refuse_overrides(c, VIT_ONLY_SETTINGS, why)
     if c.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"dtype={c.dtype!r} is unsupported; use float32 or bfloat16")
     if c.peak_tflops < 0:
@@ -118,6 +133,13 @@ def validate_config(c: ml_collections.ConfigDict, task: Task) -> None:
         raise ConfigError(
             f"microbatches={c.microbatches}: task={task.name!r} does not support GradCache; "
             "set microbatches=1"
+        )
+    towers = c.get("init_towers_from", "")
+    if towers and not os.path.exists(towers):  # e.g. configs/vqa.py before the default run
+        raise ConfigError(
+            f"init_towers_from={towers!r} does not exist; train that run first (e.g. the "
+            f"default run's towers: python train.py --workdir {towers}) or point "
+            "init_towers_from at a run directory"
         )
 
 
