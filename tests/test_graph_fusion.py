@@ -139,16 +139,27 @@ def test_gated_sum_counts_the_matching_tokens():
         np.testing.assert_allclose(c, [[matches]], atol=3e-5)
 
 
-def test_vqa_graph_towers_are_the_align_recipes():
-    """configs/vqa_graph.py starts from an ALIGN run (`init_towers_from`): its towers must be
-    configs/align.py's, or the checkpoint does not fit."""
-    from configs import align, vqa_graph
+def test_vqa_reads_the_default_runs_towers(tmp_path):
+    """configs/vqa.py starts from the default run (`init_towers_from`): its towers must be
+    mmjax/default_recipe.py's, or the checkpoint does not fit, and without that run it is
+    refused before anything is built, saying to train it."""
+    from configs import vqa
+    from mmjax import default_recipe
+    from mmjax.errors import ConfigError
+    from mmjax.tasks import get_task
+    from mmjax.train.validate import validate_config
 
-    graph, pretrained = vqa_graph.get_config().model, align.get_config().model
-    assert graph.image.to_dict() == pretrained.image.to_dict()
-    assert graph.text.to_dict() == pretrained.text.to_dict()
-    assert graph.fusion.kind == "graph" and graph.fusion.readout == "count"
-    assert vqa_graph.get_config().optim.frozen_prefixes == ("image/", "text/")
+    c, pretrained = vqa.get_config(), default_recipe.get_config().model
+    assert c.model.image.to_dict() == pretrained.image.to_dict()
+    assert c.model.text.to_dict() == pretrained.text.to_dict()
+    assert c.model.fusion.kind == "graph" and c.model.fusion.readout == "count"
+    assert c.optim.frozen_prefixes == ("image/", "text/")
+    assert c.init_towers_from == "workdirs/default"  # where `python train.py` writes
+    c.init_towers_from = str(tmp_path / "default")
+    with pytest.raises(ConfigError, match=r"does not exist; train that run first .* python train"):
+        validate_config(c, get_task(c.task))
+    (tmp_path / "default").mkdir()
+    validate_config(c, get_task(c.task))
 
 
 def test_question_readout_on_another_fusion_is_an_error():
@@ -157,7 +168,7 @@ def test_question_readout_on_another_fusion_is_an_error():
     from mmjax.models.fusion_classifier import fusion_kwargs
 
     c = vqa.get_config()
-    c.model.fusion.readout = "question"
+    c.model.fusion.update(kind="cross_attention", readout="question")
     with pytest.raises(ConfigError, match="graph fusion's"):
         fusion_kwargs(c)
     c.model.fusion.kind = "graph"

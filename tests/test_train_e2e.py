@@ -94,6 +94,13 @@ def test_every_config_runs_one_step(path, data_dir, tmp_path):
         run(tokenizer, str(tmp_path / "tokenizer"))
         config = load_config(path)
         config.image_tokenizer_from = str(tmp_path / "tokenizer")
+    elif load_config(path).init_towers_from:  # vqa.py: frozen towers of one default-run step
+        towers = load_config(os.path.join(REPO, "configs", "default.py"))
+        towers.total_steps, towers.batch_size, towers.eval.batch_size = 1, 16, 32
+        towers.data.update(data_dir=data_dir, num_train=512, num_val=96)
+        run(towers, str(tmp_path / "towers"))
+        config = load_config(path)
+        config.init_towers_from = str(tmp_path / "towers")
     else:
         config = load_config(path)
     config.total_steps = 1
