@@ -102,6 +102,10 @@ def validate_objective(
             f"distill.teacher={teacher!r} does not exist; train the teacher first (e.g. "
             f"python train.py --workdir {teacher}) or point distill.teacher at its run"
         )
+    try:  # (e.g. a BatchNorm teacher cannot run per GradCache microbatch)
+        validate_towers(teacher_config(config))
+    except ConfigError as e:
+        raise ConfigError(f"distill.teacher_model (empty: model): {e}") from None
     teacher_dim = teacher_config(config).model.embed_dim
     if o.distill_embed > 0 and teacher_dim != config.model.embed_dim:
         raise ConfigError(
@@ -177,7 +181,11 @@ class ContrastiveTask(Task):
         parts = tuple(p for p in TRAINING_PARTS if p in abstract_params)
         sources = pretrained.from_settings(config, keep=parts) + hf_text_tower(config)
         if "teacher" in abstract_params:
-            path, params = pretrained.read_params(config.distill.teacher, "distill.teacher")
+            # The teacher is its parameters and its BatchNorm running statistics (the default
+            # run's ResNet), placed in the model state's "teacher" subtree and never updated.
+            path, params, state = pretrained.read_params_and_state(
+                config.distill.teacher, "distill.teacher"
+            )
             sources.append(
                 pretrained.Pretrained(
                     path=("teacher",),
@@ -185,6 +193,8 @@ class ContrastiveTask(Task):
                     misfit=f"distill.teacher={os.path.abspath(config.distill.teacher)!r} "
                     "does not fit distill.teacher_model (empty: model)",
                     loaded=f"Distillation teacher loaded from {path}",
+                    state=state,
+                    state_complete=True,
                 )
             )
         return sources

@@ -43,6 +43,10 @@ class Pretrained:
     # The saved model state of the subtree (`{"batch_stats": {...}}`: a BatchNorm tower's running
     # statistics), placed by `merge_state`: a tower is its parameters and its statistics.
     state: dict = dataclasses.field(default_factory=dict)
+    # True: `state` is all of the subtree's saved state (a run's), so state the model has there
+    # and `state` lacks is a misfit too (a distillation teacher whose run had no BatchNorm would
+    # otherwise normalise with fresh statistics: GroupNorm has BatchNorm's parameter shapes).
+    state_complete: bool = False
 
     def __post_init__(self):
         if (self.params is None) == (not self.directory):
@@ -127,6 +131,13 @@ def _subtree(tree: dict, path: tuple[str, ...]) -> dict:
     return tree
 
 
+def _has(tree: dict, path: tuple[str, ...]) -> bool:
+    try:
+        return bool(_subtree(tree, path))
+    except (KeyError, TypeError):
+        return False
+
+
 def _replaced(tree: dict, path: tuple[str, ...], values: dict) -> dict:
     """`tree` with the subtree at `path` updated by `values` (keys it lacks stay as they are)."""
     if not path:
@@ -186,8 +197,16 @@ def merge_state(model_state: dict, sources: list[Pretrained]) -> dict:
     values. ConfigError when the model has no such state or it does not fit (a BatchNorm tower
     loaded into a tower normalised otherwise would silently drop its statistics)."""
     for source in sources:
+        where = "/".join(source.path)
+        if source.state_complete:
+            for collection, tree in model_state.items():
+                if collection not in source.state and _has(tree, source.path):
+                    raise ConfigError(
+                        f"{source.misfit}: the model's {where} has {collection} (BatchNorm "
+                        "running statistics) and the saved one has none (use the saved run's "
+                        "norm)"
+                    )
         for collection, values in source.state.items():
-            where = "/".join(source.path)
             try:
                 target = _subtree(model_state[collection], source.path)
             except (KeyError, TypeError):
