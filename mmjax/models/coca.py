@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from mmjax import model_state
 from mmjax.models import decoding
 from mmjax.models.causal_decoder import CausalDecoder, decode_tokens
 from mmjax.models.layers import Dtype, LayerNorm, dense, param
@@ -149,6 +150,10 @@ def caption(
     """(tokens [B, length], log-probability [B]) of the best of `beam` beams for each image
     (`decoding.beam_search`; beam=1 is greedy). With `cache` each position runs the decoder on
     its one new token against key/value caches; without, the whole prefix is rerun at every
-    position (the reference: the same captions, slower)."""
-    _, img_BND = model.apply({"params": params}, images, method=CoCa.image_tokens)
-    return decoding.search_on_context(model, params, img_BND, length, beam, bos, eot, pad, cache)
+    position (the reference: the same captions, slower). `params` may carry the model's state
+    (`model_state.ParamsAndState`: a BatchNorm image tower's running statistics, frozen); the
+    decoder has none."""
+    variables = model_state.variables(params)
+    _, img_BND = model.apply(variables, images, method=CoCa.image_tokens)
+    weights = variables["params"]
+    return decoding.search_on_context(model, weights, img_BND, length, beam, bos, eot, pad, cache)

@@ -46,7 +46,8 @@ class CaptioningObjective:
     A `SplitObjective`: `embed` runs the towers once (the decoder reads the image tokens of the
     same pass) and sums each example's caption loss and token count into `aux[PER_EXAMPLE]`,
     so with GradCache microbatches the caption term is still the mean over the global batch's
-    tokens. A caption weight of 0 runs no decoder.
+    tokens. A caption weight of 0 runs no decoder. Also a `StatefulObjective` (`with_state`), so
+    a BatchNorm image tower trains with batch statistics.
     """
 
     contrastive: ContrastiveObjective
@@ -60,7 +61,18 @@ class CaptioningObjective:
         return {**self.contrastive.weights, **caption}
 
     def embed(self, params, batch, step=None):
-        img_BE, txt_BE, aux, img_BND, _ = self.contrastive.embed_with_tokens(params, batch, step)
+        return self._embed(params, {}, batch, step)[:3]
+
+    def with_state(self, params, state, batch, step=None):
+        """(loss, logs, the state after this batch) of a model with state (a BatchNorm image
+        tower, `mmjax.model_state`): the towers run in training mode once; the decoder reads
+        their image tokens and has no state of its own."""
+        img_BE, txt_BE, aux, state = self._embed(params, state, batch, step)
+        return *self.loss(img_BE, txt_BE, aux), state
+
+    def _embed(self, params, state, batch, step):
+        embedded = self.contrastive.embed_with_tokens(params, batch, step, state)
+        img_BE, txt_BE, aux, img_BND, _, state = embedded
         if self.caption_weight > 0:
             tokens_BL = batch["tokens"]
             logits_BLV = self.model.apply(
@@ -69,7 +81,7 @@ class CaptioningObjective:
             nll_B, count_B = losses.caption_nll(logits_BLV, tokens_BL, self.pad_id)
             per_example = {**aux.get(PER_EXAMPLE, {}), "caption_nll": nll_B}
             aux = {**aux, PER_EXAMPLE: {**per_example, "caption_tokens": count_B}}
-        return img_BE, txt_BE, aux
+        return img_BE, txt_BE, aux, state
 
     def loss(self, img_BE, txt_BE, aux):
         terms, logs = self.contrastive.terms(img_BE, txt_BE, aux)

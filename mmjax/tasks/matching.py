@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax import losses
+from mmjax import losses, model_state
 from mmjax.data import pipeline, tokenizers
 from mmjax.data.builtin import shapes
 from mmjax.errors import ConfigError, EvalSpecError
@@ -98,6 +98,13 @@ class MatchingObjective:
         return jnp.cumsum(tokens_BL == self.space_id, axis=1)
 
     def __call__(self, params: dict, batch: dict, step=None):
+        loss, logs, _ = self.with_state(params, {}, batch, step)
+        return loss, logs
+
+    def with_state(self, params: dict, state: dict, batch: dict, step=None):
+        """(loss, logs, the state after this batch) of a model with state (a BatchNorm image
+        tower, `mmjax.model_state`): the towers run in training mode once; the fusion and the
+        heads read their token streams (and the text tower, on masked text) and have no state."""
         m = self.model
 
         def apply(method, *args):
@@ -105,9 +112,8 @@ class MatchingObjective:
 
         tokens_BL = batch["tokens"]
         valid_BL = tokens_BL != self.pad_id
-        img_BE, txt_BE, aux, img_BND, txt_BLD = self.contrastive.embed_with_tokens(
-            params, batch, step
-        )
+        embedded = self.contrastive.embed_with_tokens(params, batch, step, state)
+        img_BE, txt_BE, aux, img_BND, txt_BLD, state = embedded
         terms, logs = self.contrastive.terms(img_BE, txt_BE, aux)
         k_negatives, k_mask = jax.random.split(jax.random.key(batch["seed"][0]))
         if "itm" in self.weights:
@@ -142,7 +148,7 @@ class MatchingObjective:
             fused = apply(m.fuse, img_BND, apply(m.text_tokens, inputs_BL), valid_BL)
             logits_BLV = apply(m.mlm_logits, fused.text_tokens_BLD)
             terms["mlm"] = losses.mlm_loss(logits_BLV, targets_BL, weights_BL)
-        return weigh(terms, self.weights, logs)
+        return *weigh(terms, self.weights, logs), state
 
 
 def _changed(attrs: shapes.Attributes, i: int) -> tuple[shapes.Attributes, str]:
@@ -260,8 +266,8 @@ class MatchingEvaluator:
         pad = config.model.text.pad_id
 
         def fused_stream(params, b):
-            def apply(method, *args):
-                return model.apply({"params": params}, *args, method=method)
+            def apply(method, *args):  # a BatchNorm tower's running statistics, frozen
+                return model.apply(model_state.variables(params), *args, method=method)
 
             _, _, img_BND, txt_BLD, _ = apply(model.embed, b["image"], b["tokens"])
             fused = apply(model.fuse, img_BND, txt_BLD, b["tokens"] != pad)
