@@ -13,6 +13,9 @@ not built, not computed and not logged):
                   retrieval distributions (softmax over the scaled similarity logits);
   distill_embed   per-example distance between student and teacher embeddings.
 
+The teacher is frozen: its parameters get no gradient, and a BatchNorm teacher normalises with
+the running statistics it was loaded with (in the model state), which stay as they are.
+
 The towers (`embed`) and the loss over the whole batch (`loss`) are separate so that GradCache
 can run `embed` per microbatch. So everything computed from parameters, teacher embeddings and
 discriminator logits included, is produced in `embed`, per example, under `aux[PER_EXAMPLE]`.
@@ -123,18 +126,31 @@ class ContrastiveObjective:
         state: dict | None = None,
     ):
         images, tokens = batch["image"], batch["tokens"]
+        # A teacher with BatchNorm (the default run's ResNet) has its running statistics in the
+        # state, under "teacher" as its parameters are. So the objective is a stateful one
+        # whenever the teacher is, even for a stateless student (`with_state`; the step keeps
+        # the state it returns). The student runs without them (a stateless student exactly as
+        # with a stateless teacher), the teacher reads them immutably (running averages, as its
+        # run's evaluation did), and they are returned as given: never updated.
+        state = state or {}
+        teacher_state = {c: tree["teacher"] for c, tree in state.items() if "teacher" in tree}
+        own_state = {c: _without(tree, "teacher") for c, tree in state.items()}
+        own_state = {c: tree for c, tree in own_state.items() if tree}
         # Flax ignores the parameters of parts a method does not run (teacher, discriminator,
         # and the decoder or fusion of a model that holds this two-tower one).
-        (img_BE, txt_BE, aux), state = model_state.apply_training(
-            self.model.apply, params, state or {}, images, tokens, return_tokens=return_tokens
+        (img_BE, txt_BE, aux), own_state = model_state.apply_training(
+            self.model.apply, params, own_state, images, tokens, return_tokens=return_tokens
         )
+        state = {c: {**own_state.get(c, {})} for c in state}
+        for c, tree in teacher_state.items():
+            state[c]["teacher"] = tree
         img_BND = aux.pop("image_tokens_BND", None)
         txt_BLD = aux.pop("text_tokens_BLD", None)
         per_example = {}
         if self.distills:
             # Frozen twice over: no gradient reaches the teacher's parameters (so autodiff does
             # no backward pass through it) and its outputs are constants of the loss.
-            frozen = {"params": jax.lax.stop_gradient(params["teacher"])}
+            frozen = {"params": jax.lax.stop_gradient(params["teacher"]), **teacher_state}
             t_img_BE, t_txt_BE, t_aux = self.model.teacher.apply(frozen, images, tokens)
             per_example["teacher_image"] = t_img_BE
             per_example["teacher_text"] = t_txt_BE
@@ -215,6 +231,10 @@ class ContrastiveObjective:
         self, params: dict, batch: dict, step: jax.Array | None = None
     ) -> tuple[jax.Array, dict]:
         return self.loss(*self.embed(params, batch, step))
+
+
+def _without(tree: dict, key: str) -> dict:
+    return {k: v for k, v in tree.items() if k != key}
 
 
 def weigh(
