@@ -57,6 +57,19 @@ def load_config(path, *args):
     return module.get_config(*args)
 
 
+def one_step(config, data_dir):
+    """`config` at the every-recipe test's size, in place: one step, 512 examples, batch 16."""
+    config.total_steps, config.batch_size, config.eval.batch_size = 1, 16, 32
+    config.data.update(data_dir=data_dir, num_train=512, num_val=96)
+    return config
+
+
+def one_step_run(recipe, workdir, data_dir):
+    """`workdir` after one step of configs/<recipe>.py: the run another recipe reads."""
+    run(one_step(load_config(os.path.join(REPO, "configs", f"{recipe}.py")), data_dir), workdir)
+    return workdir
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", RECIPES)
 def test_every_config_runs_one_step(path, data_dir, tmp_path):
@@ -79,35 +92,18 @@ def test_every_config_runs_one_step(path, data_dir, tmp_path):
         )
         config = load_config(path)
     elif path.endswith("distill.py"):  # needs a trained teacher: one step of the default recipe
-        teacher = load_config(os.path.join(REPO, "configs", "default.py"))
-        teacher.total_steps = 1
-        teacher.data.update(data_dir=data_dir, num_train=512, num_val=96)
-        teacher.batch_size = 16
-        teacher.eval.batch_size = 32
-        run(teacher, str(tmp_path / "teacher"))
         config = load_config(path)
-        config.distill.teacher = str(tmp_path / "teacher")
+        config.distill.teacher = one_step_run("default", str(tmp_path / "teacher"), data_dir)
     elif path.endswith("text_to_image.py"):  # reads an image tokenizer run: one step of it
-        tokenizer = load_config(os.path.join(REPO, "configs", "image_tokenizer.py"))
-        tokenizer.total_steps, tokenizer.batch_size, tokenizer.eval.batch_size = 1, 16, 32
-        tokenizer.data.update(data_dir=data_dir, num_train=512, num_val=96)
-        run(tokenizer, str(tmp_path / "tokenizer"))
         config = load_config(path)
-        config.image_tokenizer_from = str(tmp_path / "tokenizer")
+        tokenizer = one_step_run("image_tokenizer", str(tmp_path / "tokenizer"), data_dir)
+        config.image_tokenizer_from = tokenizer
     elif load_config(path).init_towers_from:  # vqa.py: frozen towers of one default-run step
-        towers = load_config(os.path.join(REPO, "configs", "default.py"))
-        towers.total_steps, towers.batch_size, towers.eval.batch_size = 1, 16, 32
-        towers.data.update(data_dir=data_dir, num_train=512, num_val=96)
-        run(towers, str(tmp_path / "towers"))
         config = load_config(path)
-        config.init_towers_from = str(tmp_path / "towers")
+        config.init_towers_from = one_step_run("default", str(tmp_path / "towers"), data_dir)
     else:
         config = load_config(path)
-    config.total_steps = 1
-    config.data.update(data_dir=data_dir, num_train=512, num_val=96)
-    config.batch_size = 16
-    config.eval.batch_size = 32
-    summary = run(config, str(tmp_path))
+    summary = run(one_step(config, data_dir), str(tmp_path))
     if config.task != "contrastive":  # a task recipe: its headline score next to chance
         expected = ["task/score", "task/chance", "task/metric_name"]
         assert isinstance(summary["task/metric_name"], str)
