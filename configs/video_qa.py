@@ -1,6 +1,6 @@
 """Video QA as answer classification on the built-in moving-shapes clips: "which way is the red
 shape moving?", "what colour is the shape that is standing still?", "is the moving shape going
-up?", ... (24 answers). The fusion classifier of configs/vqa.py with the video tower of
+up?", ... (24 answers). The fusion classifier of configs/fusion.py with the video tower of
 configs/video_contrastive.py in place of the ViT: text layers cross-attend to the tubelets.
 task/chance is the blind baseline (each question type answered with its most frequent training
 answer).
