@@ -1,17 +1,29 @@
-"""Captioning, CoCa-style, on the built-in shapes captions: the contrastive towers plus a causal
-decoder cross-attending to the image patches, trained on the weighted sum of both losses;
-evaluated by greedy and beam-search decoding (BLEU-4, and whether the generated caption names
-the image's colour, shape, size and position).
+"""Captioning, CoCa-style, on the built-in shapes captions, on the default run's towers: a
+causal decoder cross-attending to the image tokens, trained on the weighted sum of the
+contrastive and caption losses; evaluated by greedy and beam-search decoding (BLEU-4, and
+whether the generated caption names the image's colour, shape, size and position). Two commands:
 
-Run: python train.py --config configs/captioning.py
+    python train.py                                  (the default run, into workdirs/default)
+    python train.py --config configs/captioning.py   (init_towers_from=workdirs/default)
+
+The towers are the default run's (`mmjax/default_recipe.py`: a small ResNet image tower with
+BatchNorm, a bidirectional text Transformer), loaded with their BatchNorm statistics and FROZEN
+(`optim.frozen_prefixes`): the decoder reads image tokens that already tell shapes apart. The
+beam caption names the shape 0.77 of the time, BLEU-4 0.863, in 346 CPU s (the base config's
+ViT trained inside captioning: 0.22, 0.594; README, "Carried to captioning and matching").
+Another run's towers: `--config.init_towers_from=DIR` (they must be the default recipe's
+towers); the base towers trained in the run: `on_base_towers()`.
 """
 
 import ml_collections
 
 from mmjax import config as base
+from mmjax import default_recipe
 
 
-def get_config():
+def on_base_towers():
+    """The task's settings on the base config's towers (a ViT and a causal text Transformer,
+    trained in the run, no BatchNorm): what the tests' small captioners build on."""
     c = base.get_config()
     c.task = "captioning"
     c.total_steps = 600
@@ -28,4 +40,15 @@ def get_config():
             eval_examples=300,  # validation images captioned at each evaluation
         )
     )
+    return c
+
+
+def get_config():
+    c = on_base_towers()
+    towers = default_recipe.get_config().model
+    c.model.image, c.model.text = towers.image, towers.text  # what init_towers_from loads
+    c.init_towers_from = "workdirs/default"  # train.py's workdir for the default run
+    # The pretrained towers only read; the contrastive term trains the projections and the
+    # temperature.
+    c.optim.frozen_prefixes = ("image/", "text/")
     return c

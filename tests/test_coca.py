@@ -18,7 +18,7 @@ BOS, EOT, PAD = 1, 2, 0
 
 
 def tiny_model():
-    c = tiny(captioning.get_config(), text_length=12)
+    c = tiny(captioning.on_base_towers(), text_length=12)
     c.captioning.decoder_depth = 1
     model = build_coca(c, 264)
     images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))

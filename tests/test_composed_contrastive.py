@@ -25,7 +25,9 @@ from mmjax.train.task import CONTRASTIVE_SETTINGS
 from mmjax.train.trainer import build_trainer
 from mmjax.train.validate import refuse_overrides, validate_config
 
-RECIPES = {"captioning": captioning, "matching": matching}
+# The small stateless models build on the base config's towers (captioning's recipe loads the
+# default run's BatchNorm ResNet).
+RECIPES = {"captioning": captioning.on_base_towers, "matching": matching.get_config}
 TASKS = sorted(RECIPES)
 VOCAB = 264  # the bytes tokenizer's (the matching objective reads its mask id from it)
 ALL_TERMS = {
@@ -39,7 +41,7 @@ ALL_TERMS = {
 def small(name: str, **settings) -> ml_collections.ConfigDict:
     """The task's recipe with one-block 32-wide towers on 16 px images and 12 tokens, and
     `settings` (dotted names: "objective.triplet", "loss")."""
-    c = RECIPES[name].get_config()
+    c = RECIPES[name]()
     m = c.model
     m.embed_dim = 16
     for tower in (m.image, m.text):

@@ -57,7 +57,7 @@ def train_briefly(model, params, images, tokens, steps=60):
 
 @pytest.fixture(scope="module")
 def coca():
-    c = tiny(captioning.get_config(), text_length=LENGTH)
+    c = tiny(captioning.on_base_towers(), text_length=LENGTH)
     c.captioning.decoder_depth = 2
     model = build_coca(c, 264)
     images = jax.random.normal(jax.random.key(0), (4, 64, 64, 3))

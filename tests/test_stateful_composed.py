@@ -24,6 +24,7 @@ from tests.test_resnet_runs import final_state
 from tests.test_tasks import assert_resumes_exactly
 
 SIZE = 32  # the smallest image a ResNet takes
+TASKS = ["captioning", "matching"]
 
 
 def batchnorm(config, data_dir=None):
@@ -74,7 +75,7 @@ def test_a_batchnorm_captioning_step_normalises_by_the_batch_and_matches_numpy()
     """The stateful captioning loss equals CLIP's InfoNCE plus the mean next-token NLL computed
     in NumPy from the model applied in training mode, its new state is that pass's, and
     decoding reads the running statistics, frozen."""
-    config = batchnorm(captioning_config.get_config())
+    config = batchnorm(captioning_config.on_base_towers())
     _, model, objective, params, state = parts(config)
     batch = a_batch(config)
     loss, logs, new_state = jax.jit(objective.with_state)(params, state, batch, 0)
@@ -178,21 +179,23 @@ def run_steps(config, devices, ceilings):
 
 @pytest.mark.slow  # four compiles of a ResNet captioning / matching step
 @pytest.mark.multidevice
-@pytest.mark.parametrize("recipe", [captioning_config, matching_config])
+@pytest.mark.parametrize(
+    "recipe", [captioning_config.on_base_towers, matching_config.get_config], ids=TASKS
+)
 def test_sharded_steps_equal_one_device_and_a_skipped_step_keeps_the_statistics(recipe):
     """Two applied steps and a skipped one (a loss ceiling below any loss), on one device and
     on data=2 x fsdp=4: the statistics (over the global batch), losses, gradient norms and
     parameters agree; the applied steps move the statistics, the skipped one keeps them."""
     ceilings = (NO_CEILING, NO_CEILING, np.float32(-np.inf))
     (initial, _, applied, skipped), want_logs = run_steps(
-        batchnorm(recipe.get_config()), jax.devices()[:1], ceilings
+        batchnorm(recipe()), jax.devices()[:1], ceilings
     )
     assert int(applied.skipped) == 0 and int(skipped.skipped) == 1
     before, after, kept = (jax.tree.leaves(s.model_state) for s in (initial, applied, skipped))
     assert min(float(np.abs(a - b).max()) for a, b in zip(after, before, strict=True)) > 0
     for a, b in zip(after, kept, strict=True):
         np.testing.assert_array_equal(a, b)
-    config = batchnorm(recipe.get_config())
+    config = batchnorm(recipe())
     config.mesh.update(data=2, fsdp=4, tensor=1)
     states, logs = run_steps(config, jax.devices(), ceilings)
     for got, want in zip(logs, want_logs, strict=True):
@@ -211,7 +214,7 @@ def test_sharded_steps_equal_one_device_and_a_skipped_step_keeps_the_statistics(
 
 
 def tiny_run_config(recipe, data_dir):
-    c = batchnorm(recipe.get_config(), data_dir)
+    c = batchnorm(recipe(), data_dir)
     if "captioning" in c:
         c.captioning.update(eval_examples=16, beam_size=2)
     return c
@@ -221,7 +224,7 @@ def tiny_run_config(recipe, data_dir):
 def test_a_batchnorm_captioning_run_resumes_with_its_statistics(data_dir, tmp_path):
     """Captioning rather than matching: the checkpointed state is the trainer's, shared by
     every task; what is captioning's own is decoding with the restored statistics."""
-    config = lambda: tiny_run_config(captioning_config, data_dir)
+    config = lambda: tiny_run_config(captioning_config.on_base_towers, data_dir)
     summary = assert_resumes_exactly(config, tmp_path)  # losses and score of steps 3-4
     assert summary["task/metric_name"] == "bleu4"
     (step_a, a), (step_b, b) = (final_state(config(), tmp_path / w) for w in ("full", "resumed"))
@@ -237,7 +240,7 @@ def test_a_batchnorm_captioning_run_resumes_with_its_statistics(data_dir, tmp_pa
 
 @pytest.mark.slow  # a short run and its matching evaluation
 def test_a_batchnorm_matching_run_evaluates_with_its_statistics(data_dir, tmp_path):
-    summary = run(tiny_run_config(matching_config, data_dir), str(tmp_path))
+    summary = run(tiny_run_config(matching_config.get_config, data_dir), str(tmp_path))
     assert summary["task/metric_name"] == "itm_accuracy" and summary["steps"] == 1
     for name in ("task/score", "matching/itm_negative_shape", "matching/mlm_color"):
         assert 0.0 <= summary[name] <= 1.0, name

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mmjax import model_state
 from mmjax.bench.common import median
 from mmjax.bench.train import load_config
 from mmjax.models.coca import build_coca, caption
@@ -47,7 +48,7 @@ def _log(message: str) -> None:
 
 def captioner(config: ml_collections.ConfigDict, vocab: int, length: int, depth: int):
     """(model, random params) of `config`'s CoCa with `depth` decoder blocks, for captions of
-    `length` tokens."""
+    `length` tokens (with a BatchNorm tower, `ParamsAndState`: its statistics at their init)."""
     c = config.copy_and_resolve_references()
     c.data.text_length = length
     if "captioning" not in c:
@@ -56,8 +57,8 @@ def captioner(config: ml_collections.ConfigDict, vocab: int, length: int, depth:
     model = build_coca(c, vocab)
     images = jnp.zeros((1, c.data.image_size, c.data.image_size, 3))
     tokens = jnp.zeros((1, length), jnp.int32)
-    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), images, tokens)["params"])
-    return model, params
+    variables = nn.unbox(jax.jit(model.init)(jax.random.key(0), images, tokens))
+    return model, model_state.with_state(*model_state.split(variables))
 
 
 def time_variants(fns: dict, params, images, rounds: int) -> tuple[dict, dict]:
