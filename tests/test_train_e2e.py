@@ -31,7 +31,9 @@ RECIPES = [
     for c in CONFIGS
 ]
 
-# A small model and dataset: the behaviour under test does not depend on size.
+# A small model and dataset: the behaviour under test does not depend on size. The default run's
+# image tower is already small (a ResNet of one block per stage, 16 stem channels: it has no
+# depth or MLP to shrink); its attention pool projects to 32.
 TINY = [
     "--config.data.num_train=512",
     "--config.data.num_val=96",
@@ -39,8 +41,6 @@ TINY = [
     "--config.eval.batch_size=32",
     "--config.model.embed_dim=32",
     "--config.model.image.width=32",
-    "--config.model.image.depth=1",
-    "--config.model.image.mlp_dim=64",
     "--config.model.text.width=32",
     "--config.model.text.depth=1",
     "--config.model.text.mlp_dim=64",
@@ -266,10 +266,20 @@ def test_cli_meshes_match_single_device(data_dir, tmp_path):
             capture_output=True,
         )
         got = losses(workdir)
+        # The first steps agree to float32 rounding. The default run's BatchNorm reduces its
+        # batch statistics over the devices in another order than one device does, and 20 steps
+        # at its learning rate (2e-3) amplify those last-bit differences (up to ~4e-5 relative
+        # by step 20 on data=8); a sharding bug would show from the first step, far above both.
+        np.testing.assert_allclose(
+            [got[s] for s in range(1, 6)],
+            [ref[s] for s in range(1, 6)],
+            rtol=1e-5,
+            err_msg=str(mesh),
+        )
         np.testing.assert_allclose(
             [got[s] for s in range(1, 21)],
             [ref[s] for s in range(1, 21)],
-            rtol=1e-5,
+            rtol=2e-4,
             err_msg=str(mesh),
         )
 
