@@ -1,5 +1,5 @@
 """Shared base of the fusion task recipes (mm_classification, vqa, matching): the base
-configuration's towers (a ViT image tower; vqa and matching replace them with the default run's),
+configuration's towers (a ViT image tower; vqa replaces them with the default run's, frozen),
 a bidirectional text tower (every text token is a fusion input), and a `model.fusion` block.
 
 Not a recipe to train by itself: it trains the multimodal classification task (as
