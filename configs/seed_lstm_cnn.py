@@ -13,12 +13,13 @@ Run: python train.py --config configs/seed_lstm_cnn.py
 """
 
 from configs import fusion
+from mmjax import default_recipe
 
 
 def get_config():
     c = fusion.get_config()
-    c.model.image.update(kind="resnet", layers=(1, 1, 1, 1), resnet_width=16, num_heads=8)
-    c.model.image.norm = "batch"
+    # The default run's image tower (not its weights): fusion's ViT depth would do nothing here.
+    c.model.image = default_recipe.get_config().model.image
     c.model.text.update(kind="lstm", width=128, depth=1, embed_dim=64)
     c.model.fusion.kind = "late_concat"
     return c
