@@ -90,10 +90,12 @@ def test_training_stream_permutes_only_colourless_pairs(data_dir):
     "task, refused",
     [("default", False), ("matching", False), ("vqa", True), ("video_contrastive", True)],
 )
-def test_tasks_without_drawn_captions_refuse_the_setting(task, refused):
+def test_tasks_without_drawn_captions_refuse_the_setting(task, refused, tmp_path):
 
     config = importlib.import_module(f"configs.{task}").get_config()
     config.data.colourless_permute_prob = 0.5
+    if config.init_towers_from:  # the default run's towers: validation checks they exist
+        config.init_towers_from = str(tmp_path)
     if refused:
         with pytest.raises(ConfigError, match=r"colourless_permute_prob=0\.5 would do nothing"):
             validate_config(config, get_task(config.task))

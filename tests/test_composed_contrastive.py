@@ -27,7 +27,7 @@ from mmjax.train.validate import refuse_overrides, validate_config
 
 # The small stateless models build on the base config's towers (captioning's recipe loads the
 # default run's BatchNorm ResNet).
-RECIPES = {"captioning": captioning.on_base_towers, "matching": matching.get_config}
+RECIPES = {"captioning": captioning.on_base_towers, "matching": matching.on_base_towers}
 TASKS = sorted(RECIPES)
 VOCAB = 264  # the bytes tokenizer's (the matching objective reads its mask id from it)
 ALL_TERMS = {

@@ -135,7 +135,7 @@ def test_a_batchnorm_matching_step_normalises_every_pass_by_the_batch():
     similarities, fusion, MLM) sees the batch-normalised image tokens: it equals the stateless
     loss of a model whose every call runs BatchNorm in training mode; the new state is the
     towers' pass's."""
-    config = batchnorm(matching_config.get_config())
+    config = batchnorm(matching_config.on_base_towers())
     config.matching.hardness = 1.0  # negatives drawn from the similarities: BatchNorm's output
     task, model, objective, params, state = parts(config)
     batch = a_batch(config)
@@ -180,7 +180,7 @@ def run_steps(config, devices, ceilings):
 @pytest.mark.slow  # four compiles of a ResNet captioning / matching step
 @pytest.mark.multidevice
 @pytest.mark.parametrize(
-    "recipe", [captioning_config.on_base_towers, matching_config.get_config], ids=TASKS
+    "recipe", [captioning_config.on_base_towers, matching_config.on_base_towers], ids=TASKS
 )
 def test_sharded_steps_equal_one_device_and_a_skipped_step_keeps_the_statistics(recipe):
     """Two applied steps and a skipped one (a loss ceiling below any loss), on one device and
@@ -240,7 +240,7 @@ def test_a_batchnorm_captioning_run_resumes_with_its_statistics(data_dir, tmp_pa
 
 @pytest.mark.slow  # a short run and its matching evaluation
 def test_a_batchnorm_matching_run_evaluates_with_its_statistics(data_dir, tmp_path):
-    summary = run(tiny_run_config(matching_config.get_config, data_dir), str(tmp_path))
+    summary = run(tiny_run_config(matching_config.on_base_towers, data_dir), str(tmp_path))
     assert summary["task/metric_name"] == "itm_accuracy" and summary["steps"] == 1
     for name in ("task/score", "matching/itm_negative_shape", "matching/mlm_color"):
         assert 0.0 <= summary[name] <= 1.0, name

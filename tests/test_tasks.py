@@ -140,7 +140,7 @@ def test_identical_captions_are_never_mined_as_negatives():
 
 
 def test_matching_evaluation_pairs_and_masked_colour_words(data_dir):
-    config = tiny(matching_config.get_config(), data_dir, num_val=24)
+    config = tiny(matching_config.on_base_towers(), data_dir, num_val=24)
     task = get_task("matching")
     mesh = parallel.make_mesh(config.mesh)
     tokenizer = task.tokenizer(config)

@@ -49,7 +49,7 @@ def initialised(config):
 
 @pytest.fixture(scope="module")
 def matching_run():
-    return initialised(tiny(matching.get_config()))
+    return initialised(tiny(matching.on_base_towers()))
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,11 @@ import numpy as np
 
 # English colour words (the built-in datasets' and common ones) and 色, which ends every
 # Chinese colour name of the built-in captions (红色, 蓝色, ...).
-_COLOUR_WORDS = (
+COLOUR_NAMES = tuple(
     "red green blue yellow purple orange cyan white black grey gray pink brown violet "
-    "magenta teal gold golden silver beige turquoise scarlet azure emerald colour color "
-    "coloured colored"
-).split()
+    "magenta teal gold golden silver beige turquoise scarlet azure emerald".split()
+)
+_COLOUR_WORDS = (*COLOUR_NAMES, "colour", "color", "coloured", "colored")
 _NAMES_COLOUR = re.compile(r"\b(" + "|".join(_COLOUR_WORDS) + r")\b|色", re.IGNORECASE)
 
 # The five non-identity orders of the three channels.

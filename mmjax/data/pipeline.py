@@ -90,6 +90,11 @@ class DecodeAndPickCaption(grain.transforms.RandomMap):
         self._canonical = tuple(int(i) for i in data_cfg.get("canonical_captions", (0,)))
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict:
+        image, caption = self.pick(element, rng)
+        return {"image": image, "tokens": self._tokenizer.encode([caption])[0]}
+
+    def pick(self, element: dict[str, Any], rng: np.random.Generator) -> tuple[np.ndarray, str]:
+        """(the augmented uint8 image, the chosen caption) of `element`."""
         captions = element["captions"]
         if max(self._canonical) >= len(captions):
             raise ValueError(
@@ -112,7 +117,7 @@ class DecodeAndPickCaption(grain.transforms.RandomMap):
             image = colour_permutation.permute_if_colourless(
                 image, caption, self._permute_prob, rng
             )
-        return {"image": image, "tokens": self._tokenizer.encode([caption])[0]}
+        return image, caption
 
 
 class TokenizeText(grain.transforms.Map):

@@ -25,6 +25,7 @@ from mmjax.losses.matching import (
     itm_loss,
     mine_hard_negatives,
     take_pairs,
+    use_extra_text_negatives,
 )
 from mmjax.losses.mlm import mask_tokens, mlm_loss
 from mmjax.losses.multitask import weighted_sum
@@ -66,5 +67,6 @@ __all__ = [
     "text_nll",
     "triplet_from_similarity",
     "triplet_loss",
+    "use_extra_text_negatives",
     "weighted_sum",
 ]

@@ -99,6 +99,21 @@ def itm_batch_indices(
     return image_idx_N, text_idx_N, labels_N, weights_N
 
 
+def use_extra_text_negatives(
+    text_idx_N: jax.Array, weights_N: jax.Array, use_B: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The 3B-pair layout with image i's negative text replaced by text B + i where `use_B[i]`
+    (a second set of B texts after the batch's own, e.g. its captions with one word swapped:
+    `mmjax.data.word_swap`). Such a pair counts as a negative whenever image i is a counted
+    positive. Returns `(text_idx_N, weights_N)`."""
+    b = use_B.shape[0]
+    use_B = use_B.astype(bool)
+    own_B = jnp.arange(b, dtype=jnp.int32) + b
+    text_idx_N = text_idx_N.at[b : 2 * b].set(jnp.where(use_B, own_B, text_idx_N[b : 2 * b]))
+    weights_N = weights_N.at[b : 2 * b].set(jnp.where(use_B, weights_N[:b], weights_N[b : 2 * b]))
+    return text_idx_N, weights_N
+
+
 def take_pairs(image_feats, text_feats, image_idx_N: jax.Array, text_idx_N: jax.Array):
     """Gathers the paired inputs of the fusion model along the batch axis (axis 0 of every leaf,
     so token features and their padding masks travel together)."""

@@ -6,7 +6,10 @@ data, logged as `train/loss/<term>`:
   itm          match / no-match of the fusion's pooled text stream on the positive pairs plus
                one hard negative text per image and one hard negative image per text, sampled
                in proportion to the contrastive similarity (identical captions never count as
-               negatives);
+               negatives); with `matching.swap_prob` > 0 an image's negative text is, that often,
+               its own caption with one attribute word swapped (`mmjax.data.word_swap`), the
+               one-fact-false negative that in-batch mining rarely finds; `positive_weight`
+               weighs the positives against the two negatives per image;
   mlm          masked language modelling of the caption by the fused text stream, i.e.
                conditioned on the image (bytes tokenizer: the unused id `vocab_size - 1` is the
                mask token).
@@ -30,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax import losses, model_state
-from mmjax.data import pipeline, tokenizers
+from mmjax.data import pipeline, tokenizers, word_swap
 from mmjax.data.builtin import shapes
 from mmjax.errors import ConfigError, EvalSpecError
 from mmjax.eval import maps
@@ -47,9 +50,28 @@ _VALUES["position"] = shapes.POSITIONS
 
 
 class _CaptionAndSeed(pipeline.DecodeAndPickCaption):
+    """The image and its caption's tokens, a per-example seed, and with `swap_prob` > 0 a
+    negative caption: the caption with one attribute word swapped (`swap_tokens`), to be used
+    in place of the mined negative text where `swap_use` is set (with probability `swap_prob`,
+    if the caption has a word of the vocabulary)."""
+
+    def __init__(self, tokenizer, data_cfg, swap_prob: float = 0.0, swap_vocabulary: str = ""):
+        super().__init__(tokenizer, data_cfg)
+        self._swap_prob = swap_prob
+        self._swap = (
+            word_swap.WordSwap(word_swap.vocabulary(swap_vocabulary)) if swap_prob else None
+        )
+
     def random_map(self, element, rng):
-        out = super().random_map(element, rng)
-        return {**out, "seed": np.uint32(rng.integers(2**32))}
+        image, caption = self.pick(element, rng)
+        encode = lambda text: self._tokenizer.encode([text])[0]
+        out = {"image": image, "tokens": encode(caption), "seed": np.uint32(rng.integers(2**32))}
+        if self._swap is not None:  # off: no draws, the stream of earlier runs is unchanged
+            use = rng.random() < self._swap_prob
+            swapped = self._swap(caption, rng)
+            out["swap_tokens"] = encode(caption if swapped is None else swapped)
+            out["swap_use"] = np.bool_(use and swapped is not None)
+        return out
 
 
 def mask_id_of(tokenizer: tokenizers.Tokenizer) -> int:
@@ -74,12 +96,14 @@ class MatchingObjective:
         tokenizer,
         pad_id: int,
         hardness: float = 1.0,
+        positive_weight: float = 1.0,
     ):
         self.contrastive = contrastive
         self.model = model
         own = {k: float(weights[k]) for k in ("itm", "mlm") if float(weights[k]) > 0}
         self.weights = {**contrastive.weights, **own}
         self.hardness = hardness
+        self.positive_weight = positive_weight
         self.pad_id = pad_id
         self.vocab_size = tokenizer.vocab_size
         self.mask_id = mask_id_of(tokenizer)
@@ -128,9 +152,20 @@ class MatchingObjective:
             img_idx_N, txt_idx_N, labels_N, weights_N = losses.itm_batch_indices(
                 neg_txt_B, neg_img_B
             )
+            texts = (txt_BLD, valid_BL)
+            if "swap_tokens" in batch:  # word-swapped captions: texts B..2B-1
+                swap_BL = batch["swap_tokens"]
+                swap_BLD = apply(m.text_tokens, swap_BL)
+                swapped = (swap_BLD, swap_BL != self.pad_id)
+                texts = tuple(map(jnp.concatenate, zip(texts, swapped, strict=True)))
+                txt_idx_N, weights_N = losses.use_extra_text_negatives(
+                    txt_idx_N, weights_N, batch["swap_use"]
+                )
             (img_NSD,), (txt_NLD, valid_NL) = losses.take_pairs(
-                (img_BND,), (txt_BLD, valid_BL), img_idx_N, txt_idx_N
+                (img_BND,), texts, img_idx_N, txt_idx_N
             )
+            # Each image has one positive and two negatives: positive_weight=2 balances them.
+            weights_N = weights_N * jnp.where(labels_N == 1, self.positive_weight, 1.0)
             fused = apply(m.fuse, img_NSD, txt_NLD, valid_NL)
             logits_N2 = apply(m.itm_logits, fused.pooled_BD)
             terms["itm"] = losses.masked_mean(losses.itm_loss(logits_N2, labels_N), weights_N)
@@ -149,6 +184,10 @@ class MatchingObjective:
             logits_BLV = apply(m.mlm_logits, fused.text_tokens_BLD)
             terms["mlm"] = losses.mlm_loss(logits_BLV, targets_BL, weights_BL)
         return *weigh(terms, self.weights, logs), state
+
+
+def _swap_prob(config) -> float:
+    return float(config.matching.get("swap_prob", 0.0))
 
 
 def _changed(attrs: shapes.Attributes, i: int) -> tuple[shapes.Attributes, str]:
@@ -189,6 +228,18 @@ class MatchingTask(ContrastiveTask):
             )
         if config.matching.hardness < 0:
             raise ConfigError(f"matching.hardness={config.matching.hardness} must be >= 0")
+        if float(config.matching.get("positive_weight", 1.0)) <= 0:
+            raise ConfigError("matching.positive_weight must be > 0")
+        swap_prob = _swap_prob(config)
+        if not 0 <= swap_prob <= 1:
+            raise ConfigError(f"matching.swap_prob={swap_prob} must be in [0, 1]")
+        if swap_prob:
+            if float(config.matching.itm) <= 0:
+                raise ConfigError(
+                    f"matching.swap_prob={swap_prob} makes ITM negatives, but matching.itm=0: "
+                    "set matching.itm > 0 or matching.swap_prob=0"
+                )
+            word_swap.vocabulary(config.matching.swap_vocabulary)
         refuse_overrides(config, EVAL_SETTINGS, f"task={self.name} evaluates ITM and MLM")
         super().validate(config)  # every term's weight, and the contrastive settings
 
@@ -200,8 +251,10 @@ class MatchingTask(ContrastiveTask):
         return build_matching_model(config, vocab_size, two_tower=two_tower)
 
     def example_batch(self, config):
-        batch = super().example_batch(config)
-        return {**batch, "seed": np.zeros((1,), np.uint32)}
+        batch = {**super().example_batch(config), "seed": np.zeros((1,), np.uint32)}
+        if _swap_prob(config):
+            batch |= {"swap_tokens": batch["tokens"], "swap_use": np.zeros((1,), bool)}
+        return batch
 
     def model_inputs(self, batch):
         return batch["image"], batch["tokens"], batch["tokens"] != 0
@@ -214,12 +267,18 @@ class MatchingTask(ContrastiveTask):
             self.tokenizer(config),
             config.model.text.pad_id,
             config.matching.hardness,
+            float(config.matching.get("positive_weight", 1.0)),
         )
 
     def train_iterator(self, config, process_index, process_count):
         return pipeline.train_batches(
             pipeline.train_source(config.data),
-            _CaptionAndSeed(self.tokenizer(config), config.data),
+            _CaptionAndSeed(
+                self.tokenizer(config),
+                config.data,
+                _swap_prob(config),
+                config.matching.get("swap_vocabulary", ""),
+            ),
             config,
             process_index,
             process_count,
