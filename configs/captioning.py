@@ -44,11 +44,6 @@ def on_base_towers():
 
 
 def get_config():
-    c = on_base_towers()
-    towers = default_recipe.get_config().model
-    c.model.image, c.model.text = towers.image, towers.text  # what init_towers_from loads
-    c.init_towers_from = "workdirs/default"  # train.py's workdir for the default run
     # The pretrained towers only read; the contrastive term trains the projections and the
     # temperature.
-    c.optim.frozen_prefixes = ("image/", "text/")
-    return c
+    return default_recipe.on_default_towers(on_base_towers(), ("image/", "text/"))

@@ -27,10 +27,7 @@ def get_config():
     c = fusion.get_config()
     c.data.name = "shapes_vqa"
     c.data.num_train = 10000
-    towers = default_recipe.get_config().model
-    c.model.image, c.model.text = towers.image, towers.text  # what init_towers_from loads
-    c.init_towers_from = "workdirs/default"  # train.py's workdir for the default run
-    c.optim.frozen_prefixes = ("image/", "text/")  # the pretrained towers only read
+    default_recipe.on_default_towers(c, ("image/", "text/"))  # the pretrained towers only read
     c.model.fusion.kind = "graph"
     c.model.fusion.depth = 2  # message-passing rounds
     c.model.fusion.readout = "count"
