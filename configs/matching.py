@@ -62,6 +62,7 @@ def get_config():
     c.matching.swap_prob = 1.0  # every image's negative text: its caption, one attribute swapped
     c.matching.positive_weight = 2.0  # one positive per two negatives: balanced, as evaluated
     # MLM off: on the frozen image tower it never restored a masked colour word (0.00 after 600
-    # steps), and without it a step costs about a third less (README, "Carried to ... matching").
+    # steps), and without it a run costs about a fifth less CPU (README, "Carried to ...
+    # matching").
     c.matching.mlm = 0.0
     return c

@@ -33,11 +33,12 @@ def wait_for_step(workdir, step, proc, timeout=300):
         time.sleep(0.02)
 
 
-def start(workdir, data_dir, steps, env, **popen):
-    return subprocess.Popen(train_cmd(workdir, data_dir, *steps), env=env, text=True, **popen)
+def start(workdir, data_dir, steps, env, cmd=None, **popen):
+    """`python train.py` as `cmd` builds it (default `train_cmd`), running in the background."""
+    cmd = cmd or train_cmd
+    return subprocess.Popen(cmd(workdir, data_dir, *steps), env=env, text=True, **popen)
 
 
-@pytest.mark.multidevice
 def base_cmd(workdir, data_dir, *extra):
     """`train_cmd` on the base config's ViT: over 60 steps at lr 2e-3 the default run's
     BatchNorm reductions across devices drift apart by up to 6e-4 relative (measured), which would
@@ -47,6 +48,7 @@ def base_cmd(workdir, data_dir, *extra):
     return [*cmd[:2], f"--config={base_config.__file__}", *cmd[2:]]
 
 
+@pytest.mark.multidevice
 def test_resume_on_two_processes_and_back_on_one(data_dir, tmp_path):
     """1 process × 4 devices, stopped; resumed by 2 processes × 2 devices, stopped; finished by 1
     process: the losses equal an uninterrupted run's (to float32 reduction order, as between
@@ -60,7 +62,7 @@ def test_resume_on_two_processes_and_back_on_one(data_dir, tmp_path):
     workdir = tmp_path / "resized"
     piped = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
 
-    proc = subprocess.Popen(base_cmd(workdir, data_dir, *steps), env=one, text=True, **piped)
+    proc = start(workdir, data_dir, steps, one, cmd=base_cmd, **piped)
     wait_for_step(workdir, 3, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=300) == 0
@@ -72,10 +74,12 @@ def test_resume_on_two_processes_and_back_on_one(data_dir, tmp_path):
     port = free_port()
     distributed = [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
     procs = [
-        subprocess.Popen(
-            base_cmd(workdir, data_dir, *steps, *distributed, f"--process_id={i}"),
-            env=two,
-            text=True,
+        start(
+            workdir,
+            data_dir,
+            [*steps, *distributed, f"--process_id={i}"],
+            two,
+            cmd=base_cmd,
             **piped,
         )
         for i in range(2)
