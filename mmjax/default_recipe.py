@@ -20,9 +20,15 @@ README table "What made the default run learn"):
   than the ViT's 1e-3 (3e-3 costs colour).
 - `optim.text_frozen_steps=500`: the text tower keeps its random initialisation for the first
   half of the run, so the image tower learns shape and colour against fixed targets first.
+- `dtype=bfloat16`, with evaluations and checkpoints every 500 steps (not 200): the run's
+  compute, not its learning. bf16 matmuls (float32 accumulation) take a step from 267 to 196 ms
+  on an AMX host; together the three bring the command under 5 minutes there (5:54 -> 4:35,
+  fresh data dir) and the bf16 run meets the same targets as the float32 one (held-out colour
+  0.95 vs 0.94, shape 0.62 vs 0.67). Tests that compare meshes, resumes or recoveries at float32
+  tolerances pass `--config.dtype=float32`.
 
-On 2 CPU cores: held-out shape zero-shot ≈ 0.67 (seen 0.79), colour held-out 0.94, t2i R@5
-0.98, 4 to 6 minutes depending on the host (README, Results).
+On 2 CPU cores: held-out shape zero-shot ≈ 0.62 (seen 0.83), colour held-out 0.95, t2i R@5
+0.98, in 4 to 5 minutes (README, Results).
 """
 
 import ml_collections
@@ -46,6 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.canonical_captions = (0, 5)
     c.optim.learning_rate = 2e-3
     c.optim.text_frozen_steps = 500
+    c.dtype = "bfloat16"
+    c.eval_every = 500
+    c.checkpoint_every = 500
     return c
 
 
