@@ -86,7 +86,7 @@ def test_every_fusion_classifies_from_both_modalities(kind):
     model = build_fusion_classifier(config, 264, num_classes=5)
     images = jax.random.normal(jax.random.key(1), (3, 64, 64, 3))
     tokens = jnp.array([[1, 40, 41, 2, 0, 0], [1, 50, 2, 0, 0, 0], [1, 60, 61, 62, 63, 2]])
-    params = nn.unbox(model.init(jax.random.key(0), images, tokens)["params"])
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), images, tokens)["params"])
     # The head starts at zero (uniform predictions); give it weights so gradients reach the towers.
     params["head_kernel"] = jax.random.normal(jax.random.key(2), params["head_kernel"].shape)
     # jit: eager op-by-op dispatch of the deeper fusions costs seconds per call.
