@@ -211,12 +211,17 @@ def test_sigkill_at_random_points_resumes_exactly(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_preemption_signal_checkpoints_and_exits_0(sig, data_dir, tmp_path):
+@pytest.mark.parametrize(
+    ("sig", "dtype"),
+    [(signal.SIGTERM, "bfloat16"), (signal.SIGINT, "float32")],
+    ids=["SIGTERM-bf16", "SIGINT-float32"],
+)
+def test_preemption_signal_checkpoints_and_exits_0(sig, dtype, data_dir, tmp_path):
     """SIGTERM/SIGINT: the step in flight finishes, a checkpoint of it is saved (periodic
     checkpoints are off here), the run exits 0, and rerunning continues with no step lost or
-    repeated: the losses equal an uninterrupted run's bit for bit."""
-    steps = ["--config.total_steps=30", "--config.checkpoint_every=0"]
+    repeated: the losses equal an uninterrupted run's bit for bit, also in bf16 (the default
+    run's compute dtype; the last --config.dtype flag wins over TINY's)."""
+    steps = ["--config.total_steps=30", "--config.checkpoint_every=0", f"--config.dtype={dtype}"]
     env, reference, stopped, proc = reference_and_second_run(
         tmp_path, data_dir, steps, "stopped", stdout=subprocess.PIPE
     )
