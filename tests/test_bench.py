@@ -147,6 +147,7 @@ def test_train_bench_json(tmp_path, capsys):
         assert 0.95 < v["xla_over_model"] < 1.25, v
 
 
+@pytest.mark.slow  # the pipeline subcommand end to end, with a train step (~11 s)
 def test_pipeline_bench_json(tmp_path, capsys):
     args = ["pipeline", "--batch", "16", "--batches", "2", "--threads", "0,1", "--workers", "0"]
     args += ["--step-steps", "1"]

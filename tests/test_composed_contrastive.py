@@ -210,6 +210,7 @@ def test_matching_chunked_loss_equals_naive_on_a_data_4_mesh():
         np.testing.assert_allclose(logs["chunked"][key], value, rtol=1e-5, err_msg=key)
 
 
+@pytest.mark.slow  # GradCache and chunked gradients compiled on a mesh (~12 s)
 @pytest.mark.multidevice
 def test_captioning_gradcache_and_chunked_give_the_big_batch_gradient():
     """On a data=4 mesh, loss_impl=chunked with microbatches=2 against naive in one batch: the

@@ -35,7 +35,9 @@ def run_steps(config, steps=2):
     "loss, impl, mesh",
     [
         ("softmax", "naive", dict(data=8, fsdp=1, tensor=1)),
-        ("sigmoid", "chunked", dict(data=2, fsdp=2, tensor=2)),
+        pytest.param(  # ~15 s: the slow tier
+            "sigmoid", "chunked", dict(data=2, fsdp=2, tensor=2), marks=pytest.mark.slow
+        ),
     ],
 )
 def test_microbatched_update_equals_big_batch_update(loss, impl, mesh):
@@ -72,6 +74,7 @@ def step_temp_bytes(config, devices=None):
     return compiled.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow  # three train-step compiles (~13 s)
 def test_activation_memory_follows_the_microbatch():
     """Per-device temporaries (activations saved for backward) shrink with the microbatch size:
     16 microbatches of 4 rows keep far less than one batch of 64."""

@@ -38,8 +38,17 @@ def loss_and_grads(config, params):
     return jax.jit(jax.value_and_grad(loss))(params)
 
 
-@pytest.mark.parametrize("remat", ["none", "dots", "full"])
-@pytest.mark.parametrize("scan_layers", [False, True])
+# The fast tier checks one remat policy unrolled and another scanned; the slow tier all six.
+KNOBS = [("dots", False), ("full", True)]
+KNOBS += [
+    pytest.param(remat, scan, marks=pytest.mark.slow)
+    for remat in ("none", "dots", "full")
+    for scan in (False, True)
+    if (remat, scan) not in KNOBS
+]
+
+
+@pytest.mark.parametrize("remat, scan_layers", KNOBS)
 def test_outputs_and_gradients_do_not_depend_on_memory_knobs(remat, scan_layers):
     base = tiny_config()
     images, tokens = example_inputs()
@@ -70,6 +79,7 @@ def test_scanned_parameters_have_a_layers_axis():
     assert kernel.value.shape == (config.model.image.depth, 32, 64)
 
 
+@pytest.mark.slow  # three compiles of the scanned model's gradient (~12 s)
 @pytest.mark.multidevice
 def test_remat_with_scan_lowers_activation_memory():
     """With scanned layers the backward pass recomputes each block from its input, so temporaries

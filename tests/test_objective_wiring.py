@@ -147,6 +147,7 @@ def test_gradient_reversal_reverses_the_towers_gradient(full):
         assert float(error) < 1e-5 * float(optax.tree.norm(expected)), name
 
 
+@pytest.mark.slow  # a train step compiled for two meshes (~12 s)
 @pytest.mark.multidevice
 def test_sharded_step_equals_single_device_with_triplet_and_adversarial():
     def config(mesh):

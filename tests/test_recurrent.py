@@ -133,6 +133,7 @@ def _recurrent(config, kind, bidirectional):
     return config
 
 
+@pytest.mark.slow  # trains two models (~11 s)
 def test_classifier_and_two_tower_train_through_the_recurrent_tower():
     """A fusion classifier's gradients reach a bidirectional LSTM tower; the two-tower model
     embeds text with a GRU tower, and padding changes nothing."""

@@ -94,6 +94,7 @@ def test_validation_holds_out_voices_rates_and_compositions():
     assert first.voice.startswith("cmn+")
 
 
+@pytest.mark.slow  # 40 training steps (~14 s)
 def test_decoder_and_ctc_learn_a_toy_problem():
     """Four clips, each a sequence of two tones naming its two tokens: both losses fall far."""
     model = toy_model()
@@ -140,6 +141,7 @@ def test_decoder_and_ctc_learn_a_toy_problem():
     np.testing.assert_array_equal(np.argmax(logits, -1)[:, :3], tokens[:, 1:4])
 
 
+@pytest.mark.slow  # compiles both beam-search loops (~17 s)
 def test_cached_decoding_equals_full_recompute():
     beam = 2  # reorders the caches between steps
     model = toy_model(max_len=6)

@@ -79,7 +79,15 @@ def test_prior_accuracy_answers_each_groups_most_frequent_training_label():
     assert labelled.prior_accuracy(train, val) == pytest.approx(2 / 4)
 
 
-@pytest.mark.parametrize("kind", sorted(FUSIONS))
+# Three kinds in the fast tier (test_fusion checks every kind's gradients reach both inputs);
+# every kind in the slow tier (4-7 s each).
+FAST_FUSIONS = ("cross_attention", "early_concat", "gmu")
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [k if k in FAST_FUSIONS else pytest.param(k, marks=pytest.mark.slow) for k in sorted(FUSIONS)],
+)
 def test_every_fusion_classifies_from_both_modalities(kind):
     config = tiny(fusion_config.get_config())
     config.model.fusion.kind = kind
