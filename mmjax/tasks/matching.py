@@ -186,8 +186,18 @@ class MatchingObjective:
         return *weigh(terms, self.weights, logs), state
 
 
+# Settings added after the first matching runs: a `config.json` written before them (read back
+# by `python -m mmjax.evaluate` and `init_towers_from`) means these values, i.e. "off".
+_LATER_SETTINGS = {"positive_weight": 1.0, "swap_prob": 0.0, "swap_vocabulary": "shapes"}
+
+
+def _setting(config, name: str):
+    """`config.matching.<name>` of a setting in `_LATER_SETTINGS`, its "off" value if absent."""
+    return config.matching.get(name, _LATER_SETTINGS[name])
+
+
 def _swap_prob(config) -> float:
-    return float(config.matching.get("swap_prob", 0.0))
+    return float(_setting(config, "swap_prob"))
 
 
 def _changed(attrs: shapes.Attributes, i: int) -> tuple[shapes.Attributes, str]:
@@ -228,7 +238,7 @@ class MatchingTask(ContrastiveTask):
             )
         if config.matching.hardness < 0:
             raise ConfigError(f"matching.hardness={config.matching.hardness} must be >= 0")
-        if float(config.matching.get("positive_weight", 1.0)) <= 0:
+        if float(_setting(config, "positive_weight")) <= 0:
             raise ConfigError("matching.positive_weight must be > 0")
         swap_prob = _swap_prob(config)
         if not 0 <= swap_prob <= 1:
@@ -239,7 +249,7 @@ class MatchingTask(ContrastiveTask):
                     f"matching.swap_prob={swap_prob} makes ITM negatives, but matching.itm=0: "
                     "set matching.itm > 0 or matching.swap_prob=0"
                 )
-            word_swap.vocabulary(config.matching.swap_vocabulary)
+            word_swap.vocabulary(_setting(config, "swap_vocabulary"))
         refuse_overrides(config, EVAL_SETTINGS, f"task={self.name} evaluates ITM and MLM")
         super().validate(config)  # every term's weight, and the contrastive settings
 
@@ -267,7 +277,7 @@ class MatchingTask(ContrastiveTask):
             self.tokenizer(config),
             config.model.text.pad_id,
             config.matching.hardness,
-            float(config.matching.get("positive_weight", 1.0)),
+            float(_setting(config, "positive_weight")),
         )
 
     def train_iterator(self, config, process_index, process_count):
@@ -277,7 +287,7 @@ class MatchingTask(ContrastiveTask):
                 self.tokenizer(config),
                 config.data,
                 _swap_prob(config),
-                config.matching.get("swap_vocabulary", ""),
+                _setting(config, "swap_vocabulary"),
             ),
             config,
             process_index,
