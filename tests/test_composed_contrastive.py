@@ -191,6 +191,7 @@ def on_mesh(mesh, rules, params, batch):
     return params, jax.device_put(batch, parallel.batch_sharding(mesh, rules))
 
 
+@pytest.mark.slow  # a chunked and a naive matching loss compiled on a mesh (~7 s)
 @pytest.mark.multidevice
 def test_matching_chunked_loss_equals_naive_on_a_data_4_mesh():
     """loss_impl=chunked reaches matching's composed objective (the ring over the mesh passed

@@ -175,6 +175,7 @@ def test_decoding_argument_errors():
         decoding.beam_search(None, 1, 1, 1, BOS, EOT, PAD)
 
 
+@pytest.mark.slow  # the decoding loops compiled for 8 devices (~5 s)
 @pytest.mark.multidevice
 def test_cached_captions_on_the_8_device_mesh_are_the_learned_ones(coca):
     """Data, FSDP and tensor parallel (the cache's heads axis sharded too): greedy and beam

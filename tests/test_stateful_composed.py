@@ -130,6 +130,7 @@ class TrainingMode:
         return getattr(self.model, name)
 
 
+@pytest.mark.slow  # the captioning case above covers the fast tier (~9 s)
 def test_a_batchnorm_matching_step_normalises_every_pass_by_the_batch():
     """Every pass of the stateful matching loss (towers, ITM negatives mined from their
     similarities, fusion, MLM) sees the batch-normalised image tokens: it equals the stateless

@@ -79,9 +79,9 @@ def test_prior_accuracy_answers_each_groups_most_frequent_training_label():
     assert labelled.prior_accuracy(train, val) == pytest.approx(2 / 4)
 
 
-# Three kinds in the fast tier (test_fusion checks every kind's gradients reach both inputs);
+# Two kinds in the fast tier (test_fusion checks every kind's gradients reach both inputs);
 # every kind in the slow tier (4-7 s each).
-FAST_FUSIONS = ("cross_attention", "early_concat", "gmu")
+FAST_FUSIONS = ("cross_attention", "early_concat")
 
 
 @pytest.mark.parametrize(
