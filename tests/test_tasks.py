@@ -80,7 +80,7 @@ def test_prior_accuracy_answers_each_groups_most_frequent_training_label():
 
 
 # Two kinds in the fast tier (test_fusion checks every kind's gradients reach both inputs);
-# every kind in the slow tier (4-7 s each).
+# the other kinds in the slow tier (4-7 s each; CI runs both tiers).
 FAST_FUSIONS = ("cross_attention", "early_concat")
 
 
