@@ -55,7 +55,7 @@ class _CaptionAndSeed(pipeline.DecodeAndPickCaption):
     in place of the mined negative text where `swap_use` is set (with probability `swap_prob`,
     if the caption has a word of the vocabulary)."""
 
-    def __init__(self, tokenizer, data_cfg, swap_prob: float = 0.0, swap_vocabulary: str = ""):
+    def __init__(self, tokenizer, data_cfg, swap_prob: float, swap_vocabulary: str):
         super().__init__(tokenizer, data_cfg)
         self._swap_prob = swap_prob
         self._swap = (
@@ -186,8 +186,8 @@ class MatchingObjective:
         return *weigh(terms, self.weights, logs), state
 
 
-# Settings added after the first matching runs: a `config.json` written before them (read back
-# by `python -m mmjax.evaluate` and `init_towers_from`) means these values, i.e. "off".
+# Settings added after the first matching runs: a workdir's `config.json` written before them
+# (read back by `python -m mmjax.evaluate`) means these values: no swapped negatives, weight 1.
 _LATER_SETTINGS = {"positive_weight": 1.0, "swap_prob": 0.0, "swap_vocabulary": "shapes"}
 
 
