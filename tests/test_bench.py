@@ -1,10 +1,12 @@
 """`python -m mmjax.bench train`: analytic FLOPs, open_clip config mapping, and one tiny run."""
 
 import json
+import os
 
+import numpy as np
 import pytest
 
-from mmjax.bench import flops, train_report
+from mmjax.bench import flops, train_report, usage
 from mmjax.bench.__main__ import main
 from mmjax.interop.open_clip_config import (
     load_open_clip_config,
@@ -145,6 +147,11 @@ def test_train_bench_json(tmp_path, capsys):
         # count lies in [0.95, 1.25] × the model FLOPs (1.06 measured for float32; bfloat16
         # adds dtype conversions).
         assert 0.95 < v["xla_over_model"] < 1.25, v
+        # The process's CPU time over the timed steps: user time at least, at most all cores.
+        c = v["cpu_per_step"]
+        assert set(c) == {"user_s", "sys_s", "minor_faults"} and c["user_s"] > 0
+        assert c["sys_s"] >= 0 and c["minor_faults"] >= 0
+        assert 0 < v["cores_busy"] <= (os.cpu_count() or 1) * 1.05
 
 
 @pytest.mark.slow  # the pipeline subcommand end to end, with a train step (~11 s)
@@ -201,6 +208,7 @@ def test_vs_open_clip_runs_each_peer_setting_in_its_own_process(tmp_path, capsys
         assert v["conditions"]["glibc_tunables"] == "" and not v["conditions"]["jax_loaded"]
         assert v["param_count"] in (ours["param_count"], ours["param_count"] - 1)  # no bias
         assert len(v["step_s"]) == 1 and v["step_s"][0] > 0
+        assert v["cpu_per_step"]["user_s"] > 0 and v["cores_busy"] > 0  # the peer's own usage
     assert set(r["speedup_vs_open_clip"]["float32"]) == {"float32", "amp_bf16"}
     assert r["best_vs_best"]["open_clip"] in ("float32", "amp_bf16")
     assert r["best_vs_best"]["speedup"] > 0
@@ -218,3 +226,14 @@ def test_report_describes_a_resnet_tower_by_its_stages(capsys):
     vit = train_report.model_record("B16", "open_clip", mmjax_config_from_open_clip(VIT_B_16)[0], 1)
     assert vit["image_kind"] == "vit" and vit["patch_size"] == 16 and vit["image_depth"] == 12
     assert "blocks (3, 4, 6, 3), stem width 64" in train_report._image_tower(record)
+
+
+def test_process_usage_counts_cpu_time_and_page_faults():
+    """What the bench bills a step besides its time: CPU seconds and the page faults of memory
+    touched for the first time (a fresh 64 MiB buffer, written once)."""
+    start = usage.process_usage()
+    buf = np.empty(64 << 20, np.uint8)
+    buf[::4096] = 1  # one write per 4 KiB page
+    used = usage.usage_since(start)
+    assert set(used) == set(usage.USAGE_KEYS)
+    assert used["minor_faults"] >= 1 and used["user_s"] + used["sys_s"] > 0

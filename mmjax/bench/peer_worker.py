@@ -8,7 +8,8 @@ models, started with the environment the user would have (the malloc tuning only
 itself, so pipe latency is never billed to the peer:
 
     parent -> child   {"steps": N}            (N >= 0; N = 0 ends the child)
-    child  -> parent  {"times": [s, ...], "loss": float, "cpu_s": CPU seconds the child used}
+    child  -> parent  {"times": [s, ...], "loss": float, "usage": {user_s, sys_s, minor_faults}}
+                      (the child's CPU seconds and page faults over those steps)
 The first line the child writes is {"ready": true, "param_count": ..., "device": ..., ...} once the
 model is built (and, under torch.compile, compiled by one untimed step).
 """
@@ -26,7 +27,7 @@ import time
 import ml_collections
 import numpy as np
 
-from mmjax.bench import open_clip_peer
+from mmjax.bench import open_clip_peer, usage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +55,8 @@ def parse_settings(text: str) -> list[PeerSetting]:
 
 
 class PeerProcess:
-    """One open_clip setting in a child process; `run(steps)` returns the seconds of each step."""
+    """One open_clip setting in a child process; `run(steps)` returns the seconds of each step
+    and the child's usage over them (`mmjax.bench.usage.process_usage` keys)."""
 
     def __init__(
         self,
@@ -104,13 +106,14 @@ class PeerProcess:
             raise RuntimeError(f"open_clip peer {self.setting.name} exited with code {code}")
         return json.loads(line)
 
-    def run(self, steps: int) -> list[float]:
+    def run(self, steps: int) -> tuple[list[float], dict[str, float]]:
         self._proc.stdin.write(json.dumps({"steps": steps}) + "\n")
         self._proc.stdin.flush()
         reply = self._read()
         self.loss = reply["loss"]
-        self.cpu_s += reply["cpu_s"]  # not "other load" for the benchmark's noise estimate
-        return reply["times"]
+        used = reply["usage"]
+        self.cpu_s += used["user_s"] + used["sys_s"]  # not "other load" (benchmark's noise)
+        return reply["times"], used
 
     def close(self) -> None:
         if self._proc.poll() is None:
@@ -150,14 +153,13 @@ def serve(spec: dict) -> None:
         steps = json.loads(line)["steps"]
         if steps <= 0:
             return
-        times, loss, cpu = [], float("nan"), os.times()
+        times, loss, start = [], float("nan"), usage.process_usage()
         for _ in range(steps):
             t = time.perf_counter()
             loss = peer.step()  # returns loss.item(): the step is finished
             times.append(time.perf_counter() - t)
-        used = os.times()
-        cpu_s = used.user + used.system - cpu.user - cpu.system
-        print(json.dumps({"times": times, "loss": loss, "cpu_s": cpu_s}), flush=True)
+        used = usage.usage_since(start)
+        print(json.dumps({"times": times, "loss": loss, "usage": used}), flush=True)
 
 
 if __name__ == "__main__":

@@ -37,9 +37,12 @@ partitioning overhead, not speed); on accelerators all devices, batch split over
   variants: list of {framework ("mmjax" | "open_clip"), dtype, device, devices, step_s_median,
       step_s_min, step_s (every timed step), samples_per_s, model_flops_per_step,
       xla_flops_per_step, xla_over_model, model_flops_per_s, mfu, compile_s, temp_bytes,
-      argument_bytes, output_bytes, param_count, conditions}  (XLA and memory fields are null
-      for open_clip; xla_flops_per_step sums all devices, the byte counts are per device;
-      conditions: the peer process's {threads, glibc_tunables, jax_loaded}, null for mmjax)
+      argument_bytes, output_bytes, param_count, conditions, cpu_per_step, cores_busy}
+      (XLA and memory fields are null for open_clip; xla_flops_per_step sums all devices, the
+      byte counts are per device; conditions: the peer process's {threads, glibc_tunables,
+      jax_loaded}, null for mmjax; cpu_per_step: {user_s, sys_s, minor_faults} per timed step
+      of the process that ran it; cores_busy: its user + system CPU seconds over the timed
+      seconds)
   speedup_vs_open_clip: {mmjax dtype: {open_clip setting: its step time / mmjax step time}}
   best_vs_best: {mmjax, open_clip: the fastest variant of each, speedup: their ratio}
 """
@@ -60,7 +63,7 @@ import numpy as np
 
 from mmjax import config as base_config
 from mmjax import parallel
-from mmjax.bench import common, flops, train_report
+from mmjax.bench import common, flops, train_report, usage
 from mmjax.data import pipeline
 from mmjax.tasks import get_task
 from mmjax.train.step import NO_CEILING
@@ -80,12 +83,26 @@ class Variant:
     compile_s: float | None = None
     stats: dict = dataclasses.field(default_factory=dict)
     times: list = dataclasses.field(default_factory=list)
-    # A peer in its own process times its own steps: run(n) -> n step times (see peer_worker).
-    run: Callable[[int], list[float]] | None = None
+    # A peer in its own process times its own steps: run(n) -> (n step times, its usage over
+    # them) (see peer_worker).
+    run: Callable[[int], tuple[list[float], dict]] | None = None
     conditions: dict = dataclasses.field(default_factory=dict)
+    # CPU seconds and page faults of the timed steps (usage.USAGE_KEYS), summed over blocks.
+    usage: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(usage.USAGE_KEYS, 0.0))
 
-    def timed(self, steps: int) -> list[float]:
-        return self.run(steps) if self.run else common.time_calls(self.step, steps, 0)
+    def timed(self, steps: int) -> tuple[list[float], dict]:
+        """Step times of `steps` steps and the usage of the process that ran them: this one
+        for mmjax (nothing else runs in it meanwhile), the peer's own for open_clip."""
+        if self.run:
+            return self.run(steps)
+        start = usage.process_usage()
+        times = common.time_calls(self.step, steps, 0)
+        return times, usage.usage_since(start)
+
+    def measure(self, steps: int) -> None:
+        times, used = self.timed(steps)
+        self.times += times
+        self.usage = {k: self.usage[k] + used[k] for k in usage.USAGE_KEYS}
 
 
 # open_clip model configs shipped with the benchmark (package data), found by name.
@@ -199,7 +216,7 @@ def time_alternating(
         for v in variants:
             time.sleep(SETTLE_S)
             v.timed(1)
-            v.times += v.timed(steps)
+            v.measure(steps)
         for dtype in DTYPES:
             measured[dtype].append(common.matmul_ceiling(dtype))
     return {dtype: common.median(xs) for dtype, xs in measured.items()}
@@ -237,6 +254,7 @@ def peak_dtype(v: Variant) -> str:
 def variant_record(v: Variant, batch: int, model_flops: int, peak_per_device: float) -> dict:
     step_s = common.median(v.times)
     xla = v.stats.get("xla_flops")
+    steps = len(v.times)
     return {
         "framework": v.framework,
         "dtype": v.dtype,
@@ -257,6 +275,8 @@ def variant_record(v: Variant, batch: int, model_flops: int, peak_per_device: fl
         "output_bytes": v.stats.get("output_bytes"),
         "param_count": v.param_count,
         "conditions": v.conditions or None,
+        "cpu_per_step": {k: x / steps for k, x in v.usage.items()},
+        "cores_busy": (v.usage["user_s"] + v.usage["sys_s"]) / sum(v.times),
     }
 
 

@@ -96,6 +96,17 @@ def print_report(r: dict) -> None:
             f"{common.human_bytes(v['temp_bytes']):>11}"
             f"{common.human_bytes(v['argument_bytes']):>11}{v['param_count']:>11,}"
         )
+    print(
+        "CPU per timed step, of the process that ran it (kernel time and page faults are what "
+        "the allocator costs a step):"
+    )
+    for v in r["variants"]:
+        c = v["cpu_per_step"]
+        print(
+            f"  {v['framework'] + ' ' + v['dtype']:<26}{v['cores_busy']:>5.2f} cores busy, user "
+            f"{c['user_s'] * 1e3:.0f} ms, system {c['sys_s'] * 1e3:.0f} ms, "
+            f"{c['minor_faults']:,.0f} page faults"
+        )
     for dtype, ratios in r.get("speedup_vs_open_clip", {}).items():
         for peer, ratio in ratios.items():
             print(f"speedup of mmjax {dtype} over open_clip {peer}: {ratio:.2f}x (step-time ratio)")
