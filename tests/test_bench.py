@@ -117,6 +117,7 @@ def test_train_bench_json(tmp_path, capsys):
     path.write_text(json.dumps(TINY))
     args = ["train", "--open-clip-config", str(path), "--batch", str(BATCH)]
     args += ["--dtype", "float32,bfloat16", "--rounds", "1", "--steps", "2", "--warmup", "1"]
+    args += ["--profile", str(tmp_path / "profile"), "--profile-steps", "2"]
     assert main([*args, "--json"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     r = json.loads(out[-1])
@@ -152,6 +153,11 @@ def test_train_bench_json(tmp_path, capsys):
         assert set(c) == {"user_s", "sys_s", "minor_faults"} and c["user_s"] > 0
         assert c["sys_s"] >= 0 and c["minor_faults"] >= 0
         assert 0 < v["cores_busy"] <= (os.cpu_count() or 1) * 1.05
+        # --profile: the train step's passes, from a trace kept under DIR/<dtype>.
+        prof = v["profile"]
+        assert prof["steps"] == 2 and prof["trace_dir"] == str(tmp_path / "profile" / v["dtype"])
+        passes = set(prof["by_pass_kind"])
+        assert {"forward/gemm", "backward/gemm", "optimizer/elementwise"} <= passes
 
 
 @pytest.mark.slow  # the pipeline subcommand end to end, with a train step (~11 s)

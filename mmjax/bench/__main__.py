@@ -41,6 +41,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "torch.compile (e.g. float32,amp_bf16,amp_bf16+compile)",
     )
     train.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="after timing, trace each mmjax variant with jax.profiler into DIR/<dtype> and "
+        "report op time by kind and pass (mmjax/bench/profile.py)",
+    )
+    train.add_argument("--profile-steps", type=int, default=5, help="steps counted by --profile")
+    train.add_argument(
         "--peer-malloc-tuning",
         action="store_true",
         help="give the open_clip processes mmjax's malloc setting too (default: as a user runs it)",

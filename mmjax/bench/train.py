@@ -42,7 +42,7 @@ partitioning overhead, not speed); on accelerators all devices, batch split over
       byte counts are per device; conditions: the peer process's {threads, glibc_tunables,
       jax_loaded}, null for mmjax; cpu_per_step: {user_s, sys_s, minor_faults} per timed step
       of the process that ran it; cores_busy: its user + system CPU seconds over the timed
-      seconds)
+      seconds; with --profile DIR, mmjax variants also have "profile": mmjax.bench.profile)
   speedup_vs_open_clip: {mmjax dtype: {open_clip setting: its step time / mmjax step time}}
   best_vs_best: {mmjax, open_clip: the fastest variant of each, speedup: their ratio}
 """
@@ -63,7 +63,7 @@ import numpy as np
 
 from mmjax import config as base_config
 from mmjax import parallel
-from mmjax.bench import common, flops, train_report, usage
+from mmjax.bench import common, flops, profile, train_report, usage
 from mmjax.data import pipeline
 from mmjax.tasks import get_task
 from mmjax.train.step import NO_CEILING
@@ -87,6 +87,7 @@ class Variant:
     # them) (see peer_worker).
     run: Callable[[int], tuple[list[float], dict]] | None = None
     conditions: dict = dataclasses.field(default_factory=dict)
+    hlo_text: Callable[[], str] | None = None  # the compiled step's optimized HLO (mmjax)
     # CPU seconds and page faults of the timed steps (usage.USAGE_KEYS), summed over blocks.
     usage: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(usage.USAGE_KEYS, 0.0))
 
@@ -193,7 +194,9 @@ def build_mmjax_variant(config, vocab: int, dtype: str, devices: list, batch_np:
     if stats["xla_flops"] is not None:
         stats["xla_flops"] *= len(devices)  # cost_analysis counts one device's program
     platform = devices[0].platform
-    return Variant("mmjax", dtype, platform, len(devices), step, param_count, compile_s, stats)
+    variant = Variant("mmjax", dtype, platform, len(devices), step, param_count, compile_s, stats)
+    variant.hlo_text = compiled.as_text
+    return variant
 
 
 def time_alternating(
@@ -220,29 +223,6 @@ def time_alternating(
         for dtype in DTYPES:
             measured[dtype].append(common.matmul_ceiling(dtype))
     return {dtype: common.median(xs) for dtype, xs in measured.items()}
-
-
-def cpu_clock() -> tuple[float, float, float] | None:
-    """(wall s, CPU s all processes spent busy, CPU s of this process); None off Linux. Two
-    readings give how many cores *other* processes kept busy in between: the load that makes
-    timings noisy (a load average cannot tell it from this benchmark's own threads)."""
-    try:
-        with open("/proc/stat") as f:
-            ticks = [int(x) for x in f.readline().split()[1:9]]  # user .. steal
-    except (OSError, ValueError):
-        return None
-    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
-    own = os.times()
-    return time.perf_counter(), busy, own.user + own.system
-
-
-def other_cores(start, end, children_cpu_s: float = 0.0) -> float | None:
-    """Cores kept busy between two `cpu_clock` readings by processes other than this one and
-    its peer processes (which report their own CPU seconds, `children_cpu_s`)."""
-    if start is None or end is None:
-        return None
-    wall, busy, own = (b - a for a, b in zip(start, end, strict=True))
-    return max(busy - own - children_cpu_s, 0.0) / wall
 
 
 def peak_dtype(v: Variant) -> str:
@@ -289,8 +269,8 @@ def run(args: argparse.Namespace) -> dict:
     unknown = [d for d in dtypes if d not in DTYPES]
     if unknown or not dtypes:
         raise ValueError(f"--dtype {args.dtype!r}: choose from {', '.join(DTYPES)}")
-    if args.steps < 1 or args.rounds < 1 or args.warmup < 0:
-        raise ValueError("--steps and --rounds must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.rounds < 1 or args.warmup < 0 or args.profile_steps < 1:
+        raise ValueError("--steps, --rounds, --profile-steps must be >= 1 and --warmup >= 0")
     if args.vs_open_clip:
         from mmjax.bench import open_clip_peer, peer_worker
 
@@ -345,9 +325,9 @@ def run(args: argparse.Namespace) -> dict:
                 )
             )
         _log(f"timing {len(variants)} variants: {args.rounds} rounds x {args.steps} steps ...")
-        clock = cpu_clock()
+        clock = usage.cpu_clock()
         ceiling = time_alternating(variants, args.steps, args.warmup, args.rounds)
-        others = other_cores(clock, cpu_clock(), sum(p.cpu_s for p in peers))
+        others = usage.other_cores(clock, usage.cpu_clock(), sum(p.cpu_s for p in peers))
     finally:
         for peer in peers:
             peer.close()
@@ -395,5 +375,16 @@ def run(args: argparse.Namespace) -> dict:
             "open_clip": peer_best["dtype"],
             "speedup": peer_best["step_s_median"] / best["step_s_median"],
         }
+    if args.profile:
+        for v, record in zip(variants, records, strict=True):
+            if v.hlo_text is not None:
+                out_dir = os.path.join(args.profile, v.dtype)
+                _log(f"profiling mmjax {v.dtype} ({args.profile_steps} steps) into {out_dir} ...")
+                record["profile"] = profile.profile_variant(
+                    v.step, v.hlo_text(), args.profile_steps, out_dir
+                )
     train_report.print_report(result)
+    for record in records:
+        if "profile" in record:
+            profile.print_profile(f"mmjax {record['dtype']}", record["profile"])
     return result

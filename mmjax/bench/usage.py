@@ -1,7 +1,10 @@
-"""CPU time and page faults of this process (no JAX import: the open_clip peer processes use it
-too, and a user's open_clip process has no JAX runtime)."""
+"""CPU time and page faults of this process, and the load of other processes on the machine (no
+JAX import: the open_clip peer processes use it too, and a user's open_clip process has no JAX
+runtime)."""
 
+import os
 import resource
+import time
 
 USAGE_KEYS = ("user_s", "sys_s", "minor_faults")
 
@@ -17,3 +20,26 @@ def process_usage() -> dict[str, float]:
 def usage_since(start: dict[str, float]) -> dict[str, float]:
     now = process_usage()
     return {k: now[k] - start[k] for k in USAGE_KEYS}
+
+
+def cpu_clock() -> tuple[float, float, float] | None:
+    """(wall s, CPU s all processes spent busy, CPU s of this process); None off Linux. Two
+    readings give how many cores *other* processes kept busy in between: the load that makes
+    timings noisy (a load average cannot tell it from this benchmark's own threads)."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:9]]  # user .. steal
+    except (OSError, ValueError):
+        return None
+    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
+    own = os.times()
+    return time.perf_counter(), busy, own.user + own.system
+
+
+def other_cores(start, end, children_cpu_s: float = 0.0) -> float | None:
+    """Cores kept busy between two `cpu_clock` readings by processes other than this one and
+    its peer processes (which report their own CPU seconds, `children_cpu_s`)."""
+    if start is None or end is None:
+        return None
+    wall, busy, own = (b - a for a, b in zip(start, end, strict=True))
+    return max(busy - own - children_cpu_s, 0.0) / wall

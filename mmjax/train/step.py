@@ -65,8 +65,9 @@ def train_step(
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (loss <= loss_ceiling)
 
     def update(grads, params, opt_state, _, model_state):
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, model_state
+        with jax.named_scope("optimizer"):  # names only: profiles tell its ops apart
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, model_state
 
     keep = lambda grads, params, opt_state, model_state, _: (params, opt_state, model_state)
     params, opt_state, model_state = jax.lax.cond(
