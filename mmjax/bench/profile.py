@@ -23,6 +23,7 @@ counted step, wall), op_s_per_step, by_kind {kind: s per step}, by_pass_kind {"p
 step}, top_ops [{name, kind, pass, shape, s_per_step, calls_per_step}] (the 12 largest).
 """
 
+import bisect
 import collections
 import glob
 import gzip
@@ -113,9 +114,8 @@ def summarize(trace_path: str, ops: dict[str, dict], settle: int = SETTLE_STEPS)
     """Op time per step of the counted steps (all but the first `settle` annotated ones)."""
     with gzip.open(trace_path) as f:
         events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
-    windows = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e["name"] == STEP_ANNOTATION)[
-        settle:
-    ]
+    annotated = [e for e in events if e["name"] == STEP_ANNOTATION]
+    windows = sorted((e["ts"], e["ts"] + e["dur"]) for e in annotated)[settle:]
     if not windows:
         raise RuntimeError(f"{trace_path}: no step after the first {settle} to count")
     starts = [a for a, _ in windows]
@@ -124,8 +124,8 @@ def summarize(trace_path: str, ops: dict[str, dict], settle: int = SETTLE_STEPS)
         op = ops.get(e["name"])
         if op is None or op["kind"] == "control":
             continue
-        i = _window(starts, e["ts"])
-        if i is not None and e["ts"] < windows[i][1]:
+        i = bisect.bisect_right(starts, e["ts"]) - 1  # the last step starting at or before it
+        if i >= 0 and e["ts"] < windows[i][1]:
             per_op[e["name"]] += e["dur"] * 1e-6
             calls[e["name"]] += 1
     n = len(windows)
@@ -145,14 +145,6 @@ def summarize(trace_path: str, ops: dict[str, dict], settle: int = SETTLE_STEPS)
         "by_pass_kind": dict(by_pass_kind.most_common()),
         "top_ops": top,
     }
-
-
-def _window(starts: list[float], ts: float) -> int | None:
-    lo, hi = 0, len(starts)
-    while lo < hi:  # the last window starting at or before ts
-        mid = (lo + hi) // 2
-        lo, hi = (mid + 1, hi) if starts[mid] <= ts else (lo, mid)
-    return lo - 1 if lo else None
 
 
 def profile_variant(step, hlo_text: str, steps: int, out_dir: str) -> dict:
