@@ -97,8 +97,8 @@ def print_report(r: dict) -> None:
             f"{common.human_bytes(v['argument_bytes']):>11}{v['param_count']:>11,}"
         )
     print(
-        "CPU per timed step, of the process that ran it (kernel time and page faults are what "
-        "the allocator costs a step):"
+        "CPU per timed step, of the process that ran it (system time is mostly the kernel "
+        "mapping and zeroing fresh memory: the page faults):"
     )
     for v in r["variants"]:
         c = v["cpu_per_step"]
