@@ -89,7 +89,9 @@ class Variant:
     conditions: dict = dataclasses.field(default_factory=dict)
     hlo_text: Callable[[], str] | None = None  # the compiled step's optimized HLO (mmjax)
     # CPU seconds and page faults of the timed steps (usage.USAGE_KEYS), summed over blocks.
-    usage: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(usage.USAGE_KEYS, 0.0))
+    cpu_usage: dict = dataclasses.field(
+        default_factory=lambda: dict.fromkeys(usage.USAGE_KEYS, 0.0)
+    )
 
     def timed(self, steps: int) -> tuple[list[float], dict]:
         """Step times of `steps` steps and the usage of the process that ran them: this one
@@ -103,7 +105,7 @@ class Variant:
     def measure(self, steps: int) -> None:
         times, used = self.timed(steps)
         self.times += times
-        self.usage = {k: self.usage[k] + used[k] for k in usage.USAGE_KEYS}
+        self.cpu_usage = {k: self.cpu_usage[k] + used[k] for k in usage.USAGE_KEYS}
 
 
 # open_clip model configs shipped with the benchmark (package data), found by name.
@@ -194,9 +196,8 @@ def build_mmjax_variant(config, vocab: int, dtype: str, devices: list, batch_np:
     if stats["xla_flops"] is not None:
         stats["xla_flops"] *= len(devices)  # cost_analysis counts one device's program
     platform = devices[0].platform
-    variant = Variant("mmjax", dtype, platform, len(devices), step, param_count, compile_s, stats)
-    variant.hlo_text = compiled.as_text
-    return variant
+    fields = ("mmjax", dtype, platform, len(devices), step, param_count, compile_s, stats)
+    return Variant(*fields, hlo_text=compiled.as_text)
 
 
 def time_alternating(
@@ -255,8 +256,8 @@ def variant_record(v: Variant, batch: int, model_flops: int, peak_per_device: fl
         "output_bytes": v.stats.get("output_bytes"),
         "param_count": v.param_count,
         "conditions": v.conditions or None,
-        "cpu_per_step": {k: x / steps for k, x in v.usage.items()},
-        "cores_busy": (v.usage["user_s"] + v.usage["sys_s"]) / sum(v.times),
+        "cpu_per_step": {k: x / steps for k, x in v.cpu_usage.items()},
+        "cores_busy": (v.cpu_usage["user_s"] + v.cpu_usage["sys_s"]) / sum(v.times),
     }
 
 

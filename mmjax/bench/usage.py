@@ -32,8 +32,8 @@ def cpu_clock() -> tuple[float, float, float] | None:
     except (OSError, ValueError):
         return None
     busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
-    own = os.times()
-    return time.perf_counter(), busy, own.user + own.system
+    own = process_usage()
+    return time.perf_counter(), busy, own["user_s"] + own["sys_s"]
 
 
 def other_cores(start, end, children_cpu_s: float = 0.0) -> float | None:
