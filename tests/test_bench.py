@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from mmjax import runtime
 from mmjax.bench import flops, train_report, usage
 from mmjax.bench.__main__ import main
 from mmjax.interop.open_clip_config import (
@@ -198,9 +199,15 @@ def test_pipeline_bench_measures_worker_processes(tmp_path, capsys):
 @pytest.mark.interop
 def test_vs_open_clip_runs_each_peer_setting_in_its_own_process(tmp_path, capsys, monkeypatch):
     """The peer at float32 and amp_bf16, each a child process with a user's environment (no JAX
-    runtime, no malloc tunable of ours even when the benchmark has one), the same model."""
+    runtime, none of our allocator settings even when the benchmark has them), the same model."""
     pytest.importorskip("open_clip")
-    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+    keys = ("LD_PRELOAD", "MIMALLOC_PURGE_DELAY", "GLIBC_TUNABLES")
+    for key in keys:
+        monkeypatch.delenv(key, raising=False)
+    ours = runtime.tuned_environment(dict(os.environ, MMJAX_MALLOC_TUNING="1")) or {}
+    for key in keys:
+        if key in ours:
+            monkeypatch.setenv(key, ours[key])
     path = tmp_path / "tiny.json"
     path.write_text(json.dumps(TINY))
     args = ["train", "--open-clip-config", str(path), "--batch", str(BATCH), "--json"]
@@ -211,7 +218,8 @@ def test_vs_open_clip_runs_each_peer_setting_in_its_own_process(tmp_path, capsys
     assert [v["dtype"] for v in peers] == ["float32", "amp_bf16"]
     ours = r["variants"][0]
     for v in peers:
-        assert v["conditions"]["glibc_tunables"] == "" and not v["conditions"]["jax_loaded"]
+        assert v["conditions"]["allocator"] == "glibc (default)", v["conditions"]
+        assert not v["conditions"]["jax_loaded"]
         assert v["param_count"] in (ours["param_count"], ours["param_count"] - 1)  # no bias
         assert len(v["step_s"]) == 1 and v["step_s"][0] > 0
         assert v["cpu_per_step"]["user_s"] > 0 and v["cores_busy"] > 0  # the peer's own usage

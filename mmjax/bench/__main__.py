@@ -50,7 +50,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     train.add_argument(
         "--peer-malloc-tuning",
         action="store_true",
-        help="give the open_clip processes mmjax's malloc setting too (default: as a user runs it)",
+        help="give the open_clip processes mmjax's allocator setting too (default: as a user "
+        "runs it)",
     )
 
     loss = sub.add_parser("loss", help="per-device memory of one contrastive loss variant")

@@ -1,9 +1,9 @@
 """open_clip's training step in a process of its own, driven by `mmjax.bench train --vs-open-clip`.
 
 A peer measured inside the benchmark's process would share its JAX runtime, its threads and its
-malloc setting (`mmjax.runtime`); a user runs open_clip in a plain Python process. So each peer
+allocator setting (`mmjax.runtime`); a user runs open_clip in a plain Python process. So each peer
 setting (precision, torch.compile) is a child process that imports neither JAX nor mmjax's
-models, started with the environment the user would have (the malloc tuning only with
+models, started with the environment the user would have (mmjax's allocator setting only with
 `--peer-malloc-tuning`). The parent sends one line per measurement and the child times the steps
 itself, so pipe latency is never billed to the peer:
 
@@ -27,6 +27,7 @@ import time
 import ml_collections
 import numpy as np
 
+from mmjax import runtime
 from mmjax.bench import open_clip_peer, usage
 
 
@@ -83,9 +84,9 @@ class PeerProcess:
             "compile": setting.compile,
         }
         env = dict(os.environ)
-        if not malloc_tuning:  # as a user's own process would run: no malloc tunable of ours
-            env.pop("GLIBC_TUNABLES", None)
-        self.glibc_tunables = env.get("GLIBC_TUNABLES", "")
+        if not malloc_tuning:  # as a user's own process would run: no allocator setting of ours
+            env = runtime.without_tuning(env)
+        self.allocator = runtime.allocator_in_use(env)
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "mmjax.bench.peer_worker", json.dumps(spec)],
             stdin=subprocess.PIPE,

@@ -29,7 +29,7 @@ partitioning overhead, not speed); on accelerators all devices, batch split over
   platform, devices: backend of the mmjax variants and how many devices they use
   cpu_count, other_cpu_load: cores that other processes kept busy while this one timed (null
       off Linux); well above 0 means the times are noisy
-  glibc_tunables: GLIBC_TUNABLES of this process (both frameworks share it; see mmjax.runtime)
+  allocator: this process's malloc (mimalloc or glibc and its setting; see mmjax.runtime)
   model_flops_per_sample: analytic forward FLOPs {image, text, logits, forward}
   ceilings_flops: {dtype: GEMM FLOP/s of one device} for float32 and bfloat16, measured
       after each round (median over rounds)
@@ -39,7 +39,7 @@ partitioning overhead, not speed); on accelerators all devices, batch split over
       xla_flops_per_step, xla_over_model, model_flops_per_s, mfu, compile_s, temp_bytes,
       argument_bytes, output_bytes, param_count, conditions, cpu_per_step, cores_busy}
       (XLA and memory fields are null for open_clip; xla_flops_per_step sums all devices, the
-      byte counts are per device; conditions: the peer process's {threads, glibc_tunables,
+      byte counts are per device; conditions: the peer process's {threads, allocator,
       jax_loaded}, null for mmjax; cpu_per_step: {user_s, sys_s, minor_faults} per timed step
       of the process that ran it; cores_busy: its user + system CPU seconds over the timed
       seconds; with --profile DIR, mmjax variants also have "profile": mmjax.bench.profile)
@@ -62,7 +62,7 @@ import ml_collections
 import numpy as np
 
 from mmjax import config as base_config
-from mmjax import parallel
+from mmjax import parallel, runtime
 from mmjax.bench import common, flops, profile, train_report, usage
 from mmjax.data import pipeline
 from mmjax.tasks import get_task
@@ -309,7 +309,7 @@ def run(args: argparse.Namespace) -> dict:
             peers.append(peer)
             conditions = {
                 "threads": peer.threads,
-                "glibc_tunables": peer.glibc_tunables,
+                "allocator": peer.allocator,
                 "jax_loaded": peer.jax_loaded,
             }
             variants.append(
@@ -350,7 +350,7 @@ def run(args: argparse.Namespace) -> dict:
         "devices": len(devices),
         "cpu_count": os.cpu_count(),
         "other_cpu_load": others,
-        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "allocator": runtime.allocator_in_use(),
         "model_flops_per_sample": {
             "image": per_sample["image_forward_per_sample"],
             "text": per_sample["text_forward_per_sample"],

@@ -66,13 +66,13 @@ def print_report(r: dict) -> None:
     if others is not None:
         noisy = "; the times are noisy" if others > 0.1 else ""
         print(f"other processes kept {others:.2f} of {r['cpu_count']} CPUs busy meanwhile{noisy}")
-    print(f"mmjax variants: this process, GLIBC_TUNABLES={r['glibc_tunables'] or '(unset)'}")
+    print(f"mmjax variants: this process, allocator {r['allocator']}")
     for v in r["variants"]:
         if v["conditions"]:
             c = v["conditions"]
             print(
                 f"open_clip {v['dtype']}: own process, {c['threads']} torch threads, "
-                f"GLIBC_TUNABLES={c['glibc_tunables'] or '(unset)'}"
+                f"allocator {c['allocator']}"
             )
     print(
         "GEMM ceiling (2048^3, one device, median over rounds): "
