@@ -5,9 +5,10 @@ end of the step. glibc's malloc hands memory that large back to the kernel (an `
 thread arena's heap deleted once it is empty), so the next step takes the page faults again and
 the kernel zeroes every page anew: a quarter of the CPU time of a training step here, more on a VM
 whose host reclaims freed guest memory. mimalloc (the `cmeel-mimalloc` wheel, a dependency on
-Linux), preloaded with its purging off, keeps the freed memory in the process and serves the next
-step from it: ~0 page faults per step. Measured on the 2-core CPU host, the default run 4 min 48 s
--> 3 min 41 s with the same metrics, peak RSS 2.4 -> 3.1 GB (README, Performance).
+x86_64 and aarch64 Linux), preloaded with its purging off, keeps the freed memory in the process
+and serves the next step from it: ~0 page faults per step. Measured on the 2-core CPU host, the
+default run 4 min 48 s -> 3 min 41 s with the same metrics, peak RSS 2.4 -> 3.1 GB (README,
+Performance).
 
 Without mimalloc (not installed, or `MMJAX_MALLOC_TUNING=glibc`) the entry points fall back to
 glibc's tunable `glibc.malloc.hugetlb=1`: transparent huge pages, ~200x fewer faults than 4 KiB

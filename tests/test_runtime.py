@@ -12,6 +12,8 @@ import pytest
 from mmjax import runtime
 
 LINUX_GLIBC = sys.platform == "linux" and runtime.platform.libc_ver()[0] == "glibc"
+# Where pyproject.toml installs cmeel-mimalloc.
+WITH_MIMALLOC = LINUX_GLIBC and runtime.platform.machine() in ("x86_64", "aarch64")
 KEYS = ("LD_PRELOAD", "MIMALLOC_PURGE_DELAY", "GLIBC_TUNABLES")
 CHILD = (
     "import json, os; "
@@ -40,10 +42,10 @@ def run_probe(**env):
     return text if text == "not re-executed" else json.loads(text)
 
 
-@pytest.mark.skipif(not LINUX_GLIBC, reason="the setting is for Linux with glibc only")
+@pytest.mark.skipif(not WITH_MIMALLOC, reason="mimalloc is installed on x86_64/aarch64 Linux")
 def test_reexec_preloads_mimalloc_once_and_keeps_the_users_settings():
     library = runtime.mimalloc_library()
-    assert library is not None, "cmeel-mimalloc is a dependency on Linux: pip install -e ."
+    assert library is not None, "cmeel-mimalloc is a dependency here: pip install -e ."
     child = run_probe()
     assert child["LD_PRELOAD"] == library and child["mapped"]
     assert child["MIMALLOC_PURGE_DELAY"] == "-1" and child["GLIBC_TUNABLES"] is None
@@ -92,16 +94,16 @@ def faults_per_round(env):
     return json.loads(out.stdout)
 
 
-@pytest.mark.skipif(not LINUX_GLIBC, reason="the setting is for Linux with glibc only")
+@pytest.mark.skipif(not WITH_MIMALLOC, reason="mimalloc is installed on x86_64/aarch64 Linux")
 def test_the_preloaded_allocator_reuses_freed_memory_without_page_faults():
-    """Why the setting exists: under glibc's defaults every round faults its 65,536 pages in
-    again; with the setting the second round on reuses the first one's memory (a few faults
-    for the interpreter's own allocations)."""
-    pages = (256 << 20) // 4096
+    """Why the setting exists: under glibc's defaults every round faults its block in again
+    (65,536 pages of 4 KiB; 128 huge pages where transparent huge pages are always on); with the
+    setting the second round on reuses the first one's memory (a few faults at most, for the
+    interpreter's own allocations)."""
     plain = faults_per_round(clean_env(MMJAX_MALLOC_TUNING="0"))
-    assert min(plain) > pages // 2, plain
+    assert min(plain) >= (256 << 20) // (2 << 20), plain
     tuned = faults_per_round(runtime.tuned_environment(clean_env()))
-    assert max(tuned) < pages // 100, tuned
+    assert max(tuned) <= 8, tuned
 
 
 def test_the_peer_environment_drops_only_our_setting():
