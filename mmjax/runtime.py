@@ -45,12 +45,15 @@ def mimalloc_library() -> str | None:
 
 def allocator_in_use(environ: dict[str, str] | None = None) -> str:
     """Names the allocator setting a process started with `environ` (default: this one's) runs
-    under: `mimalloc (purge delay -1)`, `glibc (GLIBC_TUNABLES=...)` or `glibc (default)`."""
+    under: `mimalloc (purge delay -1)`, `glibc (GLIBC_TUNABLES=...)` or `glibc (default)`; a
+    library of the user's own preloaded is named after it (it may replace malloc)."""
     environ = os.environ if environ is None else environ
-    if "libmimalloc" in environ.get("LD_PRELOAD", ""):
+    preload = environ.get("LD_PRELOAD", "")
+    if "libmimalloc" in preload:
         return f"mimalloc (purge delay {environ.get('MIMALLOC_PURGE_DELAY', 'default')})"
     tunables = environ.get("GLIBC_TUNABLES", "")
-    return f"glibc ({'GLIBC_TUNABLES=' + tunables if tunables else 'default'})"
+    glibc = f"glibc ({'GLIBC_TUNABLES=' + tunables if tunables else 'default'})"
+    return f"{glibc}, LD_PRELOAD={preload}" if preload else glibc
 
 
 def without_tuning(environ: dict[str, str]) -> dict[str, str]:

@@ -4,6 +4,7 @@ be turned off or left to the user."""
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -11,9 +12,9 @@ import pytest
 
 from mmjax import runtime
 
-LINUX_GLIBC = sys.platform == "linux" and runtime.platform.libc_ver()[0] == "glibc"
+LINUX_GLIBC = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
 # Where pyproject.toml installs cmeel-mimalloc.
-WITH_MIMALLOC = LINUX_GLIBC and runtime.platform.machine() in ("x86_64", "aarch64")
+WITH_MIMALLOC = LINUX_GLIBC and platform.machine() in ("x86_64", "aarch64")
 KEYS = ("LD_PRELOAD", "MIMALLOC_PURGE_DELAY", "GLIBC_TUNABLES")
 CHILD = (
     "import json, os; "
@@ -113,6 +114,8 @@ def test_the_peer_environment_drops_only_our_setting():
     user = runtime.without_tuning(env)
     assert user["LD_PRELOAD"] == "libm.so.6" and "MIMALLOC_PURGE_DELAY" not in user
     assert user["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"
-    assert runtime.allocator_in_use(user) == "glibc (GLIBC_TUNABLES=glibc.malloc.arena_max=2)"
+    assert runtime.allocator_in_use(user) == (
+        "glibc (GLIBC_TUNABLES=glibc.malloc.arena_max=2), LD_PRELOAD=libm.so.6"
+    )
     assert runtime.allocator_in_use(env) == "mimalloc (purge delay -1)"
     assert runtime.allocator_in_use({}) == "glibc (default)"
