@@ -200,6 +200,10 @@ def damage_newest(workdir, rng, damaged):
         os.path.join(step_dir, "state", "manifest.ocdbt"),
         os.path.join(step_dir, "data_position", "metadata"),
     ]
+    # An earlier round may have removed one already (the same newest checkpoint, damaged again).
+    victims = [path for path in victims if os.path.exists(path)]
+    if not victims:
+        return None
     victim = rng.choice(victims)
     how = rng.choice(["truncate", "garble", "remove"])
     if how == "remove":
