@@ -26,7 +26,26 @@ GLIBC_TUNABLE = "glibc.malloc.hugetlb=1"
 # -1: never return freed memory to the kernel (mimalloc's default returns it after 10 ms, which
 # brings the faults back: ~200 per step of the benchmark model).
 MIMALLOC_SETTINGS = {"MIMALLOC_PURGE_DELAY": "-1"}
-TUNING_SWITCH = "MMJAX_MALLOC_TUNING"  # "1" (default): mimalloc, else glibc; "glibc"; "0": off
+TUNING_SWITCH = "MMJAX_MALLOC_TUNING"
+CHOICES = {
+    "1": "mimalloc, else glibc's tunable (the default)",
+    "glibc": "glibc's tunable",
+    "0": "off",
+}
+
+
+def _preloads_mimalloc(environ) -> bool:
+    return "libmimalloc" in environ.get("LD_PRELOAD", "")
+
+
+def _without(environ: dict[str, str], key: str, drop) -> None:
+    """Removes the `:`-separated entries of `environ[key]` that `drop` picks (the key too, if
+    nothing is left)."""
+    kept = ":".join(e for e in environ.get(key, "").split(":") if e and not drop(e))
+    if kept:
+        environ[key] = kept
+    else:
+        environ.pop(key, None)
 
 
 def mimalloc_library() -> str | None:
@@ -49,7 +68,7 @@ def allocator_in_use(environ: dict[str, str] | None = None) -> str:
     library of the user's own preloaded is named after it (it may replace malloc)."""
     environ = os.environ if environ is None else environ
     preload = environ.get("LD_PRELOAD", "")
-    if "libmimalloc" in preload:
+    if _preloads_mimalloc(environ):
         return f"mimalloc (purge delay {environ.get('MIMALLOC_PURGE_DELAY', 'default')})"
     tunables = environ.get("GLIBC_TUNABLES", "")
     glibc = f"glibc ({'GLIBC_TUNABLES=' + tunables if tunables else 'default'})"
@@ -59,29 +78,25 @@ def allocator_in_use(environ: dict[str, str] | None = None) -> str:
 def without_tuning(environ: dict[str, str]) -> dict[str, str]:
     """`environ` as a process of the user's own would have it: no allocator setting of ours (the
     benchmark's open_clip peer). Other preloaded libraries and tunables stay."""
-    env = dict(environ)
-    preload = [p for p in env.get("LD_PRELOAD", "").split(":") if p and "libmimalloc" not in p]
-    env["LD_PRELOAD"] = ":".join(preload)
-    if not env["LD_PRELOAD"]:
-        del env["LD_PRELOAD"]
-    for key in MIMALLOC_SETTINGS:
-        env.pop(key, None)
-    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t != GLIBC_TUNABLE]
-    env["GLIBC_TUNABLES"] = ":".join(tunables)
-    if not env["GLIBC_TUNABLES"]:
-        del env["GLIBC_TUNABLES"]
+    env = {k: v for k, v in environ.items() if k not in MIMALLOC_SETTINGS}
+    _without(env, "LD_PRELOAD", lambda library: "libmimalloc" in library)
+    _without(env, "GLIBC_TUNABLES", lambda tunable: tunable == GLIBC_TUNABLE)
     return env
 
 
 def tuned_environment(environ: dict[str, str]) -> dict[str, str] | None:
     """The environment to re-execute with, or None where nothing is to change: tuning off, not
     Linux with glibc, or the process already runs under an allocator setting (ours or the user's:
-    mimalloc preloaded, or a `glibc.malloc.hugetlb` tunable of their own)."""
+    mimalloc preloaded, or a `glibc.malloc.hugetlb` tunable of their own). Raises ValueError
+    for a value of MMJAX_MALLOC_TUNING other than those in CHOICES."""
     choice = environ.get(TUNING_SWITCH, "1")
+    if choice not in CHOICES:
+        allowed = "; ".join(f"{k}: {v}" for k, v in CHOICES.items())
+        raise ValueError(f"{TUNING_SWITCH}={choice!r} is not a setting; use one of {allowed}")
     if choice == "0" or sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return None
     tunables = environ.get("GLIBC_TUNABLES", "")
-    if "libmimalloc" in environ.get("LD_PRELOAD", "") or "glibc.malloc.hugetlb" in tunables:
+    if _preloads_mimalloc(environ) or "glibc.malloc.hugetlb" in tunables:
         return None
     library = mimalloc_library() if choice != "glibc" else None
     if library is not None:
@@ -92,8 +107,13 @@ def tuned_environment(environ: dict[str, str]) -> dict[str, str] | None:
 
 def reexec_with_malloc_tuning(argv: list[str]) -> None:
     """Replaces this process by `python *argv` under the allocator setting above, unless there is
-    nothing to change (then it returns at once)."""
-    env = tuned_environment(dict(os.environ))
+    nothing to change (then it returns at once). A bad MMJAX_MALLOC_TUNING exits with code 2
+    and one `error:` line, before anything starts."""
+    try:
+        env = tuned_environment(dict(os.environ))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     if env is None:
         return
     sys.stdout.flush()

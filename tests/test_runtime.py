@@ -16,9 +16,10 @@ LINUX_GLIBC = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
 # Where pyproject.toml installs cmeel-mimalloc.
 WITH_MIMALLOC = LINUX_GLIBC and platform.machine() in ("x86_64", "aarch64")
 KEYS = ("LD_PRELOAD", "MIMALLOC_PURGE_DELAY", "GLIBC_TUNABLES")
+# Runs only where the probe re-executes, i.e. on Linux: /proc is there.
 CHILD = (
     "import json, os; "
-    "maps = open('/proc/self/maps').read() if os.path.exists('/proc/self/maps') else ''; "
+    "maps = open('/proc/self/maps').read(); "
     f"print(json.dumps({{k: os.environ.get(k) for k in {KEYS!r}}} | "
     "{'mapped': 'libmimalloc' in maps}))"
 )
@@ -59,7 +60,11 @@ def test_reexec_preloads_mimalloc_once_and_keeps_the_users_settings():
 
 
 @pytest.mark.skipif(not LINUX_GLIBC, reason="the setting is for Linux with glibc only")
-def test_glibc_fallback_sets_the_tunable_and_keeps_existing_ones():
+def test_glibc_fallback_sets_the_tunable_and_keeps_existing_ones(monkeypatch):
+    # Where mimalloc is not installed, the default falls back to the tunable.
+    monkeypatch.setattr(runtime, "mimalloc_library", lambda: None)
+    fallback = runtime.tuned_environment(clean_env())
+    assert fallback["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1" and "LD_PRELOAD" not in fallback
     child = run_probe(MMJAX_MALLOC_TUNING="glibc")
     assert child["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1" and not child["mapped"]
     child = run_probe(MMJAX_MALLOC_TUNING="glibc", GLIBC_TUNABLES="glibc.malloc.arena_max=2")
@@ -68,6 +73,17 @@ def test_glibc_fallback_sets_the_tunable_and_keeps_existing_ones():
 
 def test_tuning_can_be_turned_off():
     assert run_probe(MMJAX_MALLOC_TUNING="0") == "not re-executed"
+
+
+def test_a_misspelt_switch_is_an_error_before_anything_runs():
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        env=clean_env(MMJAX_MALLOC_TUNING="jemalloc"),
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith("error: MMJAX_MALLOC_TUNING='jemalloc' is not a setting; use one")
 
 
 # Allocates, writes and frees a 256 MiB block five times (as XLA does with a step's
